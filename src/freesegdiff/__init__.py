@@ -1,0 +1,40 @@
+"""freesegdiff: training-free open-vocabulary semantic segmentation with diffusion features.
+
+The public names are imported lazily so that ``import freesegdiff`` stays cheap (no torch,
+diffusers or transformers until a model is needed).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "FreeSegDiff": "freesegdiff.pipeline",
+    "PipelineConfig": "freesegdiff.config",
+    "SegmentationResult": "freesegdiff.result",
+    "Segment": "freesegdiff.result",
+    "load_preset": "freesegdiff.presets",
+    "available_presets": "freesegdiff.presets",
+    "extract_entities": "freesegdiff.entities",
+    "load_image": "freesegdiff.image_io",
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:
+    from freesegdiff.config import PipelineConfig
+    from freesegdiff.entities import extract_entities
+    from freesegdiff.image_io import load_image
+    from freesegdiff.pipeline import FreeSegDiff
+    from freesegdiff.presets import available_presets, load_preset
+    from freesegdiff.result import Segment, SegmentationResult
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'freesegdiff' has no attribute {name!r}")

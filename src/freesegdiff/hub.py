@@ -1,0 +1,101 @@
+"""Finding model weights: Hub ids, local folders, and the built-in ``tiny:`` models.
+
+Every model is loaded with its library's own ``from_pretrained`` so the Hugging Face cache,
+``HF_HUB_OFFLINE`` and ``HF_HOME`` behave as users expect. When weights cannot be had, the error
+says which model was missing and the three ways out (download, local folder, ``--preset tiny``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from freesegdiff.errors import ModelUnavailableError
+
+T = TypeVar("T")
+
+TINY_PREFIX = "tiny:"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def hub_offline(requested: bool = False) -> bool:
+    """Whether the Hub must not be contacted: asked for, or ``HF_HUB_OFFLINE`` is set."""
+    return requested or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def resolve_source(name: str) -> str:
+    """Map a model name to what ``from_pretrained`` takes.
+
+    ``tiny:<kind>`` names are built on first use into the freesegdiff cache and returned as a
+    local folder; an existing folder is returned as an absolute path; anything else is a Hub id.
+    """
+    if name.startswith(TINY_PREFIX):
+        from freesegdiff.tiny import tiny_model_path
+
+        return str(tiny_model_path(name[len(TINY_PREFIX) :]))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelUnavailableError(
+            f"model folder {name!r} does not exist. Pass an existing local folder in the Hub's "
+            "layout, or a Hub id such as 'openai/clip-vit-base-patch32'."
+        )
+    return name
+
+
+def unavailable_message(what: str, name: str, flag: str, cause: BaseException) -> str:
+    """The message for weights of ``what`` (e.g. 'Stable Diffusion') that could not be loaded."""
+    offline = hub_offline()
+    reason = (
+        "the Hub is switched off (HF_HUB_OFFLINE=1 or --offline) and it is not in the local cache"
+        if offline
+        else "it is not in the local cache and the Hub could not be reached"
+    )
+    return (
+        f"could not load the {what} model {name!r}: {reason} ({type(cause).__name__}: "
+        f"{str(cause).splitlines()[0] if str(cause) else 'no detail'}).\n"
+        f"  - download it where the Hub is reachable: `hf download {name}` "
+        "(it lands in the HF cache, which HF_HOME moves), then run again;\n"
+        f"  - or point {flag} at a local folder in the Hub's layout;\n"
+        "  - or try the pipeline with `--preset tiny` (random tiny models, no download)."
+    )
+
+
+def load_pretrained(
+    loader: Callable[..., T],
+    name: str,
+    *,
+    what: str,
+    flag: str,
+    offline: bool = False,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    **kwargs: Any,
+) -> T:
+    """Call ``loader(source, **kwargs)`` (a ``from_pretrained``) with offline and cache settings.
+
+    Raises :class:`ModelUnavailableError` with a how-to-fix message when the weights are missing.
+    """
+    source = resolve_source(name)
+    local = Path(source).is_dir()
+    options: dict[str, Any] = dict(kwargs)
+    if not local:
+        if hub_offline(offline):
+            options["local_files_only"] = True
+        if revision is not None:
+            options["revision"] = revision
+        if cache_dir is not None:
+            options["cache_dir"] = cache_dir
+    try:
+        return loader(source, **options)
+    except (OSError, ValueError) as error:
+        if isinstance(error, ModelUnavailableError):
+            raise
+        text = str(error)
+        missing = not local or "does not appear to have" in text or "no file named" in text
+        if not missing:
+            raise
+        raise ModelUnavailableError(unavailable_message(what, name, flag, error)) from error
