@@ -24,12 +24,12 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
-    from freesegdiff.config import PipelineConfig
-    from freesegdiff.entities import extract_entities
-    from freesegdiff.image_io import load_image
-    from freesegdiff.pipeline import FreeSegDiff
-    from freesegdiff.presets import available_presets, load_preset
-    from freesegdiff.result import Segment, SegmentationResult
+    from freesegdiff.config import PipelineConfig  # noqa: F401
+    from freesegdiff.entities import extract_entities  # noqa: F401
+    from freesegdiff.image_io import load_image  # noqa: F401
+    from freesegdiff.pipeline import FreeSegDiff  # noqa: F401
+    from freesegdiff.presets import available_presets, load_preset  # noqa: F401
+    from freesegdiff.result import Segment, SegmentationResult  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -11,16 +11,16 @@ Documented conversions (no silent surprises):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from freesegdiff.errors import ImageReadError
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ImageInput = str | Path | Image.Image | np.ndarray
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -64,10 +64,8 @@ def _from_array(array: np.ndarray) -> np.ndarray:
 
 def _from_pil(image: Image.Image) -> np.ndarray:
     """PIL image of any mode -> (H, W, 3) uint8, EXIF orientation applied."""
-    try:
+    with contextlib.suppress(Exception):  # a broken EXIF block must not lose the picture
         image = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block must not lose the picture
-        pass
     mode = image.mode
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")

@@ -106,7 +106,9 @@ class SegmentationResult:
         """Pixels labelled background (0)."""
         return int((self.label_map == 0).sum())
 
-    def save(self, folder: str | Path, stem: str | None = None, image: Any = None) -> dict[str, Path]:
+    def save(
+        self, folder: str | Path, stem: str | None = None, image: Any = None
+    ) -> dict[str, Path]:
         """Write ``<stem>.png`` (palette label map), ``<stem>_overlay.png`` and ``<stem>.json``.
 
         Args:

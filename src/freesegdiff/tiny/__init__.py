@@ -6,6 +6,7 @@ exist for smoke runs, tests and the ``tiny`` preset, offline and in seconds.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
@@ -18,20 +19,14 @@ from freesegdiff.errors import ModelUnavailableError
 TINY_VERSION = 1
 
 
-def _builders() -> dict[str, Callable[[Path, int], None]]:
-    from freesegdiff.tiny.captioner import build_blip, build_blip2
-    from freesegdiff.tiny.clip import build_clip
-    from freesegdiff.tiny.diffusion import build_stable_diffusion
-
-    return {
-        "stable-diffusion": build_stable_diffusion,
-        "clip": build_clip,
-        "blip": build_blip,
-        "blip2": build_blip2,
-    }
-
-
-TINY_MODELS = ("stable-diffusion", "clip", "blip", "blip2")
+# tiny model name -> (module, builder function); imported only when that model is built.
+_BUILDERS = {
+    "stable-diffusion": ("freesegdiff.tiny.diffusion", "build_stable_diffusion"),
+    "clip": ("freesegdiff.tiny.clip", "build_clip"),
+    "blip": ("freesegdiff.tiny.captioner", "build_blip"),
+    "blip2": ("freesegdiff.tiny.captioner", "build_blip2"),
+}
+TINY_MODELS = tuple(_BUILDERS)
 
 
 def tiny_cache_root() -> Path:
@@ -42,13 +37,13 @@ def tiny_cache_root() -> Path:
 
 def build_tiny_model(kind: str, folder: str | Path, seed: int = 0) -> Path:
     """Build the tiny model ``kind`` (one of :data:`TINY_MODELS`) into ``folder``; return it."""
-    builders = _builders()
-    if kind not in builders:
-        raise ModelUnavailableError(
-            f"unknown tiny model 'tiny:{kind}'; known: {', '.join('tiny:' + k for k in builders)}"
-        )
+    if kind not in _BUILDERS:
+        known = ", ".join("tiny:" + name for name in _BUILDERS)
+        raise ModelUnavailableError(f"unknown tiny model 'tiny:{kind}'; known: {known}")
+    module, function = _BUILDERS[kind]
+    builder: Callable[[Path, int], None] = getattr(importlib.import_module(module), function)
     folder = Path(folder)
-    builders[kind](folder, seed)
+    builder(folder, seed)
     return folder
 
 

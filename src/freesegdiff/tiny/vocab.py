@@ -9,18 +9,121 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NOUNS = (
-    "person man woman child dog cat bird horse sheep cow elephant bear zebra giraffe bicycle car "
-    "motorcycle airplane bus train truck boat bottle chair table sofa plant television laptop "
-    "phone book clock vase cup bowl banana apple pizza cake tree grass sky road wall building "
-    "water sea floor field branch street window door kitchen room beach snow mountain rock "
-    "flower fence bench umbrella kite bed toilet sink oven keyboard mouse frisbee ball"
-).split()
-ADJECTIVES = "small large red black white brown green blue old young wooden tall".split()
-OTHERS = (
-    "a an the of on in with and at near next to by is are sitting standing playing "
-    "holding parked flying there two three some"
-).split()
+NOUNS = [
+    "person",
+    "man",
+    "woman",
+    "child",
+    "dog",
+    "cat",
+    "bird",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "bottle",
+    "chair",
+    "table",
+    "sofa",
+    "plant",
+    "television",
+    "laptop",
+    "phone",
+    "book",
+    "clock",
+    "vase",
+    "cup",
+    "bowl",
+    "banana",
+    "apple",
+    "pizza",
+    "cake",
+    "tree",
+    "grass",
+    "sky",
+    "road",
+    "wall",
+    "building",
+    "water",
+    "sea",
+    "floor",
+    "field",
+    "branch",
+    "street",
+    "window",
+    "door",
+    "kitchen",
+    "room",
+    "beach",
+    "snow",
+    "mountain",
+    "rock",
+    "flower",
+    "fence",
+    "bench",
+    "umbrella",
+    "kite",
+    "bed",
+    "toilet",
+    "sink",
+    "oven",
+    "keyboard",
+    "mouse",
+    "frisbee",
+    "ball",
+]
+ADJECTIVES = [
+    "small",
+    "large",
+    "red",
+    "black",
+    "white",
+    "brown",
+    "green",
+    "blue",
+    "old",
+    "young",
+    "wooden",
+    "tall",
+]
+OTHERS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "at",
+    "near",
+    "next",
+    "to",
+    "by",
+    "is",
+    "are",
+    "sitting",
+    "standing",
+    "playing",
+    "holding",
+    "parked",
+    "flying",
+    "there",
+    "two",
+    "three",
+    "some",
+]
 WORDS: tuple[str, ...] = tuple(dict.fromkeys([*NOUNS, *ADJECTIVES, *OTHERS]))
 
 
@@ -38,7 +141,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
 def clip_bpe(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -60,7 +163,7 @@ def clip_bpe(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[tuple
             if merge not in merges:
                 merges.append(merge)
                 tokens.append(left)
-    tokens = list(dict.fromkeys(tokens)) + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = [*dict.fromkeys(tokens), "<|startoftext|>", "<|endoftext|>"]
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
@@ -69,7 +172,11 @@ def write_clip_tokenizer(folder: Path, max_length: int = 77) -> int:
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_bpe()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    tokenizer = CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,  # type: ignore[arg-type]  # the tokenizers backend takes pairs
+        model_max_length=max_length,
+    )
     tokenizer.save_pretrained(folder)
     return len(vocab)
 

@@ -1,0 +1,228 @@
+"""Class-agnostic masks: clustering the feature vectors of one image (method.md row 8).
+
+k-means runs in torch on the features' device (no copy to the CPU), with scikit-learn's
+semantics: greedy k-means++ seeding, Lloyd iterations, convergence when the labels stop changing
+or the centres move less than ``tol`` times the mean feature variance, best of ``n_init``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from freesegdiff.config import ClusterConfig
+from freesegdiff.errors import ConfigError
+
+
+@dataclass
+class KMeansResult:
+    """Labels ``(N,)`` int64, centres ``(K, C)`` float32, inertia and iterations of the best run."""
+
+    labels: torch.Tensor
+    centers: torch.Tensor
+    inertia: float
+    iterations: int
+
+
+def _squared_distances(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """``(N, C)`` x ``(K, C)`` -> ``(N, K)`` squared Euclidean distances (clamped at 0)."""
+    cross = points @ centers.T
+    return ((points * points).sum(1, keepdim=True) - 2 * cross + (centers * centers).sum(1)).clamp_(
+        min=0
+    )
+
+
+def kmeans_plusplus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding as scikit-learn: ``2 + log(k)`` candidates per new centre.
+
+    Returns ``(k, C)`` initial centres taken from ``points`` ``(N, C)``.
+    """
+    count = points.shape[0]
+    trials = 2 + int(math.log(k))
+    first = int(torch.randint(count, (1,), generator=generator, device=generator.device).item())
+    centers = [points[first]]
+    closest = _squared_distances(points, points[first : first + 1])[:, 0]
+    potential = closest.sum()
+    for _ in range(1, k):
+        draws = torch.rand(trials, generator=generator, device=generator.device, dtype=points.dtype)
+        cumulative = torch.cumsum(closest, 0)
+        candidates = torch.searchsorted(cumulative, draws * potential).clamp_(max=count - 1)
+        # (trials, N): each candidate's distances, capped by the current closest centre
+        distances = torch.minimum(closest[None], _squared_distances(points[candidates], points))
+        potentials = distances.sum(1)
+        best = int(torch.argmin(potentials).item())
+        closest, potential = distances[best], potentials[best]
+        centers.append(points[candidates[best]])
+    return torch.stack(centers)
+
+
+def _lloyd(points: torch.Tensor, centers: torch.Tensor, max_iter: int, tol: float) -> KMeansResult:
+    """Lloyd iterations from ``centers`` until labels are stable or the shift is below ``tol``."""
+    k = centers.shape[0]
+    labels = torch.full((points.shape[0],), -1, dtype=torch.long, device=points.device)
+    iterations = 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 (iterations is returned)
+        distances = _squared_distances(points, centers)
+        new_labels = distances.argmin(1)
+        if torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+        one_hot = F.one_hot(labels, k).to(points.dtype)  # (N, K)
+        sizes = one_hot.sum(0)
+        sums = one_hot.T @ points
+        new_centers = centers.clone()
+        filled = sizes > 0
+        new_centers[filled] = sums[filled] / sizes[filled, None]
+        for empty in torch.nonzero(~filled).flatten().tolist():
+            # As scikit-learn: an empty cluster takes the point farthest from its centre.
+            far = distances.gather(1, labels[:, None])[:, 0].argmax()
+            new_centers[empty] = points[far]
+        shift = float(((new_centers - centers) ** 2).sum())
+        centers = new_centers
+        if shift <= tol:
+            break
+    distances = _squared_distances(points, centers)
+    labels = distances.argmin(1)
+    inertia = float(distances.gather(1, labels[:, None]).sum())
+    return KMeansResult(labels, centers, inertia, iterations)
+
+
+def kmeans(
+    points: torch.Tensor,
+    k: int,
+    *,
+    seed: int | None = 0,
+    n_init: int = 1,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    init: torch.Tensor | None = None,
+) -> KMeansResult:
+    """k-means of ``points`` ``(N, C)`` into ``k`` clusters, computed in float32 on their device.
+
+    Args:
+        seed: seeds the k-means++ draws (None: random).
+        n_init: runs from different seeds; the lowest inertia wins.
+        tol: relative tolerance, multiplied by the mean per-feature variance (as scikit-learn).
+        init: ``(k, C)`` starting centres instead of k-means++ (then ``n_init`` is 1).
+    """
+    if points.ndim != 2:
+        raise ValueError(f"points must be (N, C), got {tuple(points.shape)}")
+    count = points.shape[0]
+    if not 1 <= k <= count:
+        raise ConfigError(f"k-means needs 1 <= k <= number of points ({count}), got k={k}")
+    points = points.float()
+    absolute_tol = tol * float(points.var(0, unbiased=False).mean())
+    if init is not None:
+        return _lloyd(points, init.to(points), max_iter, absolute_tol)
+    generator = torch.Generator(device=points.device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    best: KMeansResult | None = None
+    for _ in range(max(1, n_init)):
+        start = kmeans_plusplus(points, k, generator)
+        run = _lloyd(points, start, max_iter, absolute_tol)
+        if best is None or run.inertia < best.inertia:
+            best = run
+    assert best is not None  # n_init >= 1
+    return best
+
+
+def silhouette_score(points: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean silhouette coefficient (Euclidean), as ``sklearn.metrics.silhouette_score``.
+
+    Points in singleton clusters score 0. Needs 2 <= number of clusters <= N - 1.
+    """
+    points = points.float()
+    distances = torch.cdist(points, points)  # (N, N)
+    ids, labels = torch.unique(labels, return_inverse=True)
+    k = ids.numel()
+    if not 2 <= k <= points.shape[0] - 1:
+        raise ValueError(f"silhouette needs 2..N-1 clusters, got {k}")
+    one_hot = F.one_hot(labels, k).to(points.dtype)  # (N, K)
+    sizes = one_hot.sum(0)
+    sums = distances @ one_hot  # (N, K) summed distance to each cluster
+    own_size = sizes[labels]
+    intra = sums.gather(1, labels[:, None])[:, 0] / (own_size - 1).clamp(min=1)
+    mean_to = sums / sizes
+    mean_to.scatter_(1, labels[:, None], float("inf"))
+    inter = mean_to.min(1).values
+    score = (inter - intra) / torch.maximum(intra, inter)
+    score = torch.where(own_size > 1, score, torch.zeros_like(score))
+    return float(torch.nan_to_num(score, nan=0.0).mean())
+
+
+def choose_k(config: ClusterConfig, candidates: int) -> int | tuple[int, int]:
+    """The number of clusters: fixed, ``candidates + adaptive_offset``, or a range to search."""
+    if config.adaptive_offset is not None:
+        return max(1, candidates + config.adaptive_offset)
+    if config.k_range is not None:
+        low, high = config.k_range
+        if not 1 <= low <= high:
+            raise ConfigError(f"clustering.k_range must be 1 <= lo <= hi, got {config.k_range}")
+        return (low, high) if low < high else low
+    if config.k < 1:
+        raise ConfigError(f"clustering.k must be at least 1, got {config.k}")
+    return config.k
+
+
+def cluster_features(
+    features: torch.Tensor,
+    config: ClusterConfig,
+    *,
+    candidates: int = 0,
+    seed: int | None = 0,
+) -> torch.Tensor:
+    """Cluster one image's feature map into class-agnostic masks.
+
+    Args:
+        features: ``(C, h, w)`` feature map (any float dtype, any device).
+        candidates: number of candidate labels (used by ``adaptive_offset``).
+
+    Returns:
+        ``(h, w)`` int64 cluster index map on the features' device, indices in ``[0, K)``.
+    """
+    channels, height, width = features.shape
+    points = features.reshape(channels, height * width).T.float()  # (C, h, w) -> (h*w, C)
+    k = choose_k(config, candidates)
+    k_range = (k, k) if isinstance(k, int) else k
+    k_range = (min(k_range[0], points.shape[0]), min(k_range[1], points.shape[0]))
+    best_labels: torch.Tensor | None = None
+    best_score = -math.inf
+    for k_value in range(k_range[0], k_range[1] + 1):
+        labels = _cluster(points, k_value, config, seed)
+        if k_range[0] == k_range[1]:
+            return labels.reshape(height, width)
+        if torch.unique(labels).numel() < 2:
+            continue
+        score = silhouette_score(points, labels)
+        if score > best_score:
+            best_labels, best_score = labels, score
+    if best_labels is None:
+        best_labels = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+    return best_labels.reshape(height, width)
+
+
+def _cluster(points: torch.Tensor, k: int, config: ClusterConfig, seed: int | None) -> torch.Tensor:
+    """Labels ``(N,)`` of one clustering of ``points`` ``(N, C)`` into ``k`` groups."""
+    if config.method == "kmeans":
+        return kmeans(
+            points, k, seed=seed, n_init=config.n_init, max_iter=config.max_iter, tol=config.tol
+        ).labels
+    if config.method == "agglomerative":
+        from sklearn.cluster import AgglomerativeClustering
+
+        labels = AgglomerativeClustering(n_clusters=k).fit_predict(points.cpu().numpy())
+        return torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(points.device)
+    raise ConfigError(f"unknown clustering.method {config.method!r}; use kmeans or agglomerative")
+
+
+def upsample_cluster_map(cluster_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(h, w)`` cluster map -> ``(height, width)`` by nearest-neighbour resizing."""
+    resized = F.interpolate(cluster_map[None, None].float(), size=(height, width), mode="nearest")
+    return resized[0, 0].long()

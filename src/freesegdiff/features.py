@@ -1,0 +1,351 @@
+"""Diffusion features: Stable Diffusion's UNet queries as dense image features (method.md 3-7).
+
+An image is resized to ``image_size`` squared, scaled to [-1, 1], encoded by the VAE (a posterior
+sample times the scaling factor), noised to timestep ``t`` and passed once through the UNet with
+the empty-prompt embedding. Forward hooks take the query projection ``attn2.to_q(hidden_states)``
+of the first transformer block of the chosen attention layers; the UNet stops right after the
+last of them (later blocks would only cost time). Every map is resized bilinearly to
+``feature_size`` squared and the maps are concatenated along channels.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from freesegdiff.config import FeatureConfig
+from freesegdiff.devices import image_generators, randn_per_image
+from freesegdiff.errors import ConfigError
+from freesegdiff.hub import load_pretrained
+from freesegdiff.timing import StageTimer
+
+logger = logging.getLogger(__name__)
+
+_ATTENTION = re.compile(r"^(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\.attentions\.(\d+)$")
+QUERY_SUFFIX = "transformer_blocks.0.attn2.to_q"
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to end the UNet pass early."""
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One cross-attention layer of the UNet, as the features see it."""
+
+    name: str  # e.g. "up_blocks.1.attentions.0"
+    order: int  # position in the UNet's execution order
+    downsample: int  # feature map side = latent side / downsample
+    channels: int  # width of its query projection
+
+
+def list_attention_layers(unet: torch.nn.Module) -> list[AttentionLayer]:
+    """Every attention layer of a diffusers ``UNet2DConditionModel``, in execution order."""
+    config: Any = unet.config
+    levels = len(config.block_out_channels)
+    found = []
+    for name, module in unet.named_modules():
+        match = _ATTENTION.match(name)
+        if match is None:
+            continue
+        down, up, index = match.group(2), match.group(3), int(match.group(4))
+        if down is not None:
+            section, block, downsample = 0, int(down), 2 ** int(down)
+        elif up is not None:
+            section, block, downsample = 2, int(up), 2 ** (levels - 1 - int(up))
+        else:
+            section, block, downsample = 1, 0, 2 ** (levels - 1)
+        query = module.get_submodule(QUERY_SUFFIX)
+        order = section * 10_000 + block * 100 + index
+        found.append(AttentionLayer(name, order, downsample, int(query.out_features)))
+    found.sort(key=lambda layer: layer.order)
+    return found
+
+
+def select_layers(
+    unet: torch.nn.Module,
+    layers: Sequence[str] = (),
+    resolutions: Sequence[int] | None = None,
+    image_size: int = 512,
+    vae_scale: int = 8,
+) -> list[AttentionLayer]:
+    """The attention layers to hook, by name or by feature-map side at ``image_size`` input.
+
+    Raises :class:`ConfigError` naming the unknown layers or the sizes no layer has.
+    """
+    available = list_attention_layers(unet)
+    if resolutions:
+        latent = image_size // vae_scale
+        chosen = [layer for layer in available if latent // layer.downsample in set(resolutions)]
+        if not chosen:
+            sides = sorted({latent // layer.downsample for layer in available})
+            raise ConfigError(
+                f"no attention layer has a {list(resolutions)} feature map at image_size "
+                f"{image_size}; this UNet's sizes are {sides}"
+            )
+        return chosen
+    by_name = {layer.name: layer for layer in available}
+    unknown = [name for name in layers if name not in by_name]
+    if unknown or not layers:
+        raise ConfigError(
+            f"unknown attention layers {unknown or '(none given)'}; this UNet has: "
+            + ", ".join(by_name)
+        )
+    return sorted((by_name[name] for name in dict.fromkeys(layers)), key=lambda x: x.order)
+
+
+def images_to_tensor(images: Sequence[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
+    """RGB uint8 ``(H, W, 3)`` images -> ``(B, 3, size, size)`` float32 in [-1, 1].
+
+    Each image is resized (bilinear, antialiased, aspect not kept) on ``device``.
+    """
+    batch = []
+    for image in images:
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+        pixels = pixels.permute(2, 0, 1)[None].float()  # (H, W, 3) -> (1, 3, H, W)
+        if pixels.shape[-2:] != (size, size):
+            pixels = F.interpolate(
+                pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )
+        batch.append(pixels)
+    return torch.cat(batch).clamp(0, 255) / 127.5 - 1.0
+
+
+def _frozen(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move a model to ``device``/``dtype`` (only if needed), in eval mode without gradients."""
+    if getattr(module, "dtype", dtype) != dtype:
+        module = module.to(dtype=dtype)
+    return module.to(device=device).eval().requires_grad_(False)
+
+
+class DiffusionFeatures:
+    """Dense features from a frozen Stable Diffusion (VAE, UNet, text encoder, scheduler).
+
+    Build it with :meth:`from_pretrained`, or from already loaded diffusers/transformers modules.
+    Calling it on a batch of images returns ``(B, C, feature_size, feature_size)`` float32.
+    """
+
+    def __init__(
+        self,
+        vae: Any,
+        unet: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        scheduler: Any,
+        config: FeatureConfig,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.vae = _frozen(vae, device, dtype)
+        self.unet = _frozen(unet, device, dtype)
+        self.text_encoder = _frozen(text_encoder, device, dtype)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        if channels_last is None:
+            # oneDNN's convolutions are fastest in channels-last, above all in bfloat16.
+            channels_last = device.type == "cpu" and dtype == torch.bfloat16
+        if channels_last:
+            self.vae.to(memory_format=torch.channels_last)
+            self.unet.to(memory_format=torch.channels_last)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if config.image_size % (self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)):
+            raise ConfigError(
+                f"features.image_size {config.image_size} must be a multiple of "
+                f"{self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)} for this model"
+            )
+        self.layers = select_layers(
+            self.unet, config.layers, config.resolutions, config.image_size, self.vae_scale
+        )
+        if not 0 <= config.timestep < scheduler.config.num_train_timesteps:
+            raise ConfigError(
+                f"features.timestep must be in [0, {scheduler.config.num_train_timesteps - 1}], "
+                f"got {config.timestep}"
+            )
+        self._empty_embedding: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        *,
+        config: FeatureConfig,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        offline: bool = False,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+    ) -> DiffusionFeatures:
+        """Load the four components of a diffusers Stable Diffusion (no safety checker).
+
+        ``name``: a Hub id, a local folder with ``model_index.json``, or ``tiny:stable-diffusion``.
+        """
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        options: dict[str, Any] = {
+            "what": "Stable Diffusion",
+            "flag": "--diffusion-model",
+            "offline": offline,
+            "revision": revision,
+            "cache_dir": cache_dir,
+        }
+        vae = load_pretrained(
+            AutoencoderKL.from_pretrained, name, subfolder="vae", torch_dtype=dtype, **options
+        )
+        unet = load_pretrained(
+            UNet2DConditionModel.from_pretrained,
+            name,
+            subfolder="unet",
+            torch_dtype=dtype,
+            **options,
+        )
+        text_encoder = load_pretrained(
+            CLIPTextModel.from_pretrained, name, subfolder="text_encoder", dtype=dtype, **options
+        )
+        tokenizer = load_pretrained(
+            CLIPTokenizer.from_pretrained, name, subfolder="tokenizer", **options
+        )
+        # add_noise needs only the noise schedule, which every SD scheduler config carries.
+        scheduler = load_pretrained(
+            DDPMScheduler.from_pretrained, name, subfolder="scheduler", **options
+        )
+        return cls(vae, unet, text_encoder, tokenizer, scheduler, config, device, dtype)
+
+    @property
+    def channels(self) -> int:
+        """Channels of the concatenated feature map (for SD 1.x with the paper's layers: 6400)."""
+        return sum(layer.channels for layer in self.layers)
+
+    def empty_prompt_embedding(self) -> torch.Tensor:
+        """The text encoder's ``(1, 77, D)`` embedding of the empty prompt, computed once."""
+        if self._empty_embedding is None:
+            tokens = self.tokenizer(
+                [""],
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            with torch.inference_mode():
+                output = self.text_encoder(tokens.input_ids.to(self.device))
+            self._empty_embedding = output[0].to(self.dtype)
+        return self._empty_embedding
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """``(B, 3, S, S)`` in [-1, 1] -> scaled latents ``(B, 4, S/8, S/8)`` in the model dtype."""
+        pixels = pixels.to(self.dtype)
+        if self.unet.device.type == "cpu" and self.dtype == torch.bfloat16:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        posterior = self.vae.encode(pixels).latent_dist
+        if self.config.sample_latent:
+            noise = randn_per_image(tuple(posterior.mean.shape[1:]), generators, self.device)
+            latents = posterior.mean.float() + posterior.std.float() * noise
+        else:
+            latents = posterior.mean.float()
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+
+    @torch.inference_mode()
+    def add_noise(self, latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """The scheduler's forward noising of ``latents`` to ``config.timestep``."""
+        noise = randn_per_image(tuple(latents.shape[1:]), generators, self.device)
+        timesteps = torch.full(
+            (latents.shape[0],), self.config.timestep, dtype=torch.long, device=self.device
+        )
+        noisy = self.scheduler.add_noise(latents.float(), noise, timesteps)
+        return noisy.to(self.dtype)
+
+    @torch.inference_mode()
+    def unet_queries(
+        self, latents: torch.Tensor, stop_early: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Run the UNet on noisy latents; return each hooked layer's query ``(B, h*w, C)``.
+
+        With ``stop_early`` the pass ends right after the last hooked layer; otherwise the UNet
+        runs to the end (used to prove the two give the same features).
+        """
+        captured: dict[str, torch.Tensor] = {}
+        last = self.layers[-1].name
+        handles = []
+
+        def make_hook(layer_name: str) -> Any:
+            def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+                captured[layer_name] = output
+                if stop_early and layer_name == last:
+                    raise _StopForward
+
+            return hook
+
+        for layer in self.layers:
+            module = self.unet.get_submodule(f"{layer.name}.{QUERY_SUFFIX}")
+            handles.append(module.register_forward_hook(make_hook(layer.name)))
+        batch = latents.shape[0]
+        context = self.empty_prompt_embedding().expand(batch, -1, -1)
+        timestep = torch.full((batch,), self.config.timestep, device=self.device)
+        try:
+            self.unet(latents, timestep, encoder_hidden_states=context, return_dict=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [layer.name for layer in self.layers if layer.name not in captured]
+        if missing:
+            raise RuntimeError(f"the UNet pass never reached layers {missing}")
+        return captured
+
+    def assemble(self, queries: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hooked queries -> ``(B, C, F, F)`` float32: each map reshaped to its square grid,
+        resized bilinearly to ``feature_size`` and concatenated in layer order."""
+        size = self.config.feature_size
+        maps = []
+        for layer in self.layers:
+            query = queries[layer.name].float()  # (B, h*w, C)
+            batch, tokens, channels = query.shape
+            side = round(tokens**0.5)
+            if side * side != tokens:
+                raise RuntimeError(f"layer {layer.name} gave {tokens} tokens, not a square map")
+            grid = query.transpose(1, 2).reshape(batch, channels, side, side)  # (B, C, h, w)
+            if side != size:
+                grid = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
+            maps.append(grid)
+        return torch.cat(maps, dim=1)
+
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        seed: int | None = 0,
+        stop_early: bool = True,
+        timer: StageTimer | None = None,
+    ) -> torch.Tensor:
+        """Features of a batch of RGB uint8 images (any sizes).
+
+        Args:
+            seed: seeds each image's posterior sample and noise (None: random).
+            stop_early: end the UNet after the last hooked layer (False: run it to the end).
+            timer: records the stages ``vae``, ``unet`` and ``features`` (assembly).
+
+        Returns:
+            ``(B, C, feature_size, feature_size)`` float32 on the extractor's device.
+        """
+        timer = timer or StageTimer(self.device)
+        with timer("vae"):
+            pixels = images_to_tensor(images, self.config.image_size, self.device)
+            generators = image_generators(seed, len(images), self.device)
+            latents = self.encode(pixels, generators)
+        with timer("unet"):
+            noisy = self.add_noise(latents, generators)
+            queries = self.unet_queries(noisy, stop_early=stop_early)
+        with timer("features"):
+            return self.assemble(queries)
