@@ -1,0 +1,310 @@
+"""The explain figure: every stage of one image, read top to bottom.
+
+1. what the captioner said, the entities, the vocabulary CLIP chose from, warnings, timings;
+2. the photo and the cluster map (all K k-means clusters, before naming);
+3. the label x cluster CLIP score matrix as a heat map, the kept assignments boxed;
+4. the kept masks before and after refinement;
+5. the final overlay with its legend.
+
+Needs matplotlib (``pip install matplotlib``), imported when a figure is drawn. The figure is drawn
+on matplotlib's Agg canvas directly, without pyplot, so it leaves no global state behind and is
+safe to call from threads (the web demo does).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from freesegdiff.image_io import load_image
+from freesegdiff.result import SegmentationResult
+from freesegdiff.visualize.colors import color_for
+from freesegdiff.visualize.overlay import render_overlay
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+MAX_HEATMAP_ROWS = 40  # a closed vocabulary (COCO: 171 names) shows its most relevant rows only
+FIGURE_WIDTH = 12.0  # inches
+TEXT_WIDTH = 110  # characters per line of the text block
+EXPLAIN_SUFFIX = "_explain.png"
+
+
+def _import_matplotlib() -> Any:
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(
+            "the explain figure needs matplotlib: pip install matplotlib "
+            "(or pip install 'freesegdiff[viz]')"
+        ) from error
+    return matplotlib
+
+
+def cluster_colors(k: int) -> np.ndarray:
+    """``(k, 3)`` float colours in [0, 1] for cluster indices (tab10, then tab20, then hsv)."""
+    from matplotlib import colormaps
+
+    if k <= 20:  # integer indices pick the listed colours of a qualitative map
+        name = "tab10" if k <= 10 else "tab20"
+        return np.asarray(colormaps[name](np.arange(k))[:, :3], dtype=np.float64)
+    return np.asarray(colormaps["hsv"](np.linspace(0, 1, k, endpoint=False))[:, :3])
+
+
+def heatmap_rows(result: SegmentationResult, limit: int = MAX_HEATMAP_ROWS) -> list[int]:
+    """Vocabulary rows to show: all when there are at most ``limit``, else the most relevant.
+
+    Relevant means, in this order: rows that claimed a cluster, candidate rows, then the rows with
+    the highest score in any cluster. Returned in vocabulary order.
+    """
+    count = len(result.vocabulary)
+    if count <= limit:
+        return list(range(count))
+    scores = np.asarray(result.scores).reshape(count, -1)  # (labels, K)
+    kept = {row for row in result.cluster_labels if row >= 0}
+    candidates = set(result.candidates)
+    best = scores.max(axis=1) if scores.size else np.zeros(count)
+    order = sorted(
+        range(count),
+        key=lambda row: (
+            row not in kept,
+            result.vocabulary[row] not in candidates,
+            -float(best[row]),
+        ),
+    )
+    return sorted(order[:limit])
+
+
+def _text_block(result: SegmentationResult) -> str:
+    """The caption, entities, vocabulary, warnings and timings as wrapped lines."""
+    lines = []
+    if result.source:
+        lines.append(f"image: {result.source}")
+    caption = result.caption if result.caption is not None else "(no captioner)"
+    lines.append(f'caption: "{caption}"')
+    lines.append("entities: " + (", ".join(result.entities) or "(none)"))
+    if list(result.vocabulary) != list(result.entities):
+        lines.append(f"vocabulary ({len(result.vocabulary)}): " + ", ".join(result.vocabulary))
+    if list(result.candidates) != list(result.vocabulary):
+        lines.append("candidates: " + (", ".join(result.candidates) or "(none)"))
+    for warning in result.warnings:
+        lines.append(f"warning: {warning}")
+    if result.timings:
+        total = sum(result.timings.values())
+        stages = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.timings.items())
+        lines.append(f"timings: {stages} (total {total:.2f}s)")
+    wrapped: list[str] = []
+    for line in lines:
+        wrapped.extend(textwrap.wrap(line, TEXT_WIDTH, subsequent_indent="    ") or [""])
+    return "\n".join(wrapped)
+
+
+def _mask_composite(
+    image: np.ndarray, masks: np.ndarray, result: SegmentationResult
+) -> tuple[np.ndarray, list[tuple[str, tuple[float, float, float]]]]:
+    """The kept clusters' masks painted in label colour over the dimmed photo, in cluster order.
+
+    Returns the ``(H, W, 3)`` uint8 picture and ``(legend text, colour)`` for each kept cluster.
+    """
+    picture = (image.astype(np.float32) * 0.35).astype(np.uint8)
+    painted = np.zeros(image.shape[:2], dtype=bool)
+    handles: list[tuple[str, tuple[float, float, float]]] = []
+    for cluster, row in enumerate(result.cluster_labels):
+        if row < 0 or cluster >= len(masks):
+            continue
+        name = result.vocabulary[row]
+        colour = color_for(name)
+        mask = np.asarray(masks[cluster], dtype=bool) & ~painted
+        picture[mask] = colour
+        painted |= mask
+        red, green, blue = colour
+        handles.append((f"c{cluster}: {name}", (red / 255.0, green / 255.0, blue / 255.0)))
+    return picture, handles
+
+
+def _legend(axes: Axes, handles: list[tuple[str, Any]], title: str | None = None) -> None:
+    from matplotlib.patches import Patch
+
+    if not handles:
+        return
+    axes.legend(
+        handles=[
+            Patch(facecolor=colour, edgecolor="black", label=text) for text, colour in handles
+        ],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        title=title,
+        title_fontsize=8,
+        frameon=False,
+    )
+
+
+def _picture(axes: Axes, picture: np.ndarray, title: str) -> None:
+    axes.imshow(picture, interpolation="nearest")
+    axes.set_title(title, fontsize=10, loc="left")
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def _heatmap(axes: Axes, result: SegmentationResult, colors: np.ndarray) -> None:
+    """Scores (shown rows x K) with values written in, kept assignments boxed in red."""
+    from matplotlib.patches import Rectangle
+
+    k = len(result.cluster_labels)
+    rows = heatmap_rows(result)
+    scores = np.asarray(result.scores, dtype=np.float64)
+    if not rows or scores.ndim != 2 or scores.shape[1] == 0:
+        axes.text(0.5, 0.5, "no label texts: every cluster is background", ha="center")
+        axes.set_axis_off()
+        return
+    shown = scores[rows]  # (rows, K)
+    image = axes.imshow(shown, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    candidates = set(result.candidates)
+    names = [
+        result.vocabulary[row] + ("" if result.vocabulary[row] in candidates else "  (not cand.)")
+        for row in rows
+    ]
+    axes.set_yticks(range(len(rows)), names, fontsize=8)
+    for tick, row in zip(axes.get_yticklabels(), rows, strict=True):
+        if result.vocabulary[row] not in candidates:
+            tick.set_color("grey")
+    columns = []
+    for cluster in range(shown.shape[1]):
+        row = result.cluster_labels[cluster] if cluster < k else -1
+        columns.append(f"c{cluster}\n→ {result.vocabulary[row] if row >= 0 else 'bg'}")
+    axes.set_xticks(range(shown.shape[1]), columns, fontsize=8)
+    for cluster, tick in enumerate(axes.get_xticklabels()):
+        if cluster < len(colors):
+            tick.set_bbox({"facecolor": colors[cluster], "alpha": 0.35, "edgecolor": "none"})
+    if shown.size <= 400:
+        for i in range(shown.shape[0]):
+            for j in range(shown.shape[1]):
+                value = shown[i, j]
+                axes.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if value > 0.6 else "white",
+                )
+    position = {row: i for i, row in enumerate(rows)}
+    for cluster, row in enumerate(result.cluster_labels):
+        if row >= 0 and row in position:
+            axes.add_patch(
+                Rectangle(
+                    (cluster - 0.5, position[row] - 0.5),
+                    1,
+                    1,
+                    fill=False,
+                    edgecolor="red",
+                    linewidth=2.5,
+                )
+            )
+    omitted = len(result.vocabulary) - len(rows)
+    title = "3. CLIP scores, label x cluster (softmax over labels); red box: kept assignment"
+    if omitted:
+        title += f"; {omitted} low-scoring labels not shown"
+    axes.set_title(title, fontsize=10, loc="left")
+    colorbar = axes.figure.colorbar(image, ax=axes, fraction=0.03, pad=0.02)
+    colorbar.ax.tick_params(labelsize=7)
+
+
+def explain_figure(image: Any, result: SegmentationResult) -> Figure:
+    """Build the explain figure (see the module docstring) as a matplotlib Figure.
+
+    Args:
+        image: the segmented photo, ``(H, W, 3)`` uint8 or anything :func:`load_image` reads, the
+            same size as ``result.label_map``.
+        result: the segmentation, with its intermediate fields (``cluster_map``, ``scores``,
+            ``cluster_labels``, ``coarse_masks``, ``refined_masks``).
+
+    Returns:
+        A :class:`matplotlib.figure.Figure` 12 inches wide, on an Agg canvas (not managed by
+        pyplot: nothing to close).
+    """
+    _import_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pixels = load_image(image)
+    height, width = np.asarray(result.label_map).shape
+    if pixels.shape[:2] != (height, width):
+        raise ValueError(
+            f"the image is {pixels.shape[1]}x{pixels.shape[0]} but the label map is "
+            f"{width}x{height}; pass the image that was segmented"
+        )
+    cluster_map = np.asarray(result.cluster_map)
+    k = max(len(result.cluster_labels), int(cluster_map.max(initial=-1)) + 1)
+    colors = cluster_colors(max(k, 1))
+    overlay = np.asarray(render_overlay(pixels, result))
+
+    text = _text_block(result)
+    text_height = 0.2 * (text.count("\n") + 1) + 0.3
+    half = FIGURE_WIDTH / 2 - 1.2  # width of a picture in a two-picture row, legend beside it
+    pair_height = min(half * height / width, 6.0) + 0.5
+    heat_rows = len(heatmap_rows(result))
+    heat_height = max(1.6, 0.28 * heat_rows + 1.3)
+    overlay_height = min((FIGURE_WIDTH - 1) * overlay.shape[0] / overlay.shape[1], 9.0) + 0.5
+    ratios = [text_height, pair_height, heat_height, pair_height, overlay_height]
+
+    figure = Figure(figsize=(FIGURE_WIDTH, sum(ratios)), dpi=100)
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(5, 2, height_ratios=ratios, hspace=0.35, wspace=0.45)
+
+    text_axes = figure.add_subplot(grid[0, :])
+    text_axes.set_axis_off()
+    text_axes.text(0, 1, text, va="top", ha="left", fontsize=9, family="monospace")
+
+    _picture(figure.add_subplot(grid[1, 0]), pixels, "1. image")
+    cluster_axes = figure.add_subplot(grid[1, 1])
+    cluster_picture = (colors[np.clip(cluster_map, 0, len(colors) - 1)] * 255).astype(np.uint8)
+    _picture(cluster_axes, cluster_picture, f"2. k-means clusters, K = {k} (before naming)")
+    _legend(
+        cluster_axes,
+        [(f"c{c}: {int((cluster_map == c).sum())} px", colors[c]) for c in range(k)],
+    )
+
+    _heatmap(figure.add_subplot(grid[2, :]), result, colors)
+
+    for column, (masks, title) in enumerate(
+        [
+            (result.coarse_masks, "4a. kept masks, before refinement"),
+            (result.refined_masks, "4b. after refinement"),
+        ]
+    ):
+        axes = figure.add_subplot(grid[3, column])
+        picture, handles = _mask_composite(pixels, np.asarray(masks), result)
+        _picture(axes, picture, title)
+        _legend(axes, handles)
+
+    _picture(figure.add_subplot(grid[4, :]), overlay, "5. result: label map over the image")
+    return figure
+
+
+def render_explain(image: Any, result: SegmentationResult, dpi: int = 100) -> Image.Image:
+    """The explain figure as an RGB PIL image (``1200 * dpi / 100`` pixels wide)."""
+    figure = explain_figure(image, result)
+    figure.set_dpi(dpi)
+    canvas = figure.canvas
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())  # type: ignore[attr-defined]
+    return Image.fromarray(rgba[..., :3].copy(), mode="RGB")
+
+
+def write_explain(
+    result: SegmentationResult, image: Any, folder: str | Path, stem: str, dpi: int = 100
+) -> Path:
+    """Write ``<folder>/<stem>_explain.png``; return its path (the folder is created if missing)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}{EXPLAIN_SUFFIX}"
+    explain_figure(image, result).savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
