@@ -175,8 +175,9 @@ def to_supervision(result: SegmentationResult) -> Any:
     Returns:
         Detections with ``xyxy`` ``(N, 4)`` float32 boxes of the masks (x_min, y_min, x_max,
         y_max of the mask's pixels, inclusive, as ``supervision.mask_to_xyxy``), ``mask``
-        ``(N, H, W)`` bool, ``confidence`` ``(N,)``, ``class_id`` ``(N,)`` the segment ids (their values in ``label_map``) and
-        ``data["class_name"]`` the label names. Segments with an empty mask are left out.
+        ``(N, H, W)`` bool, ``confidence`` ``(N,)``, ``class_id`` ``(N,)`` the segment ids
+        (their values in ``label_map``) and ``data["class_name"]`` the label names. Segments
+        with an empty mask are left out.
     """
     try:
         import supervision
