@@ -1,0 +1,209 @@
+"""Stage 1 of the method: describe each image in one sentence with BLIP or BLIP-2.
+
+The released FreeSeg-Diff script uses BLIP base fine-tuned for COCO captioning
+(``Salesforce/blip-image-captioning-base``); the paper names BLIP-2 (``Salesforce/blip2-opt-2.7b``).
+Both load here through their own transformers classes, picked from the checkpoint's config, and
+caption a whole list of images with one batched ``generate`` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from freesegdiff.config import CaptionConfig
+from freesegdiff.errors import ConfigError, ImageReadError
+from freesegdiff.hub import load_pretrained
+
+CaptionerKind = Literal["blip", "blip2"]
+
+# transformers ``model_type`` -> our name for it. Anything else is refused up front.
+_KINDS: dict[str, CaptionerKind] = {"blip": "blip", "blip-2": "blip2"}
+_WHAT = "captioner"
+_FLAG = "--captioner-model"
+
+
+def _model_classes(kind: CaptionerKind) -> tuple[Any, Any]:
+    """The (model, processor) transformers classes of a captioner kind."""
+    if kind == "blip":
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        return BlipForConditionalGeneration, BlipProcessor
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    return Blip2ForConditionalGeneration, Blip2Processor
+
+
+def _check_image(image: object, index: int) -> Image.Image:
+    """An ``(H, W, 3)`` ``uint8`` array -> PIL image (no channel-order guessing downstream)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
+        got = (
+            f"a {image.dtype} array of shape {image.shape}"
+            if isinstance(image, np.ndarray)
+            else f"a {type(image).__name__}"
+        )
+        raise ImageReadError(
+            f"image {index} must be an (H, W, 3) uint8 RGB array, got {got}; "
+            "read images with freesegdiff.image_io.load_image"
+        )
+    if image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ImageReadError(
+            f"image {index} must be an (H, W, 3) uint8 RGB array, got shape {image.shape}; "
+            "read images with freesegdiff.image_io.load_image"
+        )
+    return Image.fromarray(image)
+
+
+class Captioner:
+    """One captioning model (BLIP or BLIP-2) with its processor, frozen, in eval mode.
+
+    Build it with :meth:`from_pretrained`; then :meth:`caption` describes a batch of images.
+    """
+
+    def __init__(self, model: Any, processor: Any, *, config: CaptionConfig) -> None:
+        """Wrap an already loaded ``Blip(2)ForConditionalGeneration`` and its processor.
+
+        Raises:
+            ConfigError: the model is neither BLIP nor BLIP-2, or a ``config`` value cannot work.
+        """
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in _KINDS:
+            raise ConfigError(_unsupported_message(str(model_type)))
+        _check_config(config)
+        self.model = model.eval()
+        self.processor = processor
+        self.config = config
+        self._kind: CaptionerKind = _KINDS[model_type]
+        if self._kind == "blip2" and getattr(processor, "num_query_tokens", None) is None:
+            # Older Hub checkpoints lack it in processor_config.json; without it a prompt is
+            # not preceded by the image tokens that the model fills with the Q-Former output.
+            processor.num_query_tokens = model.config.num_query_tokens
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        *,
+        config: CaptionConfig,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        offline: bool = False,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+    ) -> Captioner:
+        """Load a BLIP or BLIP-2 captioner.
+
+        Args:
+            name: a Hub id (``Salesforce/blip-image-captioning-base``), a local folder in the
+                Hub's layout, or ``tiny:blip`` / ``tiny:blip2``.
+            config: generation settings used by :meth:`caption`.
+            device: where the model runs.
+            dtype: weight dtype (the pixels are cast to it).
+            offline: never contact the Hub (``HF_HUB_OFFLINE=1`` does the same).
+            revision: Hub revision (ignored for local folders).
+            cache_dir: HF cache folder (ignored for local folders).
+
+        Raises:
+            ModelUnavailableError: the weights are neither local nor downloadable.
+            ConfigError: the checkpoint is not a BLIP or BLIP-2 model, or a ``config`` value
+                cannot work (checked before any weights are loaded).
+        """
+        from transformers import AutoConfig
+
+        _check_config(config)
+        options: dict[str, Any] = {
+            "what": _WHAT,
+            "flag": _FLAG,
+            "offline": offline,
+            "revision": revision,
+            "cache_dir": cache_dir,
+        }
+        model_config = load_pretrained(AutoConfig.from_pretrained, name, **options)
+        model_type = str(getattr(model_config, "model_type", None))
+        if model_type not in _KINDS:
+            raise ConfigError(_unsupported_message(model_type, name))
+        model_class, processor_class = _model_classes(_KINDS[model_type])
+        model = load_pretrained(model_class.from_pretrained, name, dtype=dtype, **options)
+        processor = load_pretrained(processor_class.from_pretrained, name, **options)
+        return cls(model.to(device), processor, config=config)
+
+    @property
+    def kind(self) -> CaptionerKind:
+        """``"blip"`` or ``"blip2"``."""
+        return self._kind
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model's weights are on."""
+        return torch.device(self.model.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's weight dtype."""
+        dtype: torch.dtype = self.model.dtype
+        return dtype
+
+    def caption(self, images: Sequence[np.ndarray]) -> list[str]:
+        """Describe each image in one sentence, with one batched ``generate`` call.
+
+        Decoding follows :class:`~freesegdiff.config.CaptionConfig`: ``max_new_tokens``,
+        ``min_new_tokens``, ``num_beams`` (1: greedy, as the released script) and ``prompt``.
+        With a prompt, the decoder continues the prompt and the caption is the whole text,
+        prompt included, as BLIP's conditional captioning returns it (BLIP's BERT tokenizer
+        lower-cases it); BLIP-2 is treated the same way, so both kinds agree.
+
+        Args:
+            images: ``N`` RGB images, each an ``(H, W, 3)`` ``uint8`` array of any size (the
+                processor resizes to the model's input, e.g. 384x384 for BLIP base).
+
+        Returns:
+            ``N`` captions, stripped of special tokens and surrounding spaces, in input order.
+
+        Raises:
+            ImageReadError: an image is not an ``(H, W, 3)`` ``uint8`` array.
+        """
+        pictures = [_check_image(image, index) for index, image in enumerate(images)]
+        if not pictures:
+            return []
+        prompt = self.config.prompt
+        text = None if prompt is None else [prompt] * len(pictures)
+        inputs = self.processor(images=pictures, text=text, return_tensors="pt")
+        inputs = {key: value.to(self.device) for key, value in inputs.items()}
+        # (N, 3, S, S) pixels in the model's dtype; token ids and masks stay integer.
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        with torch.inference_mode():
+            token_ids = self.model.generate(
+                **inputs,
+                max_new_tokens=self.config.max_new_tokens,
+                min_new_tokens=self.config.min_new_tokens,
+                num_beams=self.config.num_beams,
+            )  # (N, L): prompt tokens (if any) followed by the generated ones
+        texts = self.processor.batch_decode(token_ids, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+
+def _check_config(config: CaptionConfig) -> None:
+    """Refuse generation settings that cannot work, naming the setting."""
+    if config.max_new_tokens < 1:
+        raise ConfigError(f"caption.max_new_tokens must be >= 1, got {config.max_new_tokens}")
+    if not 0 <= config.min_new_tokens <= config.max_new_tokens:
+        raise ConfigError(
+            f"caption.min_new_tokens must be between 0 and caption.max_new_tokens "
+            f"({config.max_new_tokens}), got {config.min_new_tokens}"
+        )
+    if config.num_beams < 1:
+        raise ConfigError(f"caption.num_beams must be >= 1, got {config.num_beams}")
+
+
+def _unsupported_message(model_type: str, name: str | None = None) -> str:
+    """The error text for a checkpoint that is not a supported captioner."""
+    which = f"{name!r} is" if name is not None else "the model is"
+    return (
+        f"{which} a {model_type!r} model, not a captioner; supported captioners are BLIP "
+        "(model_type 'blip', e.g. Salesforce/blip-image-captioning-base) and BLIP-2 "
+        f"(model_type 'blip-2', e.g. Salesforce/blip2-opt-2.7b). Pass one with {_FLAG}."
+    )

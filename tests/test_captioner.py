@@ -1,0 +1,129 @@
+"""Tests of the captioner stage, on tiny random BLIP and BLIP-2 built here (no download)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from freesegdiff.captioner import Captioner
+from freesegdiff.config import CaptionConfig
+from freesegdiff.errors import ConfigError, ImageReadError, ModelUnavailableError
+from freesegdiff.tiny.captioner import build_blip, build_blip2
+from freesegdiff.tiny.clip import build_clip
+from freesegdiff.tiny.vocab import WORDS
+
+BUILDERS = {"blip": build_blip, "blip2": build_blip2}
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    """Three real photos of different sizes: a cat, an astronaut, a coffee cup."""
+    return [data.chelsea(), data.astronaut(), data.coffee()]
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def kind(request: pytest.FixtureRequest) -> str:
+    """Each captioner kind in turn."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def folder(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny captioner of that kind, saved once per module."""
+    path = tmp_path_factory.mktemp(kind)
+    BUILDERS[kind](path)
+    return path
+
+
+def load(folder: Path, **settings: object) -> Captioner:
+    return Captioner.from_pretrained(str(folder), config=CaptionConfig(**settings))  # type: ignore[arg-type]
+
+
+def words_of(caption: str) -> list[str]:
+    return [word.strip(string.punctuation) for word in caption.split()]
+
+
+def test_kind_device_dtype(kind: str, folder: Path) -> None:
+    captioner = load(folder)
+    assert captioner.kind == kind
+    assert captioner.device == torch.device("cpu")
+    assert captioner.dtype == torch.float32
+
+
+def test_batch_of_three_photos_gives_three_captions(folder: Path, photos: list[np.ndarray]) -> None:
+    captions = load(folder, max_new_tokens=6).caption(photos)
+    assert len(captions) == 3
+    assert all(isinstance(c, str) and c == c.strip() and c for c in captions)
+
+
+def test_batch_equals_one_by_one(folder: Path, photos: list[np.ndarray]) -> None:
+    captioner = load(folder, max_new_tokens=6)
+    batched = captioner.caption(photos)
+    assert batched == [captioner.caption([photo])[0] for photo in photos]
+    assert len(set(batched)) > 1  # the image matters even to a random captioner
+
+
+def test_tiny_captions_are_vocabulary_words(folder: Path, photos: list[np.ndarray]) -> None:
+    for caption in load(folder, max_new_tokens=8).caption(photos):
+        assert set(words_of(caption)) <= {*WORDS, ""}, caption
+
+
+def test_min_new_tokens_is_honoured(folder: Path, photos: list[np.ndarray]) -> None:
+    captions = load(folder, min_new_tokens=5, max_new_tokens=5).caption(photos)
+    # each new token of a tiny captioner is one word or one punctuation mark
+    assert all(len(words_of(caption)) == 5 for caption in captions), captions
+
+
+def test_prompt_starts_the_caption(folder: Path, photos: list[np.ndarray]) -> None:
+    captions = load(folder, prompt="a dog on", min_new_tokens=2, max_new_tokens=2).caption(photos)
+    assert all(caption.startswith("a dog on ") for caption in captions), captions
+    assert all(len(words_of(caption)) == 5 for caption in captions), captions
+
+
+def test_beam_search_runs(folder: Path, photos: list[np.ndarray]) -> None:
+    captions = load(folder, num_beams=2, max_new_tokens=4).caption(photos[:2])
+    assert len(captions) == 2
+
+
+def test_empty_batch(folder: Path) -> None:
+    assert load(folder).caption([]) == []
+
+
+def test_bad_image_is_refused(folder: Path) -> None:
+    with pytest.raises(ImageReadError, match="image 1 must be an \\(H, W, 3\\) uint8"):
+        load(folder).caption([data.chelsea(), data.camera()])  # camera() is grayscale
+
+
+def test_bad_settings_are_refused_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"caption\.min_new_tokens"):
+        Captioner.from_pretrained(
+            str(tmp_path), config=CaptionConfig(min_new_tokens=9, max_new_tokens=3)
+        )
+
+
+def test_missing_folder_is_model_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailableError, match="does not exist"):
+        Captioner.from_pretrained(str(tmp_path / "nowhere"), config=CaptionConfig())
+
+
+def test_offline_hub_id_is_model_unavailable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "Salesforce/blip-image-captioning-base"
+    with pytest.raises(ModelUnavailableError) as caught:
+        Captioner.from_pretrained(name, config=CaptionConfig(), cache_dir=str(tmp_path))
+    assert name in str(caught.value)
+    assert "--preset tiny" in str(caught.value)
+    assert "--captioner-model" in str(caught.value)
+
+
+def test_clip_is_not_a_captioner(tmp_path: Path) -> None:
+    build_clip(tmp_path)
+    with pytest.raises(ConfigError, match=r"'clip' model, not a captioner.*BLIP-2"):
+        Captioner.from_pretrained(str(tmp_path), config=CaptionConfig())
