@@ -22,6 +22,7 @@ from PIL import Image
 
 from freesegdiff.image_io import load_image
 from freesegdiff.result import SegmentationResult
+from freesegdiff.visualize.cluster_map import cluster_palette
 from freesegdiff.visualize.colors import color_for
 from freesegdiff.visualize.overlay import render_overlay
 
@@ -47,13 +48,8 @@ def _import_matplotlib() -> Any:
 
 
 def cluster_colors(k: int) -> np.ndarray:
-    """``(k, 3)`` float colours in [0, 1] for cluster indices (tab10, then tab20, then hsv)."""
-    from matplotlib import colormaps
-
-    if k <= 20:  # integer indices pick the listed colours of a qualitative map
-        name = "tab10" if k <= 10 else "tab20"
-        return np.asarray(colormaps[name](np.arange(k))[:, :3], dtype=np.float64)
-    return np.asarray(colormaps["hsv"](np.linspace(0, 1, k, endpoint=False))[:, :3])
+    """``(k, 3)`` float colours in [0, 1] of clusters ``0..k-1`` (as :mod:`.cluster_map`)."""
+    return cluster_palette(k).astype(np.float64) / 255.0
 
 
 def heatmap_rows(result: SegmentationResult, limit: int = MAX_HEATMAP_ROWS) -> list[int]:
