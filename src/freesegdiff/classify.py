@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from freesegdiff.hub import load_pretrained
+from freesegdiff.image_io import image_tensor
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -145,8 +146,7 @@ class MaskClassifier:
     def masked_images(self, image: np.ndarray, masks: torch.Tensor) -> torch.Tensor:
         """The image ``(H, W, 3)`` uint8 blacked out outside each mask ``(K, H, W)`` bool,
         preprocessed: ``(K, 3, S, S)`` float32 on the device."""
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        pixels = pixels.permute(2, 0, 1).float()[None]  # (1, 3, H, W)
+        pixels = image_tensor(image).to(self.device).float()[None]  # (1, 3, H, W)
         masked = pixels * masks.to(self.device)[:, None].float()  # (K, 3, H, W)
         return self.preprocess(masked)
 

@@ -24,6 +24,7 @@ from freesegdiff.config import FeatureConfig
 from freesegdiff.devices import image_generators, randn_per_image
 from freesegdiff.errors import ConfigError
 from freesegdiff.hub import load_pretrained
+from freesegdiff.image_io import image_tensor
 from freesegdiff.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -108,8 +109,7 @@ def images_to_tensor(images: Sequence[np.ndarray], size: int, device: torch.devi
     """
     batch = []
     for image in images:
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device)
-        pixels = pixels.permute(2, 0, 1)[None].float()  # (H, W, 3) -> (1, 3, H, W)
+        pixels = image_tensor(image).to(device)[None].float()  # (H, W, 3) -> (1, 3, H, W)
         if pixels.shape[-2:] != (size, size):
             pixels = F.interpolate(
                 pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True

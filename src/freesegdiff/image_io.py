@@ -14,11 +14,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from freesegdiff.errors import ImageReadError
+
+if TYPE_CHECKING:
+    import torch
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
@@ -114,6 +118,16 @@ def load_image(source: ImageInput) -> np.ndarray:
     raise ImageReadError(
         f"cannot use a {type(source).__name__} as an image; give a path, a PIL image or an array"
     )
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 array -> ``(3, H, W)`` uint8 tensor sharing memory when it can
+    (read-only arrays, e.g. scikit-image's bundled photos, are copied)."""
+    import torch  # here, so that reading images does not import torch
+
+    if not image.flags.writeable or not image.flags.c_contiguous:
+        image = np.array(image, copy=True, order="C")
+    return torch.from_numpy(image).permute(2, 0, 1)
 
 
 def iter_image_files(inputs: Iterable[str | Path]) -> Iterator[Path]:

@@ -1,0 +1,56 @@
+"""Shared fixtures: real photos and tiny random models saved in the real on-disk layouts.
+
+The tiny models are built once per test session into a temporary folder and always loaded
+back through ``from_pretrained`` from that folder, the code path of a user's real weights.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Tiny ``tiny:`` models built during the tests go to a throw-away cache, never the user's.
+os.environ.setdefault("FREESEGDIFF_CACHE", str(Path(tempfile.gettempdir()) / "freesegdiff-tests"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """Real RGB photos bundled with scikit-image, by name."""
+    from skimage import data
+
+    return {name: getattr(data, name)() for name in ("chelsea", "astronaut", "coffee", "rocket")}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Stable Diffusion folder (model_index.json, unet, vae, ...)."""
+    from freesegdiff.tiny.diffusion import build_stable_diffusion
+
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    build_stable_diffusion(folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIP model + processor folder."""
+    from freesegdiff.tiny.clip import build_clip
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    build_clip(folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BLIP captioner folder."""
+    from freesegdiff.tiny.captioner import build_blip
+
+    folder = tmp_path_factory.mktemp("tiny-blip")
+    build_blip(folder, seed=0)
+    return folder

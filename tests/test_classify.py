@@ -1,0 +1,104 @@
+"""CLIP mask scoring and the paper's assignment rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from freesegdiff.classify import MaskClassifier, assign_labels
+
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------- assignment, by hand
+def test_each_label_claims_its_best_cluster_and_clusters_take_their_best_claim():
+    scores = np.array(
+        [
+            [0.7, 0.6, 0.1],  # "cat" is best in cluster 0
+            [0.2, 0.3, 0.1],  # "sofa" is best in cluster 1
+            [0.1, 0.1, 0.8],  # "floor" is best in cluster 2
+        ]
+    )
+    assert assign_labels(scores) == [0, 1, 2]
+
+
+def test_a_label_claims_one_cluster_so_redundant_clusters_become_background():
+    # "cat" wins both columns, but keeps only its best (cluster 1); cluster 0 then has only
+    # zeros left and is dropped.
+    scores = np.array([[0.9, 0.95], [0.1, 0.05]])
+    # row "dog" keeps cluster 0 (0.1 > 0.05): cluster 0 -> dog, cluster 1 -> cat
+    assert assign_labels(scores) == [1, 0]
+    scores = np.array([[0.9, 0.95], [0.0, 0.0]])
+    assert assign_labels(scores) == [-1, 0]
+
+
+def test_non_candidates_cannot_claim():
+    scores = np.array([[0.9, 0.2], [0.1, 0.8]])
+    assert assign_labels(scores, np.array([False, True])) == [-1, 1]
+    assert assign_labels(scores, np.array([False, False])) == [-1, -1]
+
+
+def test_ties_go_to_the_lowest_index():
+    # A row tie: label 0 claims cluster 0 (first). A column tie: cluster 1 takes label 1.
+    scores = np.array([[0.5, 0.5], [0.25, 0.5], [0.25, 0.5]])
+    assert assign_labels(scores) == [0, 1]
+
+
+def test_empty_label_set_or_no_clusters():
+    assert assign_labels(np.zeros((0, 4))) == [-1, -1, -1, -1]
+    assert assign_labels(np.zeros((3, 0))) == []
+    with pytest.raises(ValueError, match="candidates must be"):
+        assign_labels(np.ones((2, 2)), np.array([True]))
+
+
+# ---------------------------------------------------------------- CLIP, tiny model
+@pytest.fixture(scope="module")
+def classifier(tiny_clip_path) -> MaskClassifier:
+    return MaskClassifier.from_pretrained(str(tiny_clip_path), device=CPU)
+
+
+def test_preprocessing_matches_the_clip_processor(classifier, photos):
+    image = photos["chelsea"]  # 300 x 451
+    ours = classifier.preprocess(torch.from_numpy(image).permute(2, 0, 1)[None].float())
+    reference = classifier.processor(images=Image.fromarray(image), return_tensors="pt")
+    assert ours.shape == reference.pixel_values.shape == (1, 3, 32, 32)
+    # Torch's antialiased bicubic follows PIL's to within a few grey levels.
+    difference = (ours - reference.pixel_values).abs()
+    assert float(difference.mean()) < 0.02
+    assert float(difference.max()) < 0.15
+
+
+def test_scores_equal_clip_run_the_usual_way(classifier, photos):
+    image = photos["coffee"]
+    height, width = image.shape[:2]
+    masks = torch.zeros(3, height, width, dtype=torch.bool)
+    masks[0, : height // 2] = True
+    masks[1, height // 2 :] = True
+    masks[2, :, : width // 3] = True
+    labels = ["cup", "table", "wall", "plant"]
+    (scores,) = classifier.score([(image, masks, labels)])
+    assert scores.shape == (4, 3)
+    assert np.allclose(scores.sum(0), 1.0, atol=1e-5)
+    # Independent path: PIL masked images through the processor and CLIPModel.forward.
+    pictures = [Image.fromarray(image * m.numpy()[:, :, None]) for m in masks]
+    inputs = classifier.processor(text=labels, images=pictures, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        logits = classifier.model(**inputs).logits_per_image  # (masks, labels)
+    expected = torch.softmax(logits, dim=1).T.numpy()
+    assert np.allclose(scores, expected, atol=2e-3)
+
+
+def test_a_batch_scores_like_single_images_and_texts_are_cached(classifier, photos):
+    a, b = photos["chelsea"], photos["rocket"]
+    mask_a = torch.ones(2, *a.shape[:2], dtype=torch.bool)
+    mask_a[1, :10] = False
+    mask_b = torch.ones(1, *b.shape[:2], dtype=torch.bool)
+    batch = classifier.score([(a, mask_a, ["cat", "dog"]), (b, mask_b, ["sky"]), (b, mask_b, [])])
+    single = classifier.score([(a, mask_a, ["cat", "dog"])])
+    assert np.allclose(batch[0], single[0], atol=1e-5)
+    assert batch[1].tolist() == [[1.0]]  # one label: softmax gives 1
+    assert batch[2].shape == (0, 1)
+    cached = classifier.text_embeddings(["cat", "dog"])
+    assert classifier.text_embeddings(["cat", "dog"]) is cached

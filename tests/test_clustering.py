@@ -1,0 +1,114 @@
+"""k-means, silhouette and K selection checked against scikit-learn and by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+from sklearn.metrics import silhouette_score as sklearn_silhouette
+
+from freesegdiff.clustering import (
+    cluster_features,
+    kmeans,
+    silhouette_score,
+    upsample_cluster_map,
+)
+from freesegdiff.config import ClusterConfig
+from freesegdiff.errors import ConfigError
+
+
+def blobs(seed: int = 0, centres: int = 3, per: int = 100, dim: int = 16) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    points = [rng.normal(size=(per, dim)) + 6 * rng.normal(size=dim) for _ in range(centres)]
+    return np.concatenate(points).astype(np.float32)
+
+
+def test_lloyd_matches_scikit_learn_from_the_same_start():
+    rng = np.random.default_rng(1)
+    points = rng.normal(size=(1024, 64)).astype(np.float32)
+    points[:300] += 2.0
+    start = points[rng.choice(1024, 4, replace=False)]
+    reference = KMeans(4, init=start, n_init=1).fit(points)
+    ours = kmeans(torch.from_numpy(points), 4, init=torch.from_numpy(start))
+    assert np.array_equal(ours.labels.numpy(), reference.labels_)
+    assert ours.inertia == pytest.approx(reference.inertia_, rel=1e-5)
+    assert ours.iterations == reference.n_iter_
+    assert np.allclose(ours.centers.numpy(), reference.cluster_centers_, atol=1e-4)
+
+
+def test_seeded_kmeans_finds_the_same_partition_as_scikit_learn():
+    points = blobs(seed=2, centres=4)
+    ours = kmeans(torch.from_numpy(points), 4, seed=0)
+    reference = KMeans(4, random_state=0).fit(points)
+    assert adjusted_rand_score(reference.labels_, ours.labels.numpy()) == 1.0
+    assert ours.inertia == pytest.approx(reference.inertia_, rel=1e-4)
+
+
+def test_kmeans_is_deterministic_per_seed():
+    points = torch.from_numpy(np.random.default_rng(3).normal(size=(500, 8)).astype(np.float32))
+    a = kmeans(points, 5, seed=4)
+    b = kmeans(points, 5, seed=4)
+    assert torch.equal(a.labels, b.labels)
+    assert a.inertia == b.inertia
+
+
+def test_kmeans_by_hand_on_four_points():
+    # Two pairs on a line: {0, 1} and {10, 11}; centres 0.5 and 10.5, inertia 4 * 0.25 = 1.
+    points = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
+    result = kmeans(points, 2, init=torch.tensor([[0.0], [11.0]]))
+    assert result.labels.tolist() == [0, 0, 1, 1]
+    assert result.centers.flatten().tolist() == [0.5, 10.5]
+    assert result.inertia == pytest.approx(1.0)
+
+
+def test_kmeans_rejects_impossible_k():
+    with pytest.raises(ConfigError, match="1 <= k <= number of points"):
+        kmeans(torch.zeros(3, 2), 4)
+
+
+def test_silhouette_matches_scikit_learn():
+    points = blobs(seed=5)
+    labels = KMeans(3, random_state=0).fit_predict(points)
+    labels[:5] = 0  # some misassigned points, so scores are not all near 1
+    ours = silhouette_score(torch.from_numpy(points), torch.from_numpy(labels))
+    assert ours == pytest.approx(sklearn_silhouette(points, labels), abs=1e-5)
+
+
+def test_silhouette_by_hand():
+    # Clusters {0, 1} and {5}: point 0: a=1, b=5 -> 0.8; point 1: a=1, b=4 -> 0.75;
+    # the singleton scores 0. Mean = 1.55 / 3.
+    points = torch.tensor([[0.0], [1.0], [5.0]])
+    assert silhouette_score(points, torch.tensor([0, 0, 1])) == pytest.approx(1.55 / 3)
+
+
+def test_k_range_picks_the_true_number_of_blobs():
+    points = blobs(seed=6, centres=3, per=64)  # 192 points
+    features = torch.from_numpy(points).T.reshape(16, 12, 16)  # (C, h, w)
+    cluster_map = cluster_features(features, ClusterConfig(k_range=(2, 6)))
+    assert cluster_map.shape == (12, 16)
+    assert torch.unique(cluster_map).numel() == 3
+
+
+def test_adaptive_k_is_candidates_plus_offset():
+    features = torch.from_numpy(blobs(seed=7, centres=5, per=20)).T.reshape(16, 10, 10)
+    cluster_map = cluster_features(features, ClusterConfig(adaptive_offset=2), candidates=3)
+    assert torch.unique(cluster_map).numel() == 5
+
+
+def test_agglomerative_alternative_separates_blobs():
+    points = blobs(seed=8, centres=2, per=50)
+    features = torch.from_numpy(points).T.reshape(16, 10, 10)
+    cluster_map = cluster_features(features, ClusterConfig(method="agglomerative", k=2))
+    truth = np.repeat([0, 1], 50)
+    assert adjusted_rand_score(truth, cluster_map.flatten().numpy()) == 1.0
+
+
+def test_upsample_is_nearest_neighbour():
+    small = torch.tensor([[0, 1], [2, 3]])
+    big = upsample_cluster_map(small, 4, 6)
+    expected = torch.tensor(
+        [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], [2, 2, 2, 3, 3, 3], [2, 2, 2, 3, 3, 3]]
+    )
+    assert torch.equal(big, expected)

@@ -1,0 +1,168 @@
+"""Diffusion features on a tiny random SD loaded from its diffusers folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from freesegdiff.config import PAPER_LAYERS, FeatureConfig
+from freesegdiff.errors import ConfigError, ModelUnavailableError
+from freesegdiff.features import (
+    QUERY_SUFFIX,
+    DiffusionFeatures,
+    images_to_tensor,
+    list_attention_layers,
+    select_layers,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def extractor(tiny_sd_path) -> DiffusionFeatures:
+    return DiffusionFeatures.from_pretrained(
+        str(tiny_sd_path), config=FeatureConfig(image_size=256), device=CPU
+    )
+
+
+def test_layers_follow_sd_naming_and_sizes(extractor):
+    layers = {layer.name: layer for layer in list_attention_layers(extractor.unet)}
+    # SD 1.x: cross attention in down blocks 0-2 (2 each), mid, up blocks 1-3 (3 each).
+    assert len(layers) == 2 * 3 + 1 + 3 * 3
+    assert layers["down_blocks.0.attentions.0"].downsample == 1
+    assert layers["down_blocks.2.attentions.1"].downsample == 4
+    assert layers["mid_block.attentions.0"].downsample == 8
+    assert layers["up_blocks.1.attentions.2"].downsample == 4
+    assert layers["up_blocks.3.attentions.0"].downsample == 1
+    orders = [layer.order for layer in list_attention_layers(extractor.unet)]
+    assert orders == sorted(orders)
+
+
+def test_paper_layers_are_the_16px_layers_at_512(extractor):
+    # At 512 input with a factor-8 VAE the latent is 64, so the downsample-4 layers are 16x16:
+    # exactly the paper's five layers.
+    by_size = select_layers(extractor.unet, resolutions=(16,), image_size=512, vae_scale=8)
+    assert [layer.name for layer in by_size] == list(PAPER_LAYERS)
+    by_name = select_layers(extractor.unet, layers=PAPER_LAYERS)
+    assert by_size == by_name
+    assert extractor.channels == 5 * 32  # tiny: 32 query channels per 16x16-level layer
+
+
+def test_unknown_layer_and_size_are_explained(extractor):
+    with pytest.raises(ConfigError, match=r"down_blocks\.9.*this UNet has: down_blocks\.0"):
+        select_layers(extractor.unet, layers=("down_blocks.9.attentions.0",))
+    with pytest.raises(ConfigError, match=r"sizes are \[8, 16, 32, 64\]"):
+        select_layers(extractor.unet, resolutions=(3,), image_size=512, vae_scale=8)
+
+
+def test_images_to_tensor_scales_to_minus_one_one():
+    white = np.full((10, 20, 3), 255, np.uint8)
+    black = np.zeros((40, 30, 3), np.uint8)
+    batch = images_to_tensor([white, black], 16, CPU)
+    assert batch.shape == (2, 3, 16, 16)
+    assert torch.allclose(batch[0], torch.ones(3, 16, 16))
+    assert torch.allclose(batch[1], -torch.ones(3, 16, 16))
+
+
+def test_early_stop_gives_the_full_pass_features(extractor, photos):
+    images = [photos["chelsea"], photos["coffee"]]
+    early = extractor(images, seed=3, stop_early=True)
+    full = extractor(images, seed=3, stop_early=False)
+    assert early.shape == (2, extractor.channels, 32, 32)
+    assert torch.equal(early, full)
+
+
+def test_early_stop_skips_the_later_blocks(extractor, photos):
+    calls = {"up_blocks.2": 0, "up_blocks.1": 0}
+    handles = [
+        extractor.unet.get_submodule(name).register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+        for name in calls
+    ]
+    try:
+        extractor([photos["chelsea"]], stop_early=True)
+        assert calls == {"up_blocks.2": 0, "up_blocks.1": 0}  # stopped inside up block 1
+        extractor([photos["chelsea"]], stop_early=False)
+        assert calls == {"up_blocks.2": 1, "up_blocks.1": 1}
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_features_are_query_projections_of_attn2_inputs(extractor, photos):
+    """Recompute the features independently from the attn2 inputs and compare."""
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in PAPER_LAYERS:
+        attn2 = extractor.unet.get_submodule(f"{name}.transformer_blocks.0.attn2")
+        handles.append(
+            attn2.register_forward_pre_hook(
+                lambda _m, args, kwargs, name=name: inputs.__setitem__(
+                    name, kwargs.get("hidden_states", args[0] if args else None)
+                ),
+                with_kwargs=True,
+            )
+        )
+    try:
+        features = extractor([photos["astronaut"]], seed=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = []
+    for name in PAPER_LAYERS:
+        to_q = extractor.unet.get_submodule(f"{name}.{QUERY_SUFFIX}")
+        query = to_q(inputs[name])  # (1, 64, 32): an 8x8 map at 256 input
+        grid = query.transpose(1, 2).reshape(1, -1, 8, 8)
+        expected.append(F.interpolate(grid, size=(32, 32), mode="bilinear", align_corners=False))
+    assert torch.allclose(features, torch.cat(expected, 1), atol=1e-6)
+
+
+def test_add_noise_is_the_forward_diffusion_formula(tiny_sd_path):
+    config = FeatureConfig(image_size=256, timestep=300)
+    extractor = DiffusionFeatures.from_pretrained(str(tiny_sd_path), config=config, device=CPU)
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    generators = [torch.Generator().manual_seed(7)]
+    noisy = extractor.add_noise(latents, generators)
+    noise = torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(7))[None]
+    alpha_bar = extractor.scheduler.alphas_cumprod[300]
+    expected = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+    assert torch.allclose(noisy, expected, atol=1e-6)
+    # SD 1.x scaled_linear schedule, by hand: beta_t = (sqrt(0.00085) + t/999 * (sqrt(0.012)
+    # - sqrt(0.00085)))^2, alpha_bar_0 = 1 - beta_0 = 0.99915.
+    assert float(extractor.scheduler.alphas_cumprod[0]) == pytest.approx(0.99915, abs=1e-6)
+
+
+def test_seed_reproduces_and_batches_match_single_images(extractor, photos):
+    pair = [photos["chelsea"], photos["rocket"]]
+    first = extractor(pair, seed=11)
+    again = extractor(pair, seed=11)
+    other = extractor(pair, seed=12)
+    alone = extractor([photos["rocket"]], seed=11)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    # Each image draws its own noise, so its features do not depend on the batch.
+    assert torch.allclose(first[1:], alone, atol=1e-4)
+
+
+def test_empty_prompt_embedding_is_computed_once(extractor):
+    first = extractor.empty_prompt_embedding()
+    assert first.shape == (1, 77, 16)
+    assert extractor.empty_prompt_embedding() is first
+
+
+def test_bad_settings_and_missing_weights_are_explained(tiny_sd_path, tmp_path):
+    with pytest.raises(ConfigError, match="timestep must be in"):
+        DiffusionFeatures.from_pretrained(
+            str(tiny_sd_path), config=FeatureConfig(image_size=256, timestep=1000), device=CPU
+        )
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        DiffusionFeatures.from_pretrained(
+            str(tiny_sd_path), config=FeatureConfig(image_size=200), device=CPU
+        )
+    with pytest.raises(ModelUnavailableError, match="does not exist"):
+        DiffusionFeatures.from_pretrained(
+            str(tmp_path / "nowhere"), config=FeatureConfig(), device=CPU
+        )

@@ -1,0 +1,84 @@
+"""Every image kind users have, read into RGB uint8 the documented way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from freesegdiff.errors import ImageReadError
+from freesegdiff.image_io import iter_image_files, load_image
+
+
+def test_rgb_file_round_trips(tmp_path, photos):
+    path = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(path)
+    assert np.array_equal(load_image(path), photos["chelsea"])
+    assert np.array_equal(load_image(str(path)), photos["chelsea"])
+
+
+def test_grayscale_is_repeated_to_three_channels(tmp_path):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    Image.fromarray(gray, mode="L").save(tmp_path / "g.png")
+    image = load_image(tmp_path / "g.png")
+    assert image.shape == (3, 4, 3)
+    assert np.array_equal(image[..., 0], gray) and np.array_equal(image[..., 2], gray)
+
+
+def test_sixteen_bit_is_scaled_by_1_over_257(tmp_path):
+    values = np.array([[0, 257, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")  # saved as mode I;16
+    assert load_image(tmp_path / "deep.png")[0, :, 0].tolist() == [0, 1, 255]
+
+
+def test_alpha_is_composited_over_white():
+    rgba = np.array([[[255, 0, 0, 255], [0, 0, 0, 0], [0, 0, 0, 128]]], dtype=np.uint8)
+    image = load_image(Image.fromarray(rgba, mode="RGBA"))
+    # opaque red stays red; transparent black becomes white; half black -> 255 * 127/255
+    assert image[0].tolist() == [[255, 0, 0], [255, 255, 255], [127, 127, 127]]
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    wide = np.zeros((2, 6, 3), np.uint8)
+    wide[:, 0] = 255  # white left column
+    picture = Image.fromarray(wide)
+    exif = picture.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    picture.save(tmp_path / "r.jpg", exif=exif, quality=100)
+    image = load_image(tmp_path / "r.jpg")
+    assert image.shape == (6, 2, 3)  # shown upright: tall
+
+
+def test_palette_cmyk_float_and_channel_first_arrays():
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 200, 100, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    assert load_image(palette)[0].tolist() == [[10, 20, 30], [200, 100, 0]]
+    assert load_image(Image.new("CMYK", (1, 1), (0, 0, 0, 0)))[0, 0].tolist() == [255, 255, 255]
+    assert load_image(np.array([[0.0, 0.5, 1.0]]))[0, :, 0].tolist() == [0, 128, 255]
+    chw = np.zeros((3, 5, 7), np.uint8)
+    assert load_image(chw).shape == (5, 7, 3)
+
+
+def test_unreadable_inputs_raise_clear_errors(tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(ImageReadError, match="cannot read .*broken.jpg"):
+        load_image(tmp_path / "broken.jpg")
+    with pytest.raises(ImageReadError, match="does not exist"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageReadError, match=r"got shape \(2, 2, 5\)"):
+        load_image(np.zeros((2, 2, 5)))
+    with pytest.raises(ImageReadError, match="NaN"):
+        load_image(np.full((2, 2), np.nan))
+    with pytest.raises(ImageReadError, match="cannot use a int"):
+        load_image(3)  # type: ignore[arg-type]
+
+
+def test_folders_are_expanded_sorted_and_recursively(tmp_path):
+    (tmp_path / "b").mkdir()
+    for name in ("b/z.png", "a.jpg", "notes.txt", "b/c.JPEG"):
+        (tmp_path / name).write_bytes(b"")
+    found = [p.relative_to(tmp_path).as_posix() for p in iter_image_files([tmp_path])]
+    assert found == ["a.jpg", "b/c.JPEG", "b/z.png"]
+    with pytest.raises(ImageReadError, match="does not exist"):
+        list(iter_image_files([tmp_path / "nope"]))
