@@ -62,7 +62,7 @@ def test_palette_cmyk_float_and_channel_first_arrays():
 
 def test_unreadable_inputs_raise_clear_errors(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
-    with pytest.raises(ImageReadError, match="cannot read .*broken.jpg"):
+    with pytest.raises(ImageReadError, match=r"cannot read .*broken\.jpg"):
         load_image(tmp_path / "broken.jpg")
     with pytest.raises(ImageReadError, match="does not exist"):
         load_image(tmp_path / "missing.png")

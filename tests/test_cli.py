@@ -1,0 +1,164 @@
+"""The command line end to end on real photos with the tiny preset (offline, no download)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from freesegdiff.cli import main
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory, photos):
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(photos["chelsea"]).save(folder / "chelsea.png")
+    Image.fromarray(photos["astronaut"]).save(folder / "astronaut.jpg", quality=90)
+    sub = folder / "more"
+    sub.mkdir()
+    Image.fromarray(photos["coffee"]).convert("L").save(sub / "coffee_gray.png")
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    return folder
+
+
+def check_image_outputs(out, stem, photo_shape):
+    label_png = Image.open(out / f"{stem}.png")
+    assert label_png.mode == "P"
+    assert label_png.size == (photo_shape[1], photo_shape[0])
+    summary = json.loads((out / f"{stem}.json").read_text())
+    values = set(np.unique(np.asarray(label_png)).tolist())
+    ids = {label["id"] for label in summary["labels"]}
+    # every pixel value is an id of the JSON, and every segment listed is in the picture
+    assert values <= ids
+    assert {label["id"] for label in summary["labels"] if label["area"] > 0} == values
+    for label in summary["labels"]:
+        assert label["area"] == int((np.asarray(label_png) == label["id"]).sum())
+    assert summary["width"] == photo_shape[1] and summary["height"] == photo_shape[0]
+    assert isinstance(summary["caption"], str) and isinstance(summary["entities"], list)
+    assert {"caption", "unet", "clip", "refinement"} <= set(summary["timings"])
+    overlay = Image.open(out / f"{stem}_overlay.png")
+    assert overlay.size[1] >= photo_shape[0] and overlay.size[0] >= photo_shape[1]
+    return summary
+
+
+def test_segment_a_folder_with_a_broken_image(photo_folder, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "segment",
+            str(photo_folder),
+            "--output",
+            str(out),
+            "--preset",
+            "tiny",
+            "--no-progress",
+            "--explain",
+            "--format",
+            "png,coco-rle",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 1  # one image failed ...
+    assert "broken.jpg" in captured.out + captured.err
+    assert "segmented 3 of 4 images" in captured.out
+    # ... and the three others were all written
+    check_image_outputs(out, "chelsea", photos["chelsea"].shape)
+    check_image_outputs(out, "astronaut", photos["astronaut"].shape)
+    gray = check_image_outputs(out, "coffee_gray", photos["coffee"].shape)
+    assert gray["image"].endswith("coffee_gray.png")
+    assert not (out / "broken.png").exists()
+    for stem in ("chelsea", "astronaut", "coffee_gray"):
+        assert (out / f"{stem}_explain.png").is_file()
+    assert (out / "index.html").is_file() and "chelsea_overlay" in (out / "index.html").read_text()
+    coco = json.loads((out / "coco_results.json").read_text())
+    assert {entry["image_id"] for entry in coco} <= {"chelsea", "astronaut", "coffee_gray"}
+
+
+def test_fixed_classes_name_the_segments(photos, tmp_path):
+    photo = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(photo)
+    out = tmp_path / "out"
+    classes = ["cat", "sofa", "wall", "floor"]
+    code = main(
+        [
+            "segment",
+            str(photo),
+            "-o",
+            str(out),
+            "--preset",
+            "tiny",
+            "--no-progress",
+            "--classes",
+            ", ".join(classes),
+            "--k",
+            "3",
+            "--refine",
+            "none",
+        ]
+    )
+    assert code == 0
+    summary = check_image_outputs(out, "cat", photos["chelsea"].shape)
+    assert summary["vocabulary"] == classes
+    named = {label["name"]: label["id"] for label in summary["labels"] if label["id"]}
+    assert all(classes[index - 1] == name for name, index in named.items())
+
+
+def test_user_errors_give_messages_not_tracebacks(photos, tmp_path, capsys, monkeypatch):
+    photo = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(photo)
+    out = str(tmp_path / "out")
+    assert main(["segment", str(photo), "-o", out, "--preset", "tiny", "--classes", " , "]) == 1
+    assert "holds no class name" in capsys.readouterr().err
+    missing = str(tmp_path / "no-model-here")
+    assert main(["segment", str(photo), "-o", out, "--diffusion-model", missing]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "nope.png"), "-o", out, "--preset", "tiny"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    assert main(["segment", str(photo), "-o", out, "--preset", "paper", "--offline"]) == 1
+    error = capsys.readouterr().err
+    assert "could not load the Stable Diffusion model 'CompVis/stable-diffusion-v1-4'" in error
+    assert "--preset tiny" in error
+    assert (
+        main(["segment", str(photo), "-o", out, "--preset", "tiny", "--set", "clustering.kk=3"])
+        == 1
+    )
+    assert "unknown setting 'clustering.kk'" in capsys.readouterr().err
+    assert main(["segment", str(photo), "-o", out, "--preset", "tiny", "--format", "tiff"]) == 1
+    assert "unknown --format" in capsys.readouterr().err
+
+
+def test_help_lists_every_option():
+    result = subprocess.run(
+        [sys.executable, "-m", "freesegdiff", "segment", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for option in (
+        "--output",
+        "--classes",
+        "--preset",
+        "--device",
+        "--dtype",
+        "--seed",
+        "--diffusion-model",
+        "--captioner-model",
+        "--clip-model",
+        "--timestep",
+        "--k",
+        "--refine",
+        "--set",
+        "--offline",
+        "--batch-size",
+        "--format",
+    ):
+        assert option in result.stdout
+    top = subprocess.run(
+        [sys.executable, "-m", "freesegdiff", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "segment" in top.stdout

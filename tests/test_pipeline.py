@@ -1,0 +1,182 @@
+"""The whole pipeline on real photos with tiny random models loaded from their folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from freesegdiff.config import PipelineConfig
+from freesegdiff.errors import ConfigError, EmptyVocabularyError, ImageReadError
+from freesegdiff.pipeline import FreeSegDiff
+
+
+def make_config(sd, clip, blip, **changes) -> PipelineConfig:
+    settings = {
+        "models": {"diffusion": str(sd), "clip": str(clip), "captioner": blip and str(blip)},
+        "caption": {"max_new_tokens": 12, "min_new_tokens": 6},
+        "features": {"image_size": 256},
+        "refine": {"method": "none"},
+    }
+    for key, value in changes.items():
+        settings.setdefault(key, {}).update(value)
+    return PipelineConfig.from_dict(settings)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_path, tiny_clip_path, tiny_blip_path) -> FreeSegDiff:
+    return FreeSegDiff.from_config(make_config(tiny_sd_path, tiny_clip_path, tiny_blip_path))
+
+
+def check_consistent(result, image: np.ndarray) -> None:
+    """Invariants every result must satisfy, whatever the random models say."""
+    height, width = image.shape[:2]
+    assert result.label_map.shape == (height, width) and result.label_map.dtype == np.int32
+    assert result.cluster_map.shape == (height, width)
+    assert result.image_size == (width, height)
+    assert set(np.unique(result.label_map)) <= set(result.labels)
+    assert result.labels[0] == "background"
+    k = result.scores.shape[1]
+    assert result.scores.shape == (len(result.vocabulary), k)
+    assert result.coarse_masks.shape == (k, height, width)
+    assert len(result.cluster_labels) == k
+    for segment in result.segments:
+        assert np.array_equal(segment.mask, result.label_map == segment.id)
+        assert segment.area == int(segment.mask.sum()) > 0
+        assert result.vocabulary[segment.id - 1] == segment.label == result.labels[segment.id]
+        assert result.cluster_labels[segment.cluster] == segment.id - 1
+        assert segment.score == pytest.approx(result.scores[segment.id - 1, segment.cluster])
+    assert sum(s.area for s in result.segments) + result.background_area == height * width
+    # the coarse masks are the clusters, which tile the image
+    assert np.array_equal(result.coarse_masks.sum(0), np.ones((height, width)))
+
+
+def test_open_vocabulary_on_real_photos(pipe, photos, tmp_path):
+    path = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(path)
+    results = pipe([path, photos["astronaut"]])
+    assert len(results) == 2
+    for result, image in zip(results, [photos["chelsea"], photos["astronaut"]], strict=True):
+        check_consistent(result, image)
+        assert result.caption and len(result.caption.split()) >= 6
+        assert result.vocabulary == result.entities == result.candidates
+        assert result.scores.shape[1] == 4  # K = 4 clusters
+        assert {"caption", "vae", "unet", "clustering", "clip", "refinement"} <= set(result.timings)
+    assert results[0].source == str(path) and results[1].source is None
+    single = pipe(photos["astronaut"])
+    assert np.array_equal(single.label_map, results[1].label_map)
+
+
+def test_closed_vocabulary_ids_follow_the_class_list(tiny_sd_path, tiny_clip_path, photos):
+    pipe = FreeSegDiff.from_config(
+        make_config(tiny_sd_path, tiny_clip_path, None, clustering={"k": 3})
+    )
+    classes = ["cat", "sofa", "floor", "wall"]
+    result = pipe(photos["chelsea"], classes=classes)
+    check_consistent(result, photos["chelsea"])
+    assert result.caption is None and result.vocabulary == classes == result.candidates
+    # every label claims its best cluster, and with 4 labels for 3 clusters every cluster has a
+    # claimant, so nothing is background before refinement
+    assert sorted(c for c in result.cluster_labels) == sorted(set(result.cluster_labels))
+    assert all(label >= 0 for label in result.cluster_labels)
+    for label_id, name in result.labels.items():
+        assert label_id == 0 or classes[label_id - 1] == name
+
+
+def test_caption_prunes_the_classes(pipe, photos):
+    classes = ["person", "dog", "tree", "car", "pizza"]
+    result = pipe(photos["rocket"], classes=classes)
+    check_consistent(result, photos["rocket"])
+    assert result.vocabulary == classes
+    assert result.candidates and set(result.candidates) <= set(classes)
+    allowed = {classes.index(c) for c in result.candidates}
+    assert {label for label in result.cluster_labels if label >= 0} <= allowed
+
+
+def test_batches_give_the_same_label_maps(tiny_sd_path, tiny_clip_path, tiny_blip_path, photos):
+    images = [photos["chelsea"], photos["coffee"], photos["rocket"]]
+    one = FreeSegDiff.from_config(make_config(tiny_sd_path, tiny_clip_path, tiny_blip_path))
+    three = FreeSegDiff(
+        PipelineConfig.from_dict({**one.config.to_dict(), "batch_size": 3}),
+        features=one.features,
+        classifier=one.classifier,
+        captioner=one.captioner,
+    )
+    for a, b in zip(one(images), three(images), strict=True):
+        assert a.caption == b.caption
+        assert np.array_equal(a.cluster_map, b.cluster_map)
+        assert np.array_equal(a.label_map, b.label_map)
+        assert np.allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_crf_refinement_runs_inside_the_pipeline(tiny_sd_path, tiny_clip_path, photos):
+    pipe = FreeSegDiff.from_config(
+        make_config(tiny_sd_path, tiny_clip_path, None, refine={"method": "crf"})
+    )
+    result = pipe(photos["coffee"], classes=["cup", "table", "spoon", "wall"])
+    check_consistent(result, photos["coffee"])
+    kept = [k for k, label in enumerate(result.cluster_labels) if label >= 0]
+    assert kept
+    # refinement moved at least some boundary pixels, and dropped clusters stay empty
+    assert any(not np.array_equal(result.coarse_masks[k], result.refined_masks[k]) for k in kept)
+    dropped = [k for k in range(len(result.cluster_labels)) if k not in kept]
+    assert all(not result.refined_masks[k].any() for k in dropped)
+
+
+def test_user_errors_are_explained(pipe, tiny_sd_path, tiny_clip_path, photos):
+    with pytest.raises(EmptyVocabularyError, match="class list is empty"):
+        pipe(photos["chelsea"], classes=[])
+    with pytest.raises(EmptyVocabularyError, match="empty name"):
+        pipe(photos["chelsea"], classes=["cat", " "])
+    with pytest.raises(ConfigError, match="not one string"):
+        pipe(photos["chelsea"], classes="cat,dog")
+    no_captioner = FreeSegDiff.from_config(make_config(tiny_sd_path, tiny_clip_path, None))
+    with pytest.raises(ConfigError, match="open vocabulary needs a captioner"):
+        no_captioner(photos["chelsea"])
+    with pytest.raises(ImageReadError):
+        pipe("/no/such/image.png")
+
+
+def test_a_caption_without_objects_gives_background_and_a_warning(pipe, photos, monkeypatch):
+    monkeypatch.setattr(
+        pipe.captioner, "caption", lambda images: ["it is what it is"] * len(images)
+    )
+    result = pipe(photos["chelsea"])
+    assert result.entities == [] and result.segments == []
+    assert not result.label_map.any()
+    assert "names no object" in result.warnings[0]
+    closed = pipe(photos["chelsea"], classes=["cat", "dog"])
+    assert (
+        closed.candidates == ["cat", "dog"]
+        and "every class stays a candidate" in (closed.warnings[0])
+    )
+
+
+def test_folder_runs_skip_bad_images_and_keep_the_rest(pipe, photos, tmp_path):
+    Image.fromarray(photos["chelsea"]).save(tmp_path / "a.png")
+    (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 broken jpeg")
+    gray16 = photos["coffee"][..., 0].astype(np.uint16) * 257
+    Image.fromarray(gray16).save(tmp_path / "c.png")
+    rgba = np.dstack([photos["rocket"], np.full(photos["rocket"].shape[:2], 200, np.uint8)])
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "d.png")
+    outcomes = dict(pipe.iter_segment(sorted(tmp_path.iterdir())))
+    assert sorted(outcomes) == [str(tmp_path / n) for n in ("a.png", "b.jpg", "c.png", "d.png")]
+    assert isinstance(outcomes[str(tmp_path / "b.jpg")], ImageReadError)
+    for name in ("a.png", "c.png", "d.png"):
+        assert not isinstance(outcomes[str(tmp_path / name)], Exception)
+
+
+def test_a_failing_image_in_a_batch_loses_only_itself(pipe, photos, monkeypatch):
+    original = pipe.segment_arrays
+
+    def flaky(images, sources, classes=None, timer=None):
+        if any(image.shape == photos["coffee"].shape for image in images):
+            raise RuntimeError("simulated out-of-memory")
+        return original(images, sources, classes, timer)
+
+    monkeypatch.setattr(pipe, "segment_arrays", flaky)
+    monkeypatch.setattr(pipe.config, "batch_size", 3)
+    outcomes = list(pipe.iter_segment([photos["chelsea"], photos["coffee"], photos["rocket"]]))
+    assert [name for name, _ in outcomes] == ["image-0", "image-1", "image-2"]
+    assert "simulated out-of-memory" in str(outcomes[1][1])
+    assert not isinstance(outcomes[0][1], Exception) and not isinstance(outcomes[2][1], Exception)
