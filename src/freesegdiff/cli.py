@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from freesegdiff import __version__
@@ -41,6 +43,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code (0 ok, 1 failed, 2 usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        # The libraries' notices (no torchvision, deprecated arguments, weight-loading bars)
+        # say nothing a user of this command can act on.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        try:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # the per-model "Loading weights" bars
+        except ImportError:
+            pass
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -7,10 +7,14 @@ says which model was missing and the three ways out (download, local folder, ``-
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 from freesegdiff.errors import ModelUnavailableError
 
@@ -23,6 +27,31 @@ _TRUE = {"1", "true", "yes", "on"}
 def hub_offline(requested: bool = False) -> bool:
     """Whether the Hub must not be contacted: asked for, or ``HF_HUB_OFFLINE`` is set."""
     return requested or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub (``HF_ENDPOINT``) opens within ``timeout`` seconds.
+
+    Checked once per process, so that a machine without network fails in seconds with our
+    message instead of after the HTTP client's retries (about half a minute per file).
+    """
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)  # name resolution has no timeout of its own
+    return bool(outcome and outcome[0])
 
 
 def resolve_source(name: str) -> str:
@@ -83,8 +112,8 @@ def load_pretrained(
     local = Path(source).is_dir()
     options: dict[str, Any] = dict(kwargs)
     if not local:
-        if hub_offline(offline):
-            options["local_files_only"] = True
+        if hub_offline(offline) or not hub_reachable():
+            options["local_files_only"] = True  # the HF cache alone
         if revision is not None:
             options["revision"] = revision
         if cache_dir is not None:
