@@ -67,6 +67,17 @@ def test_open_vocabulary_on_real_photos(pipe, photos, tmp_path):
     assert np.array_equal(single.label_map, results[1].label_map)
 
 
+def test_blip2_captioner_runs_in_the_pipeline(tiny_sd_path, tiny_clip_path, tmp_path, photos):
+    from freesegdiff.tiny.captioner import build_blip2
+
+    build_blip2(tmp_path / "blip2")
+    pipe = FreeSegDiff.from_config(make_config(tiny_sd_path, tiny_clip_path, tmp_path / "blip2"))
+    assert pipe.captioner is not None and pipe.captioner.kind == "blip2"
+    result = pipe(photos["coffee"])
+    check_consistent(result, photos["coffee"])
+    assert result.caption
+
+
 def test_closed_vocabulary_ids_follow_the_class_list(tiny_sd_path, tiny_clip_path, photos):
     pipe = FreeSegDiff.from_config(
         make_config(tiny_sd_path, tiny_clip_path, None, clustering={"k": 3})
