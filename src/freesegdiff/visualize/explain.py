@@ -34,6 +34,11 @@ MAX_HEATMAP_ROWS = 40  # a closed vocabulary (COCO: 171 names) shows its most re
 FIGURE_WIDTH = 12.0  # inches
 TEXT_WIDTH = 110  # characters per line of the text block
 EXPLAIN_SUFFIX = "_explain.png"
+MAX_LABEL_CHARS = 28  # longer label texts are cut in tick labels and legends (full in the text)
+
+
+def _short(name: str, limit: int = MAX_LABEL_CHARS) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
 def _import_matplotlib() -> Any:
@@ -119,7 +124,7 @@ def _mask_composite(
         picture[mask] = colour
         painted |= mask
         red, green, blue = colour
-        handles.append((f"c{cluster}: {name}", (red / 255.0, green / 255.0, blue / 255.0)))
+        handles.append((f"c{cluster}: {_short(name)}", (red / 255.0, green / 255.0, blue / 255.0)))
     return picture, handles
 
 
@@ -163,7 +168,8 @@ def _heatmap(axes: Axes, result: SegmentationResult, colors: np.ndarray) -> None
     image = axes.imshow(shown, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     candidates = set(result.candidates)
     names = [
-        result.vocabulary[row] + ("" if result.vocabulary[row] in candidates else "  (not cand.)")
+        _short(result.vocabulary[row])
+        + ("" if result.vocabulary[row] in candidates else "  (not cand.)")
         for row in rows
     ]
     axes.set_yticks(range(len(rows)), names, fontsize=8)
@@ -173,7 +179,7 @@ def _heatmap(axes: Axes, result: SegmentationResult, colors: np.ndarray) -> None
     columns = []
     for cluster in range(shown.shape[1]):
         row = result.cluster_labels[cluster] if cluster < k else -1
-        columns.append(f"c{cluster}\n→ {result.vocabulary[row] if row >= 0 else 'bg'}")
+        columns.append(f"c{cluster}\n→ {_short(result.vocabulary[row], 16) if row >= 0 else 'bg'}")
     axes.set_xticks(range(shown.shape[1]), columns, fontsize=8)
     for cluster, tick in enumerate(axes.get_xticklabels()):
         if cluster < len(colors):

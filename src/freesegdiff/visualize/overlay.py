@@ -170,7 +170,7 @@ def render_overlay(
             the same size as ``result.label_map``.
         result: the segmentation; colours come from ``result.labels`` (see ``colors.py``).
         alpha: weight of the label colour inside a segment (0: photo only, 1: flat colour).
-        border_width: outline thickness in pixels; default ``max(1, min(H, W) // 200)``.
+        border_width: outline thickness in pixels; default ``max(2, min(H, W) // 150)``.
         legend: add a legend panel on the right (one ``"name score"`` row per segment).
         font_size: legend text height in pixels; default ``clip(H // 32, 12, 48)``.
 
@@ -194,7 +194,7 @@ def render_overlay(
     table = label_colors(result)
     painted = tint(pixels, label_map, table, alpha)
     if border_width is None:
-        border_width = max(1, min(height, width) // 200)
+        border_width = max(2, min(height, width) // 150)
     if border_width > 0:
         border = segment_borders(label_map, border_width)
         painted[border] = table[label_map[border]]
