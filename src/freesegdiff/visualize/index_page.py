@@ -156,7 +156,8 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 1em; }
 .card { margin: 0; border: 1px solid #ddd; border-radius: 6px; padding: 0.5em; }
-.card img { width: 100%; height: auto; display: block; }
+.card img { width: 100%; aspect-ratio: 4 / 3; object-fit: contain; display: block;
+            background: #f6f6f6; }
 .card p { margin: 0.3em 0; font-size: 0.9em; }
 .caption { font-style: italic; }
 .error { color: #b00; white-space: pre-wrap; }
