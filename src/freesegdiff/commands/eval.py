@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         "text_encoder": args.text_encoder if open_vocabulary else None,
         "match_max_distance": args.match_max_distance if open_vocabulary else None,
         "unlabelled_pixels": "background" if dataset.background_id is not None else "no class",
-        "class_names": {entry.name: list(entry.synonyms) for entry in classes},
+        "class_names": {entry.name: ", ".join(entry.synonyms) for entry in classes},
         "pipeline": config.to_dict(),
     }
 

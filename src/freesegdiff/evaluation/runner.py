@@ -231,7 +231,7 @@ def evaluate(
         The report; ``results.json``, ``results.md`` and ``confusion.png`` are written.
     """
     output = Path(output)
-    settings = dict(settings or {})
+    settings = json.loads(json.dumps(settings or {}))  # as stored: tuples become lists
     cache = PredictionCache(output / PREDICTIONS)
     cache.check_settings({"dataset": dataset.name, **settings}, overwrite)
     total = len(dataset) if limit is None else min(limit, len(dataset))
@@ -391,8 +391,9 @@ def render_markdown(report: EvaluationReport) -> str:
 def render_confusion(confusion: np.ndarray, class_names: list[str]) -> Image.Image:
     """The confusion matrix as a picture: rows ground truth, each row divided by its total.
 
-    The last column is "no class" (pixels left unlabelled). Darker is more; class names label
-    the rows and columns when the cells are large enough to read them.
+    The last column is "no class" (pixels left unlabelled). White is none, light to dark blue
+    a small to a whole share of the row (square-root scale); class names label the rows and
+    columns when the cells are large enough to read them.
     """
     from PIL import ImageDraw, ImageFont
 
@@ -408,13 +409,19 @@ def render_confusion(confusion: np.ndarray, class_names: list[str]) -> Image.Ima
     width, height = margin + num_cols * cell + 8, margin + num_rows * cell + 24
     picture = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(picture)
-    shade = (255 - np.rint(share * 215)).astype(np.uint8)  # white (0) .. dark blue (1)
+    # square root so that small shares stay visible: light blue (tiny) .. dark blue (all)
+    shade = np.rint(230 - 200 * np.sqrt(share)).astype(int)
+    draw.rectangle(
+        [margin - 1, margin - 1, margin + num_cols * cell, margin + num_rows * cell],
+        outline=(200, 200, 200),
+    )
     for r in range(num_rows):
         for c in range(num_cols):
+            if share[r, c] <= 0:
+                continue  # white
             level = int(shade[r, c])
             x, y = margin + c * cell, margin + r * cell
-            colour = (level, level, min(255, level + 40)) if share[r, c] > 0 else (250, 250, 250)
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(level, level, level + 25))
         if labelled:
             draw.text((4, margin + r * cell + (cell - 10) // 2), names[r], fill="black", font=font)
     if labelled:
