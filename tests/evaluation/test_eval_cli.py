@@ -163,3 +163,22 @@ def test_cli_errors_are_messages(tmp_path, capsys):
         "--limit", "0",
     )  # fmt: skip
     assert code == 1 and "--limit must be at least 1" in capsys.readouterr().err
+
+
+def test_open_vocabulary_grounds_caption_entities(tmp_path, monkeypatch, tiny_pipe):
+    pytest.importorskip("diffusers")
+    written = write_synthetic_dataset("voc20", tmp_path / "data", num_images=1, size=(40, 32))
+    monkeypatch.setattr("freesegdiff.commands.common.pipeline_from_args", tiny_pipe)
+    out = tmp_path / "out"
+    code = run_eval(
+        "--dataset", "voc20", "--data-root", str(tmp_path / "data"), "-o", str(out),
+        "--vocabulary", "open", "--text-encoder", "diffusion",
+    )  # fmt: skip
+    assert code == 0
+    results = read_results(out)
+    assert results["settings"]["vocabulary"] == "open"
+    assert results["settings"]["unlabelled_pixels"] == "no class"
+    (image_id,) = written.labels
+    with Image.open(out / "predictions" / f"{image_id}.png") as cached:
+        values = set(np.unique(np.asarray(cached)).tolist())
+    assert values <= set(range(20)) | {255}  # VOC20 class ids, or 255 where nothing was named
