@@ -1,6 +1,6 @@
 """Time the mask refinement of one VOC-size image: torch CRF, pydensecrf, PAMR.
 
-    python benchmarks/bench_refine.py [--device cuda] [--photo astronaut] [--runs 5]
+    python benchmarks/bench_refine.py [--device cuda] [--photo astronaut] [--runs 5] [--threads 2]
 
 A real photo (scikit-image) resized to 500x375 (VOC's usual size) with 3 coarse masks made
 the way the pipeline makes them (decided on a 32x32 grid, upsampled nearest). Each method
@@ -65,7 +65,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device for the torch methods")
     parser.add_argument("--photo", default="astronaut", help="a scikit-image photo name")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     image, masks = photo_and_masks(args.photo)

@@ -123,14 +123,16 @@ class PermutohedralLattice:
         rem0 += shift
         rank_long = rank.to(torch.long)
 
-        # Barycentric coordinates in the simplex (p.10). Every slot gets at most one positive
-        # and one negative term, so the sum does not depend on the order of scatter_add.
+        # Barycentric coordinates in the simplex (p.10): the reference adds v_i at slot
+        # d - rank_i and subtracts it at the next slot; rank is a permutation, so with v in
+        # slot order (sorted) that is b_p = sorted_p - sorted_(p-1), the last wrapping to b_0.
         delta = (elevated - rem0) * down
-        barycentric = torch.zeros(d + 2, num_points, dtype=torch.float32, device=device)
-        barycentric.scatter_add_(0, d - rank_long, delta)
-        barycentric.scatter_add_(0, d - rank_long + 1, -delta)
-        barycentric[0] += 1.0 + barycentric[d + 1]
-        barycentric = barycentric[: d + 1].t()  # (P, d+1)
+        slot = d - rank_long  # (d+1, P), a permutation of 0..d per point
+        in_slot_order = torch.empty_like(delta).scatter_(0, slot, delta)
+        barycentric = in_slot_order.clone()
+        barycentric[1:] -= in_slot_order[:-1]
+        barycentric[0] += 1.0 - in_slot_order[d]
+        barycentric = barycentric.t()  # (P, d+1)
 
         # A simplex is given by its remainder-0 corner and the rank permutation; neighbouring
         # pixels share most simplices, so the vertex keys are computed once per simplex.
@@ -309,28 +311,33 @@ _AXES_PER_BLUR = 2
 
 def _blur_matrix(neighbours: torch.Tensor, is_empty: torch.Tensor) -> torch.Tensor:
     """Sparse CSR (V, V): ``[0.5, 1, 0.5]`` blurs along the axes of ``neighbours`` (axes, 2, V),
-    the first axis applied first; entries towards empty vertices (always zero) are left out."""
+    the first axis applied first; entries towards empty (always zero) vertices get weight 0."""
     num_vertices = neighbours.shape[2]
-    columns = torch.arange(num_vertices, device=neighbours.device)[:, None]  # (V, 1)
-    weights = torch.ones(num_vertices, 1, device=neighbours.device)
+    device = neighbours.device
+    columns = torch.arange(num_vertices, device=device)[:, None]  # (V, 1)
+    weights = torch.ones(num_vertices, 1, device=device)
     # Row i of B_last ... B_first: expand from the last axis back, 3 ways per axis.
     for first, second in reversed(neighbours):
-        columns = torch.cat([columns, first[columns], second[columns]], dim=1)
+        flat = columns.reshape(-1)
+        steps = [axis.index_select(0, flat).view_as(columns) for axis in (first, second)]
+        columns = torch.cat([columns, *steps], dim=1)
         weights = torch.cat([weights, 0.5 * weights, 0.5 * weights], dim=1)
-    rows = torch.arange(num_vertices, device=neighbours.device)[:, None].expand_as(columns)
-    keep = ~is_empty[columns]
-    matrix = torch.sparse_coo_tensor(
-        torch.stack([rows[keep], columns[keep]]),
-        weights[keep],
-        (num_vertices, num_vertices),
-        check_invariants=False,
-    ).coalesce()  # sums repeated (row, column) pairs, sorts row-major
-    indices = matrix.indices()
-    counts = torch.bincount(indices[0], minlength=num_vertices)
+    weights = weights.masked_fill(is_empty[columns], 0.0)
+    # Sort each row's columns and merge repeats (several ways into the same empty vertex, or
+    # into the same vertex for a 1-D lattice, whose two axes are opposite).
+    columns, order = columns.sort(dim=1)
+    weights = weights.gather(1, order)
+    rows = torch.arange(num_vertices, device=device)[:, None]
+    entries = (rows * num_vertices + columns).reshape(-1)  # ascending: row-major
+    entries, position = torch.unique_consecutive(entries, return_inverse=True)
+    merged = weights.new_zeros(entries.shape[0]).index_add_(0, position, weights.reshape(-1))
+    counts = torch.bincount(
+        torch.div(entries, num_vertices, rounding_mode="floor"), minlength=num_vertices
+    )
     return _csr(
         torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
-        indices[1],
-        matrix.values(),
+        entries % num_vertices,
+        merged,
         (num_vertices, num_vertices),
     )
 
