@@ -15,9 +15,11 @@ pipeline's device and treats all masks of an image in one batch:
 - mean-field inference: ``Q = softmax(-U)``, then ``iterations`` times
   ``Q = softmax(-U + sum_k compat_k * K_k Q)``.
 
-The lattice of an image is built once and reused by every kernel application of every mask and
-iteration. For two labels the update only needs ``K_k Q_1`` (``K Q_0 = K 1 - K Q_1``), which halves
-the filtering work of the mask refinement.
+The lattices of an image are built once and reused by every kernel application of every mask
+and iteration. Both kernels are applied together as a few sparse products (splat, blurs two axes
+at a time, slice), with the normalisation and the compat folded into the matrices; the masks are
+the columns. For two labels the update only needs ``K_k Q_1`` (``K Q_0 = K 1 - K Q_1``), which
+halves the filtering work of the mask refinement.
 """
 
 from __future__ import annotations
