@@ -19,6 +19,7 @@ import torch
 
 from freesegdiff.config import RefineConfig
 from freesegdiff.errors import ConfigError
+from freesegdiff.image_io import image_tensor
 
 __all__ = ["refine_masks"]
 
@@ -59,7 +60,7 @@ def refine_masks(
         return pydensecrf_refine(image, masks, **_crf_settings(config))
 
     device = torch.device(device)
-    image_t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    image_t = image_tensor(image).permute(1, 2, 0).to(device)  # (H, W, 3) uint8, any array
     masks_t = torch.from_numpy(masks).to(device)
     if config.method == "crf":
         from freesegdiff.refine.crf import binary_dense_crf
