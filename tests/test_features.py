@@ -166,3 +166,53 @@ def test_bad_settings_and_missing_weights_are_explained(tiny_sd_path, tmp_path):
         DiffusionFeatures.from_pretrained(
             str(tmp_path / "nowhere"), config=FeatureConfig(), device=CPU
         )
+
+
+def test_release_unused_frees_the_tail_and_keeps_the_features(tiny_sd_path, photos):
+    kept = DiffusionFeatures.from_pretrained(
+        str(tiny_sd_path), config=FeatureConfig(image_size=256), device=CPU
+    )
+    freed = DiffusionFeatures.from_pretrained(
+        str(tiny_sd_path), config=FeatureConfig(image_size=256), device=CPU
+    )
+    released = freed.release_unused()
+    # never run: the VAE decoder, and the UNet after the last paper layer's query projection
+    assert set(released["vae"]) == {"decoder", "post_quant_conv"}
+    last = "up_blocks.1.attentions.2"
+    assert {
+        f"{last}.transformer_blocks.0.attn2.to_k",
+        f"{last}.transformer_blocks.0.ff",
+        f"{last}.proj_out",
+        "up_blocks.1.upsamplers",
+        "up_blocks.2",
+        "up_blocks.3",
+        "conv_out",
+    } <= set(released["unet"])
+    assert not any(name.startswith(("down_blocks", "mid_block")) for name in released["unet"])
+    assert all(p.device.type == "meta" for p in freed.vae.decoder.parameters())
+    assert all(p.device.type == "meta" for p in freed.unet.up_blocks[2].parameters())
+    images = [photos["chelsea"], photos["coffee"]]
+    assert torch.equal(freed(images, seed=5), kept(images, seed=5))
+    with pytest.raises(RuntimeError, match="full pass cannot run"):
+        freed(images, stop_early=False)
+    with pytest.raises(RuntimeError, match=r"freed by DiffusionFeatures\.release_unused"):
+        freed.unet.up_blocks[2](torch.zeros(1, 32, 8, 8), (torch.zeros(1, 32, 8, 8),) * 3)
+
+
+def test_the_pipeline_releases_what_it_never_runs(tiny_sd_path, tiny_clip_path):
+    from freesegdiff.config import PipelineConfig
+    from freesegdiff.pipeline import FreeSegDiff
+
+    config = PipelineConfig.from_dict(
+        {
+            "models": {
+                "diffusion": str(tiny_sd_path),
+                "clip": str(tiny_clip_path),
+                "captioner": None,
+            },
+            "features": {"image_size": 256},
+        }
+    )
+    pipe = FreeSegDiff.from_config(config)
+    assert "decoder" in pipe.features.released["vae"]
+    assert "up_blocks.3" in pipe.features.released["unet"]

@@ -125,6 +125,36 @@ def _frozen(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return module.to(device=device).eval().requires_grad_(False)
 
 
+def _refuse_call(module: torch.nn.Module, *_: Any) -> None:
+    raise RuntimeError(
+        f"{type(module).__name__} was freed by DiffusionFeatures.release_unused() because the "
+        "features never run it"
+    )
+
+
+def _release_modules(model: torch.nn.Module, entered: set[str]) -> list[str]:
+    """Move every module of ``model`` whose subtree was never entered to ``meta``.
+
+    Returns the names of the outermost freed modules. Each freed module (and every module below
+    it) raises if called, so a wrong trace fails loudly instead of computing with empty weights.
+    """
+    names = [name for name, _ in model.named_modules()]
+    live = {""}
+    for name in entered:
+        parts = name.split(".") if name else []
+        live.update(".".join(parts[:end]) for end in range(len(parts) + 1))
+    freed: list[str] = []
+    for name in names:
+        if name in live or any(name.startswith(done + ".") for done in freed):
+            continue
+        module = model.get_submodule(name)
+        module.to("meta")
+        for inner in module.modules():
+            inner.register_forward_pre_hook(_refuse_call)
+        freed.append(name)
+    return freed
+
+
 class DiffusionFeatures:
     """Dense features from a frozen Stable Diffusion (VAE, UNet, text encoder, scheduler).
 
@@ -155,6 +185,7 @@ class DiffusionFeatures:
         if channels_last is None:
             # oneDNN's convolutions are fastest in channels-last, above all in bfloat16.
             channels_last = device.type == "cpu" and dtype == torch.bfloat16
+        self.channels_last = channels_last
         if channels_last:
             self.vae.to(memory_format=torch.channels_last)
             self.unet.to(memory_format=torch.channels_last)
@@ -173,6 +204,7 @@ class DiffusionFeatures:
                 f"got {config.timestep}"
             )
         self._empty_embedding: torch.Tensor | None = None
+        self.released: dict[str, list[str]] = {}  # model -> modules freed by release_unused
 
     @classmethod
     def from_pretrained(
@@ -246,7 +278,7 @@ class DiffusionFeatures:
     def encode(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """``(B, 3, S, S)`` in [-1, 1] -> scaled latents ``(B, 4, S/8, S/8)`` in the model dtype."""
         pixels = pixels.to(self.dtype)
-        if self.unet.device.type == "cpu" and self.dtype == torch.bfloat16:
+        if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         posterior = self.vae.encode(pixels).latent_dist
         if self.config.sample_latent:
@@ -275,6 +307,11 @@ class DiffusionFeatures:
         With ``stop_early`` the pass ends right after the last hooked layer; otherwise the UNet
         runs to the end (used to prove the two give the same features).
         """
+        if not stop_early and self.released:
+            raise RuntimeError(
+                "the UNet blocks after the last hooked layer were freed by release_unused(), so "
+                "the full pass cannot run; build the DiffusionFeatures again without releasing"
+            )
         captured: dict[str, torch.Tensor] = {}
         last = self.layers[-1].name
         handles = []
@@ -304,6 +341,41 @@ class DiffusionFeatures:
         if missing:
             raise RuntimeError(f"the UNet pass never reached layers {missing}")
         return captured
+
+    def release_unused(self) -> dict[str, list[str]]:
+        """Free the weights of every VAE and UNet module the features never run.
+
+        One trace pass at the smallest input the models take (a ``64x64`` image for SD 1.x)
+        records which modules :meth:`encode` and an early-stopped :meth:`unet_queries` enter;
+        every module outside that set (the VAE decoder; the UNet after the last hooked query
+        projection: for SD 1.x and the paper's layers about a fifth of its weights) moves to
+        the ``meta`` device, which frees its memory, and raises if it is ever called. Only the
+        full pass (``stop_early=False``) is refused afterwards; the features are unchanged.
+
+        Returns:
+            model (``"vae"``, ``"unet"``) -> names of the freed modules (outermost only).
+        """
+        entered: dict[str, set[str]] = {"vae": set(), "unet": set()}
+        handles = []
+        for key, model in (("vae", self.vae), ("unet", self.unet)):
+            for name, module in model.named_modules():
+                handles.append(
+                    module.register_forward_pre_hook(
+                        lambda *_, seen=entered[key], name=name: seen.add(name)
+                    )
+                )
+        levels = len(self.unet.config.block_out_channels)
+        side = self.vae_scale * 2 ** (levels - 1)  # latent side 2^(levels-1): 1x1 at the bottom
+        try:
+            pixels = torch.zeros(1, 3, side, side, device=self.device)
+            generators = image_generators(0, 1, self.device)
+            self.unet_queries(self.add_noise(self.encode(pixels, generators), generators))
+        finally:
+            for handle in handles:
+                handle.remove()
+        for key, model in (("vae", self.vae), ("unet", self.unet)):
+            self.released[key] = _release_modules(model, entered[key])
+        return self.released
 
     def assemble(self, queries: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hooked queries -> ``(B, C, F, F)`` float32: each map reshaped to its square grid,

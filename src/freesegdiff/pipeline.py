@@ -92,6 +92,7 @@ class FreeSegDiff:
         features = DiffusionFeatures.from_pretrained(
             models.diffusion, config=config.features, device=device, dtype=dtype, **hub
         )
+        features.release_unused()  # the VAE decoder and the UNet's tail are never run
         classifier = MaskClassifier.from_pretrained(
             models.clip,
             device=device,

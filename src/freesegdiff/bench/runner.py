@@ -1,0 +1,435 @@
+"""Running the benchmark: what one machine does per image, stage by stage.
+
+N photos (the bundled examples, resized to a VOC-like 500x375 and mirrored for variety) are
+written as JPEG files, then each batch is read, segmented and its label maps written back as PNG
+files, the way ``freesegdiff segment`` treats a folder, after one warm-up batch. Every stage the
+pipeline times (:class:`~freesegdiff.timing.StageTimer`) is kept per image; the file reading and
+writing is the ``io`` stage. Then the model forward passes alone are timed on the same inputs
+(the *model floor*): what is left when every other cost is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from freesegdiff.config import PipelineConfig, set_by_path
+from freesegdiff.devices import resolve_device, resolve_dtype
+from freesegdiff.errors import ConfigError
+from freesegdiff.pipeline import FreeSegDiff
+from freesegdiff.timing import StageTimer
+
+logger = logging.getLogger(__name__)
+
+# Stages in pipeline order, as the pipeline's StageTimer names them.
+STAGES: tuple[str, ...] = (
+    "io",
+    "caption",
+    "entities",
+    "vae",
+    "unet",
+    "features",
+    "clustering",
+    "clip",
+    "refinement",
+    "composition",
+)
+# Greedy BLIP captions of VOC photos are 8 to 15 tokens; a fixed 20 (as many as transformers'
+# default max_length allows) makes the caption stage cost what a long real caption costs.
+CAPTION_TOKENS = 20
+EXAMPLES = ("cat.jpg", "coffee.jpg", "astronaut.jpg")
+
+
+@dataclass
+class BenchSettings:
+    """What to run: a preset's models on ``images`` photos of ``size`` (width, height)."""
+
+    preset: str = "paper"
+    images: int = 5
+    size: tuple[int, int] = (500, 375)
+    dtype: str = "auto"  # bfloat16 on CPUs that support it, float16 on CUDA, else float32
+    batch_size: int = 1
+    device: str | None = None  # None: the preset's
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted settings, e.g. refine.method
+
+
+@dataclass
+class BenchReport:
+    """Measured figures; :meth:`to_json` gives the keys the ``--json`` file holds.
+
+    Attributes:
+        stages: stage -> median seconds per image over the measured images.
+        seconds_per_image: median wall-clock seconds per image, reading and writing included.
+        images_per_second: measured images / their summed wall-clock seconds.
+        model_floor_seconds: summed medians of the model forward passes alone, per image.
+        model_floor: forward -> median seconds per image (caption generate, VAE encoder,
+            truncated UNet, CLIP image and text towers).
+        overhead: share of the total wall-clock time outside every named stage.
+        peak_rss_gb: peak resident memory of the process (model building included), in GB.
+        settings: what ran where: preset, dtype, batch size, image size, device, versions.
+    """
+
+    stages: dict[str, float]
+    seconds_per_image: float
+    images_per_second: float
+    model_floor_seconds: float
+    model_floor: dict[str, float]
+    overhead: float
+    peak_rss_gb: float
+    settings: dict[str, Any]
+    per_image: list[dict[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready values."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """The report as a plain-text table."""
+        total = self.seconds_per_image
+        lines = [
+            f"freesegdiff bench: preset {self.settings['preset']}, {self.settings['dtype']}, "
+            f"batch {self.settings['batch_size']}, {self.settings['images']} images of "
+            f"{self.settings['image_size'][0]}x{self.settings['image_size'][1]}, "
+            f"{self.settings['device_name']} ({self.settings['threads']} threads)",
+            "",
+            f"{'stage':<14}{'median s':>10}{'share':>8}",
+        ]
+        for stage, seconds in self.stages.items():
+            share = seconds / total if total else 0.0
+            lines.append(f"{stage:<14}{seconds:>10.3f}{share:>8.1%}")
+        lines += [
+            f"{'total':<14}{total:>10.3f}",
+            "",
+            f"images per second   {self.images_per_second:.3f}",
+            f"model floor         {self.model_floor_seconds:.3f} s/image ("
+            + ", ".join(f"{name} {seconds:.3f}" for name, seconds in self.model_floor.items())
+            + ")",
+            f"overhead            {self.overhead:.1%} of the total outside every stage",
+            f"peak resident       {self.peak_rss_gb:.2f} GB",
+        ]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- inputs
+def bench_images(count: int, size: tuple[int, int]) -> list[np.ndarray]:
+    """``count`` RGB uint8 ``(H, W, 3)`` photos of ``size`` = (width, height): the bundled
+    examples, resized (aspect not kept), every second round mirrored and rolled."""
+    from importlib import resources
+
+    from PIL import Image
+
+    width, height = size
+    folder = resources.files("freesegdiff") / "data" / "examples"
+    photos = []
+    for name in EXAMPLES:
+        with (folder / name).open("rb") as handle, Image.open(handle) as image:
+            resized = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+            photos.append(np.asarray(resized))
+    images = []
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        round_ = index // len(photos)
+        if round_ % 2 == 1:
+            photo = photo[:, ::-1]
+        if round_:
+            photo = np.roll(photo, shift=round_ * width // 7, axis=1)
+        images.append(np.ascontiguousarray(photo))
+    return images
+
+
+# --------------------------------------------------------------------------- pipelines
+def bench_config(settings: BenchSettings) -> PipelineConfig:
+    """The preset's config with the benchmark's dtype, batch size, device and overrides."""
+    from freesegdiff.presets import load_preset
+
+    config = load_preset(settings.preset)
+    config = set_by_path(config, "dtype", settings.dtype)
+    config = set_by_path(config, "batch_size", settings.batch_size)
+    config = set_by_path(config, "seed", settings.seed)
+    if settings.device is not None:
+        config = set_by_path(config, "device", settings.device)
+    if not _is_tiny(config):
+        config = set_by_path(config, "caption.max_new_tokens", CAPTION_TOKENS)
+        config = set_by_path(config, "caption.min_new_tokens", CAPTION_TOKENS)
+    for key, value in settings.overrides.items():
+        config = set_by_path(config, key, value)
+    return config
+
+
+def _is_tiny(config: PipelineConfig) -> bool:
+    names = [config.models.diffusion, config.models.clip, config.models.captioner or "tiny:"]
+    return all(name.startswith("tiny:") for name in names)
+
+
+def build_pipeline(config: PipelineConfig) -> FreeSegDiff:
+    """The pipeline of ``config``: its own ``tiny:`` models, or for Hub names the real
+    architectures with random weights (:mod:`freesegdiff.bench.models`), built in memory."""
+    if _is_tiny(config):
+        return FreeSegDiff.from_config(config)
+    from freesegdiff.bench.models import (
+        ScriptedCaptioner,
+        build_captioner,
+        build_clip,
+        build_stable_diffusion,
+    )
+    from freesegdiff.classify import MaskClassifier
+    from freesegdiff.features import DiffusionFeatures
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    models = config.models
+    parts = build_stable_diffusion(models.diffusion, dtype, device, seed=config.seed or 0)
+    features = DiffusionFeatures(
+        parts.vae,
+        parts.unet,
+        parts.text_encoder,
+        parts.tokenizer,
+        parts.scheduler,
+        config.features,
+        device,
+        dtype,
+    )
+    features.release_unused()
+    clip, clip_processor = build_clip(models.clip, dtype, device)
+    classifier = MaskClassifier(
+        clip,
+        clip_processor,
+        device,
+        dtype,
+        template=config.classify.label_template,
+        batch_size=config.classify.batch_size,
+    )
+    captioner = None
+    if models.captioner:
+        model, processor = build_captioner(models.captioner, dtype, device)
+        captioner = ScriptedCaptioner(model, processor, config=config.caption)
+    return FreeSegDiff(config, features=features, classifier=classifier, captioner=captioner)
+
+
+# ------------------------------------------------------------------------------ measuring
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB (10^9 bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return float(peak * scale / 1e9)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _write_label_map(label_map: np.ndarray, labels: dict[int, str], path: Path) -> None:
+    from freesegdiff.outputs import label_png
+
+    label_png(label_map, labels).save(path)
+
+
+@dataclass
+class _Measured:
+    stages: list[dict[str, float]]
+    totals: list[float]
+
+
+def _run_images(pipe: FreeSegDiff, paths: Sequence[Path], out: Path, batch_size: int) -> _Measured:
+    """Read, segment and write ``paths`` batch by batch; per-image stage seconds and totals."""
+    from freesegdiff.image_io import load_image
+
+    measured = _Measured([], [])
+    for start in range(0, len(paths), batch_size):
+        batch = list(paths[start : start + batch_size])
+        began = time.perf_counter()
+        timer = StageTimer(pipe.device)
+        with timer("io"):
+            arrays = [load_image(path) for path in batch]
+        results = pipe.segment_arrays(arrays, [str(path) for path in batch], None, timer)
+        writing = StageTimer()
+        with writing("io"):
+            for path, result in zip(batch, results, strict=True):
+                _write_label_map(result.label_map, result.labels, out / f"{path.stem}.png")
+        elapsed = time.perf_counter() - began
+        for result in results:
+            stages = {stage: float(result.timings.get(stage, 0.0)) for stage in STAGES}
+            stages["io"] += writing.seconds["io"] / len(batch)
+            measured.stages.append(stages)
+            measured.totals.append(elapsed / len(batch))
+    return measured
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, work: Callable[[], object]) -> float:
+    _sync(device)
+    began = time.perf_counter()
+    work()
+    _sync(device)
+    return time.perf_counter() - began
+
+
+@torch.inference_mode()
+def model_floor(
+    pipe: FreeSegDiff, images: Sequence[np.ndarray], batch_size: int
+) -> dict[str, float]:
+    """Median seconds per image of each model's forward passes alone, batch by batch.
+
+    Inputs are prepared outside the timed region: the captioner's preprocessed pixels, the
+    VAE's resized image tensor, the UNet's noisy latents, CLIP's masked and preprocessed images
+    (``clustering.k`` masks per image) and label texts (three per image).
+    """
+    device = pipe.device
+    times: dict[str, list[float]] = {"caption": [], "vae": [], "unet": [], "clip": []}
+    for start in range(0, len(images), batch_size):
+        batch = list(images[start : start + batch_size])
+        forwards = _forwards(pipe, batch)
+        for name, forward in forwards.items():
+            times[name].append(_timed(device, forward) / len(batch))
+    return {name: statistics.median(values) for name, values in times.items() if values}
+
+
+def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[[], object]]:
+    """Each model's forward pass on this batch's prepared inputs, ready to call."""
+    from PIL import Image
+
+    from freesegdiff.devices import image_generators
+    from freesegdiff.features import images_to_tensor
+
+    features, classifier, device, config = pipe.features, pipe.classifier, pipe.device, pipe.config
+    forwards: dict[str, Callable[[], object]] = {}
+    if pipe.captioner is not None:
+        captioner = pipe.captioner
+        inputs = captioner.processor(
+            images=[Image.fromarray(image) for image in batch], return_tensors="pt"
+        )
+        forwards["caption"] = partial(
+            captioner.model.generate,
+            pixel_values=inputs["pixel_values"].to(device, captioner.dtype),
+            max_new_tokens=config.caption.max_new_tokens,
+            min_new_tokens=config.caption.min_new_tokens,
+            num_beams=config.caption.num_beams,
+        )
+    pixels = images_to_tensor(batch, config.features.image_size, device)
+    vae_input = pixels.to(features.dtype)
+    if features.channels_last:
+        vae_input = vae_input.contiguous(memory_format=torch.channels_last)
+    forwards["vae"] = partial(features.vae.encode, vae_input)
+    generators = image_generators(config.seed, len(batch), device)
+    noisy = features.add_noise(features.encode(pixels, generators), generators)
+    forwards["unet"] = partial(features.unet_queries, noisy)
+    k = config.clustering.k
+    masked = []
+    for image in batch:
+        height, width = image.shape[:2]
+        masks = torch.zeros(k, height, width, dtype=torch.bool, device=device)
+        for index in range(k):  # K vertical stripes
+            masks[index, :, index * width // k : (index + 1) * width // k] = True
+        masked.append(classifier.masked_images(image, masks))
+    clip_images = torch.cat(masked).to(classifier.dtype)
+    texts = classifier.processor.tokenizer(
+        ["cat", "sofa", "remote control"] * len(batch), padding=True, return_tensors="pt"
+    ).to(device)
+
+    def clip() -> None:
+        classifier.model.get_image_features(pixel_values=clip_images)
+        classifier.model.get_text_features(**texts)
+
+    forwards["clip"] = clip
+    return forwards
+
+
+def run_bench(settings: BenchSettings) -> BenchReport:
+    """Build the preset's pipeline, run the images after one warm-up batch, and measure."""
+    if settings.images < 1:
+        raise ConfigError(f"--images must be at least 1, got {settings.images}")
+    if settings.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {settings.batch_size}")
+    if min(settings.size) < 16:
+        raise ConfigError(f"--size must be at least 16x16, got {settings.size}")
+    config = bench_config(settings)
+    began = time.perf_counter()
+    pipe = build_pipeline(config)
+    build_seconds = time.perf_counter() - began
+    logger.info("models built in %.1f s", build_seconds)
+    batch_size = settings.batch_size
+    images = bench_images(batch_size + settings.images, settings.size)
+    with tempfile.TemporaryDirectory(prefix="freesegdiff-bench-") as folder:
+        root = Path(folder)
+        (root / "out").mkdir()
+        paths = []
+        for index, image in enumerate(images):
+            from PIL import Image
+
+            path = root / f"image-{index:03d}.jpg"
+            Image.fromarray(image).save(path, quality=90)
+            paths.append(path)
+        _run_images(pipe, paths[:batch_size], root / "out", batch_size)  # warm-up
+        began = time.perf_counter()
+        measured = _run_images(pipe, paths[batch_size:], root / "out", batch_size)
+        wall = time.perf_counter() - began
+    floor = model_floor(pipe, images[batch_size:], batch_size)
+    stages = {stage: statistics.median(per[stage] for per in measured.stages) for stage in STAGES}
+    named = sum(sum(per.values()) for per in measured.stages)
+    device = pipe.device
+    run_settings = {
+        "preset": settings.preset,
+        "dtype": str(pipe.dtype).replace("torch.", ""),
+        "batch_size": batch_size,
+        "image_size": list(settings.size),
+        "images": settings.images,
+        "device": str(device),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "caption_tokens": config.caption.max_new_tokens,
+        "build_seconds": round(build_seconds, 2),
+        "wall_seconds": round(wall, 3),
+        "load_average": _load_average(),
+    }
+    return BenchReport(
+        stages=stages,
+        seconds_per_image=statistics.median(measured.totals),
+        images_per_second=len(measured.totals) / sum(measured.totals),
+        model_floor_seconds=sum(floor.values()),
+        model_floor=floor,
+        overhead=1.0 - named / sum(measured.totals),
+        peak_rss_gb=peak_rss_gb(),
+        settings=run_settings,
+        per_image=[
+            {**per, "total": total}
+            for per, total in zip(measured.stages, measured.totals, strict=True)
+        ],
+    )
+
+
+def _load_average() -> list[float] | None:
+    import os
+
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
