@@ -112,3 +112,16 @@ def test_upsample_is_nearest_neighbour():
         [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], [2, 2, 2, 3, 3, 3], [2, 2, 2, 3, 3, 3]]
     )
     assert torch.equal(big, expected)
+
+
+def test_squared_distances_with_known_norms_are_the_same_values():
+    from freesegdiff.clustering import _squared_distances, _squared_norms
+
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(50, 16, generator=generator)
+    centers = points[[3, 17, 41]]
+    plain = _squared_distances(points, centers)
+    norms = _squared_norms(points)
+    assert torch.equal(_squared_distances(points, centers, norms, norms[[3, 17, 41]]), plain)
+    brute = ((points[:, None] - centers[None]) ** 2).sum(-1)
+    assert torch.allclose(plain, brute, atol=1e-4)

@@ -28,31 +28,61 @@ class KMeansResult:
     iterations: int
 
 
-def _squared_distances(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """``(N, C)`` x ``(K, C)`` -> ``(N, K)`` squared Euclidean distances (clamped at 0)."""
+def _squared_norms(points: torch.Tensor) -> torch.Tensor:
+    """``(N, C)`` -> ``(N,)`` squared Euclidean norms of the rows."""
+    return (points * points).sum(1)
+
+
+def _squared_distances(
+    points: torch.Tensor,
+    centers: torch.Tensor,
+    points_sq: torch.Tensor | None = None,
+    centers_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(N, C)`` x ``(K, C)`` -> ``(N, K)`` squared Euclidean distances (clamped at 0).
+
+    ``points_sq`` / ``centers_sq``: their squared norms if already known. Lloyd's iterations
+    reuse the points' norms instead of recomputing them, which was a third of every
+    iteration's memory traffic at ``(1024, 6400)``; the values are the same either way.
+    """
     cross = points @ centers.T
-    return ((points * points).sum(1, keepdim=True) - 2 * cross + (centers * centers).sum(1)).clamp_(
-        min=0
-    )
+    if points_sq is None:
+        points_sq = _squared_norms(points)
+    if centers_sq is None:
+        centers_sq = _squared_norms(centers)
+    return (points_sq[:, None] - 2 * cross + centers_sq).clamp_(min=0)
 
 
-def kmeans_plusplus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def kmeans_plusplus(
+    points: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    points_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Greedy k-means++ seeding as scikit-learn: ``2 + log(k)`` candidates per new centre.
 
-    Returns ``(k, C)`` initial centres taken from ``points`` ``(N, C)``.
+    Returns ``(k, C)`` initial centres taken from ``points`` ``(N, C)`` (``points_sq``: their
+    squared norms, if already known).
     """
+    if points_sq is None:
+        points_sq = _squared_norms(points)
     count = points.shape[0]
     trials = 2 + int(math.log(k))
     first = int(torch.randint(count, (1,), generator=generator, device=generator.device).item())
     centers = [points[first]]
-    closest = _squared_distances(points, points[first : first + 1])[:, 0]
+    closest = _squared_distances(
+        points, points[first : first + 1], points_sq, points_sq[first : first + 1]
+    )[:, 0]
     potential = closest.sum()
     for _ in range(1, k):
         draws = torch.rand(trials, generator=generator, device=generator.device, dtype=points.dtype)
         cumulative = torch.cumsum(closest, 0)
         candidates = torch.searchsorted(cumulative, draws * potential).clamp_(max=count - 1)
         # (trials, N): each candidate's distances, capped by the current closest centre
-        distances = torch.minimum(closest[None], _squared_distances(points[candidates], points))
+        distances = torch.minimum(
+            closest[None],
+            _squared_distances(points[candidates], points, points_sq[candidates], points_sq),
+        )
         potentials = distances.sum(1)
         best = int(torch.argmin(potentials).item())
         closest, potential = distances[best], potentials[best]
@@ -60,13 +90,21 @@ def kmeans_plusplus(points: torch.Tensor, k: int, generator: torch.Generator) ->
     return torch.stack(centers)
 
 
-def _lloyd(points: torch.Tensor, centers: torch.Tensor, max_iter: int, tol: float) -> KMeansResult:
+def _lloyd(
+    points: torch.Tensor,
+    centers: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    points_sq: torch.Tensor | None = None,
+) -> KMeansResult:
     """Lloyd iterations from ``centers`` until labels are stable or the shift is below ``tol``."""
+    if points_sq is None:
+        points_sq = _squared_norms(points)
     k = centers.shape[0]
     labels = torch.full((points.shape[0],), -1, dtype=torch.long, device=points.device)
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 (iterations is returned)
-        distances = _squared_distances(points, centers)
+        distances = _squared_distances(points, centers, points_sq)
         new_labels = distances.argmin(1)
         if torch.equal(new_labels, labels):
             break
@@ -85,7 +123,7 @@ def _lloyd(points: torch.Tensor, centers: torch.Tensor, max_iter: int, tol: floa
         centers = new_centers
         if shift <= tol:
             break
-    distances = _squared_distances(points, centers)
+    distances = _squared_distances(points, centers, points_sq)
     labels = distances.argmin(1)
     inertia = float(distances.gather(1, labels[:, None]).sum())
     return KMeansResult(labels, centers, inertia, iterations)
@@ -116,8 +154,9 @@ def kmeans(
         raise ConfigError(f"k-means needs 1 <= k <= number of points ({count}), got k={k}")
     points = points.float()
     absolute_tol = tol * float(points.var(0, unbiased=False).mean())
+    points_sq = _squared_norms(points)  # (N,), shared by the seeding and every iteration
     if init is not None:
-        return _lloyd(points, init.to(points), max_iter, absolute_tol)
+        return _lloyd(points, init.to(points), max_iter, absolute_tol, points_sq)
     generator = torch.Generator(device=points.device)
     if seed is None:
         generator.seed()
@@ -125,8 +164,8 @@ def kmeans(
         generator.manual_seed(seed)
     best: KMeansResult | None = None
     for _ in range(max(1, n_init)):
-        start = kmeans_plusplus(points, k, generator)
-        run = _lloyd(points, start, max_iter, absolute_tol)
+        start = kmeans_plusplus(points, k, generator, points_sq)
+        run = _lloyd(points, start, max_iter, absolute_tol, points_sq)
         if best is None or run.inertia < best.inertia:
             best = run
     assert best is not None  # n_init >= 1

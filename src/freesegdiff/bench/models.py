@@ -83,8 +83,8 @@ class _WeightPool:
         self.offset = 0
 
     def fill(self, target: torch.Tensor, std: float) -> None:
-        """Fill ``target`` in place with pool values times ``std`` (in the target's dtype)."""
-        flat = target.view(-1)
+        """Fill ``target`` (dense, any memory format) in place with pool values times ``std``."""
+        flat = target.as_strided((target.numel(),), (1,))  # its storage, in memory order
         done = 0
         while done < flat.numel():
             start = self.offset % POOL_SIZE
@@ -116,8 +116,18 @@ def _keep_in_float32(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
-def materialise(model: ModuleT, dtype: torch.dtype, device: torch.device, seed: int = 0) -> ModuleT:
+def materialise(
+    model: ModuleT,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    channels_last: bool = False,
+) -> ModuleT:
     """Give every ``meta`` parameter of ``model`` real memory on ``device`` in ``dtype``.
+
+    With ``channels_last`` the 4-D (convolution) weights are laid out channels-last from the
+    start, so that a later ``model.to(memory_format=torch.channels_last)`` is free instead of
+    copying every convolution (and leaving the old copies as holes in the heap).
 
     Tied parameters stay tied (the same tensor fills every place it was shared). Modules that
     transformers keeps in float32 (``_keep_in_fp32_modules``) are float32 here too. Buffers are
@@ -140,10 +150,16 @@ def materialise(model: ModuleT, dtype: torch.dtype, device: torch.device, seed: 
                 continue
             top_level = name if not module_name else f"{module_name}.{name}"
             is_float32 = keep_float32 or any(top_level == kept for kept in float32_modules)
+            layout = (
+                torch.channels_last
+                if channels_last and parameter.ndim == 4
+                else torch.contiguous_format
+            )
             value = torch.empty(
                 parameter.shape,
                 dtype=torch.float32 if is_float32 else dtype,
                 device=device,
+                memory_format=layout,
             )
             std = _std_for(module, name, parameter.shape)
             if std is None:
@@ -204,9 +220,17 @@ class StableDiffusionParts:
 
 
 def build_stable_diffusion(
-    name: str, dtype: torch.dtype, device: torch.device, seed: int = 0
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    channels_last: bool = False,
 ) -> StableDiffusionParts:
-    """SD 1.x UNet, VAE and CLIP text encoder with real shapes and random weights."""
+    """SD 1.x UNet, VAE and CLIP text encoder with real shapes and random weights.
+
+    ``channels_last``: lay the UNet's and VAE's convolutions out channels-last (as
+    :class:`~freesegdiff.features.DiffusionFeatures` will want them on this device and dtype).
+    """
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -217,9 +241,14 @@ def build_stable_diffusion(
         dtype,
         device,
         seed,
+        channels_last,
     )
     vae = materialise(
-        _empty(AutoencoderKL.from_config, load_architecture(name, "vae")), dtype, device, seed + 1
+        _empty(AutoencoderKL.from_config, load_architecture(name, "vae")),
+        dtype,
+        device,
+        seed + 1,
+        channels_last,
     )
     text = load_architecture(name, "text_encoder")
     text.update(_clip_special_ids(tokenizer))

@@ -187,12 +187,19 @@ def build_pipeline(config: PipelineConfig) -> FreeSegDiff:
         build_stable_diffusion,
     )
     from freesegdiff.classify import MaskClassifier
-    from freesegdiff.features import DiffusionFeatures
+    from freesegdiff.features import DiffusionFeatures, prefers_channels_last
+    from freesegdiff.memory import trim_freed_memory
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     models = config.models
-    parts = build_stable_diffusion(models.diffusion, dtype, device, seed=config.seed or 0)
+    parts = build_stable_diffusion(
+        models.diffusion,
+        dtype,
+        device,
+        seed=config.seed or 0,
+        channels_last=prefers_channels_last(device, dtype),
+    )
     features = DiffusionFeatures(
         parts.vae,
         parts.unet,
@@ -204,6 +211,7 @@ def build_pipeline(config: PipelineConfig) -> FreeSegDiff:
         dtype,
     )
     features.release_unused()
+    trim_freed_memory()  # the freed VAE decoder and UNet tail: give the memory back now
     clip, clip_processor = build_clip(models.clip, dtype, device)
     classifier = MaskClassifier(
         clip,
@@ -217,6 +225,7 @@ def build_pipeline(config: PipelineConfig) -> FreeSegDiff:
     if models.captioner:
         model, processor = build_captioner(models.captioner, dtype, device)
         captioner = ScriptedCaptioner(model, processor, config=config.caption)
+    trim_freed_memory()
     return FreeSegDiff(config, features=features, classifier=classifier, captioner=captioner)
 
 
