@@ -125,3 +125,26 @@ def test_squared_distances_with_known_norms_are_the_same_values():
     assert torch.equal(_squared_distances(points, centers, norms, norms[[3, 17, 41]]), plain)
     brute = ((points[:, None] - centers[None]) ** 2).sum(-1)
     assert torch.allclose(plain, brute, atol=1e-4)
+
+
+def test_cluster_sums_match_the_one_hot_product():
+    from freesegdiff.clustering import _cluster_sums
+
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(200, 9, generator=generator)
+    labels = torch.randint(0, 5, (200,), generator=generator)
+    labels[:5] = torch.arange(5)  # every cluster has a member
+    expected = torch.nn.functional.one_hot(labels, 5).float().T @ points
+    assert torch.allclose(_cluster_sums(points, labels, 5), expected, atol=1e-5)
+    assert torch.equal(_cluster_sums(points, labels, 5), _cluster_sums(points, labels, 5))
+
+
+def test_kmeans_of_a_transposed_feature_map_equals_its_row_major_copy():
+    generator = torch.Generator().manual_seed(1)
+    feature_map = torch.randn(64, 12, 12, generator=generator)  # (C, h, w)
+    view = feature_map.reshape(64, 144).T  # (h*w, C), column-major: as cluster_features sees it
+    assert not view.is_contiguous()
+    from_view = kmeans(view, 4, seed=0)
+    from_copy = kmeans(view.contiguous(), 4, seed=0)
+    assert torch.equal(from_view.labels, from_copy.labels)
+    assert from_view.inertia == from_copy.inertia

@@ -191,3 +191,19 @@ def test_a_failing_image_in_a_batch_loses_only_itself(pipe, photos, monkeypatch)
     assert [name for name, _ in outcomes] == ["image-0", "image-1", "image-2"]
     assert "simulated out-of-memory" in str(outcomes[1][1])
     assert not isinstance(outcomes[0][1], Exception) and not isinstance(outcomes[2][1], Exception)
+
+
+def test_releasing_the_text_encoder_keeps_open_vocabulary_results(
+    pipe, tiny_sd_path, tiny_clip_path, tiny_blip_path, photos
+):
+    lean = FreeSegDiff.from_config(make_config(tiny_sd_path, tiny_clip_path, tiny_blip_path))
+    lean.release_text_encoder()
+    assert all(p.device.type == "meta" for p in lean.features.text_encoder.parameters())
+    result = lean(photos["chelsea"])
+    expected = pipe(photos["chelsea"])
+    assert result.caption == expected.caption
+    assert np.array_equal(result.label_map, expected.label_map)
+    with pytest.raises(ConfigError, match="freed its text encoder"):
+        lean(photos["chelsea"], classes=["cat", "sofa"])
+    lean.config.vocabulary.prune_with_caption = False
+    assert lean(photos["chelsea"], classes=["cat", "sofa"]).candidates == ["cat", "sofa"]

@@ -90,6 +90,18 @@ def kmeans_plusplus(
     return torch.stack(centers)
 
 
+def _cluster_sums(points: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``(N, C)`` points, ``(N,)`` labels in ``[0, k)`` -> ``(k, C)`` sum of each cluster.
+
+    On the CPU one ``index_add_`` pass (3x faster than ``one_hot.T @ points`` at (1024, 6400),
+    K = 4, and deterministic there); elsewhere the matrix product, whose sums do not depend on
+    the order atomic additions land in.
+    """
+    if points.device.type == "cpu":
+        return points.new_zeros(k, points.shape[1]).index_add_(0, labels, points)
+    return F.one_hot(labels, k).to(points.dtype).T @ points
+
+
 def _lloyd(
     points: torch.Tensor,
     centers: torch.Tensor,
@@ -109,9 +121,8 @@ def _lloyd(
         if torch.equal(new_labels, labels):
             break
         labels = new_labels
-        one_hot = F.one_hot(labels, k).to(points.dtype)  # (N, K)
-        sizes = one_hot.sum(0)
-        sums = one_hot.T @ points
+        sizes = torch.bincount(labels, minlength=k).to(points.dtype)  # (K,)
+        sums = _cluster_sums(points, labels, k)  # (K, C)
         new_centers = centers.clone()
         filled = sizes > 0
         new_centers[filled] = sums[filled] / sizes[filled, None]
@@ -152,8 +163,11 @@ def kmeans(
     count = points.shape[0]
     if not 1 <= k <= count:
         raise ConfigError(f"k-means needs 1 <= k <= number of points ({count}), got k={k}")
-    points = points.float()
-    absolute_tol = tol * float(points.var(0, unbiased=False).mean())
+    # Row-major: the (1024, 6400) transposed view of a feature map makes every product in the
+    # iterations ~20x slower; one copy up front costs a few milliseconds.
+    points = points.float().contiguous()
+    # the mean per-feature variance, as points.var(0, unbiased=False).mean() but 8x faster
+    absolute_tol = tol * float((points - points.mean(0)).square_().mean())
     points_sq = _squared_norms(points)  # (N,), shared by the seeding and every iteration
     if init is not None:
         return _lloyd(points, init.to(points), max_iter, absolute_tol, points_sq)

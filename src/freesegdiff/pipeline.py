@@ -81,6 +81,9 @@ class FreeSegDiff:
     @classmethod
     def from_config(cls, config: PipelineConfig) -> FreeSegDiff:
         """Load every model the config names (Hub id, local folder or ``tiny:``)."""
+        from freesegdiff.memory import retain_freed_memory, trim_freed_memory
+
+        retain_freed_memory()  # before loading: weights get their own mappings (lower peak)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         models = config.models
@@ -108,6 +111,7 @@ class FreeSegDiff:
             captioner = Captioner.from_pretrained(
                 models.captioner, config=config.caption, device=device, dtype=dtype, **hub
             )
+        trim_freed_memory()  # copies left behind by dtype and layout conversions
         return cls(config, features=features, classifier=classifier, captioner=captioner)
 
     @classmethod
@@ -260,8 +264,22 @@ class FreeSegDiff:
             self._nlp = load_spacy(self.config.entities.spacy_model)
         return self._nlp
 
+    def release_text_encoder(self) -> None:
+        """Free the SD text encoder (0.25 GB in bfloat16) for runs without class lists.
+
+        Open vocabulary needs it only for the empty prompt, which is embedded first. Afterwards
+        a call with ``classes`` (and caption pruning on) raises :class:`ConfigError`.
+        """
+        self.features.release_text_encoder()
+
     def _embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """SD text-encoder embeddings used to match entities to classes, cached per text."""
+        if "text_encoder" in self.features.released:
+            raise ConfigError(
+                "this pipeline freed its text encoder for open-vocabulary runs "
+                "(release_text_encoder), so it cannot match the caption against class names; "
+                "build it again, or set vocabulary.prune_with_caption to false (--no-prune)"
+            )
         if self._embed is None:
             from freesegdiff.vocabulary import text_embedder
 
