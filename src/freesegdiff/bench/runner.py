@@ -29,7 +29,7 @@ import torch
 from freesegdiff.config import PipelineConfig, set_by_path
 from freesegdiff.devices import resolve_device, resolve_dtype
 from freesegdiff.errors import ConfigError
-from freesegdiff.memory import retain_freed_memory, trim_freed_memory
+from freesegdiff.memory import large_buffers_from_heap, retain_freed_memory, trim_freed_memory
 from freesegdiff.pipeline import FreeSegDiff
 from freesegdiff.timing import StageTimer
 
@@ -345,7 +345,15 @@ def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[
     vae_input = pixels.to(features.dtype)
     if features.channels_last:
         vae_input = vae_input.contiguous(memory_format=torch.channels_last)
-    forwards["vae"] = partial(features.vae.encode, vae_input)
+
+    def vae() -> None:
+        if device.type == "cpu":  # as DiffusionFeatures.encode runs it
+            with large_buffers_from_heap():
+                features.vae.encode(vae_input)
+        else:
+            features.vae.encode(vae_input)
+
+    forwards["vae"] = vae
     generators = image_generators(config.seed, len(batch), device)
     noisy = features.add_noise(features.encode(pixels, generators), generators)
     forwards["unet"] = partial(features.unet_queries, noisy)
