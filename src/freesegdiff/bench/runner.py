@@ -121,6 +121,8 @@ class BenchReport:
             + ")",
             f"overhead            {self.overhead:.1%} of the total outside every stage",
             f"peak resident       {self.peak_rss_gb:.2f} GB",
+            f"load average        {self.settings.get('load_average_before')} before the run "
+            "(1, 5, 15 min; other processes on these cores slow it down)",
         ]
         return "\n".join(lines)
 
@@ -387,6 +389,7 @@ def run_bench(settings: BenchSettings) -> BenchReport:
     if min(settings.size) < 16:
         raise ConfigError(f"--size must be at least 16x16, got {settings.size}")
     config = bench_config(settings)
+    load_before = _load_average()  # other processes compete for the cores: say how busy
     retain_freed_memory()  # before the models, as FreeSegDiff.from_config does
     began = time.perf_counter()
     pipe = build_pipeline(config)
@@ -429,7 +432,8 @@ def run_bench(settings: BenchSettings) -> BenchReport:
         "caption_tokens": config.caption.max_new_tokens,
         "build_seconds": round(build_seconds, 2),
         "wall_seconds": round(wall, 3),
-        "load_average": _load_average(),
+        "load_average_before": load_before,  # 1, 5 and 15 minutes, before the models
+        "load_average_after": _load_average(),  # this run's own load included
     }
     return BenchReport(
         stages=stages,
