@@ -427,6 +427,12 @@ def run_bench(settings: BenchSettings) -> BenchReport:
         "device": str(device),
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
+        # on a GPU the models live in its memory: its peak, as torch's allocator saw it
+        "peak_gpu_gb": (
+            round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+            if device.type == "cuda"
+            else None
+        ),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "caption_tokens": config.caption.max_new_tokens,

@@ -41,7 +41,10 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     parser.add_argument(
-        "--preset", default="paper", choices=sorted(available_presets()), help="(paper)"
+        "--preset",
+        default="paper",
+        choices=sorted(available_presets()),
+        help="whose models and settings to measure (paper)",
     )
     parser.add_argument("--images", type=int, default=5, metavar="N", help="measured images (5)")
     parser.add_argument(
@@ -58,7 +61,13 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (preset's)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the figures as JSON: stages, seconds_per_image, images_per_second, "
+        "model_floor_seconds (and model_floor by model), overhead, peak_rss_gb, settings, "
+        "per_image",
+    )
     parser.add_argument(
         "--set",
         dest="settings",
