@@ -356,28 +356,12 @@ def _build_blip2(
     device: torch.device,
     seed: int,
 ) -> tuple[Any, Any]:
-    from tokenizers import AddedToken
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        GPT2Tokenizer,
-    )
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
-    from freesegdiff.tiny.captioner import IMAGE_TOKEN, _byte_level_bpe
+    from freesegdiff.tiny.captioner import IMAGE_TOKEN, opt_tokenizer
     from freesegdiff.tiny.vocab import WORDS
 
-    vocab, merges = _byte_level_bpe(WORDS)
-    tokenizer = GPT2Tokenizer(
-        vocab=vocab,
-        merges=merges,  # type: ignore[arg-type]  # annotated list[str]; tokenizers wants pairs
-        bos_token="</s>",
-        eos_token="</s>",
-        unk_token="</s>",
-        pad_token="<pad>",
-        add_bos_token=True,
-    )
-    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], True)
+    tokenizer = opt_tokenizer()
     token_ids = tokenizer.get_vocab()
     settings["image_token_index"] = token_ids[IMAGE_TOKEN]
     settings["text_config"].update(

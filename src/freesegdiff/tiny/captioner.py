@@ -140,24 +140,15 @@ def _byte_level_bpe(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[
     return dict(model["vocab"]), merges
 
 
-def build_blip2(folder: Path, seed: int = 0) -> None:
-    """Save a tiny random ``Blip2ForConditionalGeneration`` (OPT decoder) and ``Blip2Processor``.
+def opt_tokenizer() -> Any:
+    """A GPT-2 byte-level BPE over :data:`WORDS` laid out like ``blip2-opt``'s tokenizer.
 
-    Laid out like ``Salesforce/blip2-opt-2.7b``: a GPT-2 byte-level BPE tokenizer that prepends
-    ``</s>`` (OPT's bos, which is also its eos) and knows an ``<image>`` token; the processor
-    stores ``num_query_tokens`` and, when given text, prepends that many ``<image>`` tokens
-    which the model replaces with the Q-Former outputs.
+    It prepends ``</s>`` (OPT's bos, which is also its eos), pads with ``<pad>`` and knows the
+    ``<image>`` token that BLIP-2's processor repeats once per query token.
     """
     from tokenizers import AddedToken
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        GPT2Tokenizer,
-    )
+    from transformers import GPT2Tokenizer
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = _byte_level_bpe(WORDS)
     tokenizer = GPT2Tokenizer(
         vocab=vocab,
@@ -169,6 +160,22 @@ def build_blip2(folder: Path, seed: int = 0) -> None:
         add_bos_token=True,
     )
     tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], True)
+    return tokenizer
+
+
+def build_blip2(folder: Path, seed: int = 0) -> None:
+    """Save a tiny random ``Blip2ForConditionalGeneration`` (OPT decoder) and ``Blip2Processor``.
+
+    Laid out like ``Salesforce/blip2-opt-2.7b``: a GPT-2 byte-level BPE tokenizer that prepends
+    ``</s>`` (OPT's bos, which is also its eos) and knows an ``<image>`` token; the processor
+    stores ``num_query_tokens`` and, when given text, prepends that many ``<image>`` tokens
+    which the model replaces with the Q-Former outputs.
+    """
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = opt_tokenizer()
     token_ids = tokenizer.get_vocab()  # token -> id, added tokens included
     image_token_id = token_ids[IMAGE_TOKEN]
     torch.manual_seed(seed)
