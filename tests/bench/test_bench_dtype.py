@@ -1,4 +1,4 @@
-"""bfloat16 against float32 on the tiny models: features, CLIP scores and cluster maps.
+"""bfloat16 against float32 on the tiny models: features, CLIP scores, cluster and label maps.
 
 Tolerances, and why:
 
@@ -15,14 +15,11 @@ Tolerances, and why:
   features rather than of the seeding draws, and asks for at least 95 % of the pixels in the same
   cluster (up to a renumbering) in the median scene and 90 % on average: one scene of eight may
   switch between two near-equal k-means optima.
-- label maps are not compared pixel by pixel: on the tiny random models they are not a stable
-  quantity. Besides the k-means optima above, the tiny random CLIP scores most labels within
-  0.01 of each other for every cluster (a tie that any perturbation, bfloat16 or another seed,
-  breaks either way), so which label claims which cluster flips between runs. Measured over
-  these eight scenes: where float32 decides a label by more than 0.016, the only such cluster
-  sits in the scene whose k-means optimum switched. What the label maps are made of (clusters
-  and scores) is bounded above; trained CLIP, with its logit scale of 100, usually separates
-  labels by far more than 0.008.
+- label maps: with the tiny CLIP as built, they are not a stable quantity: its random towers
+  score most labels within 0.01 of each other for every cluster (a tie that any perturbation,
+  bfloat16 or another seed, breaks either way). :func:`test_bfloat16_label_maps_agree_with_float32`
+  therefore gives the tiny CLIP trained CLIP's logit scale of 100, which turns the same cosine
+  differences into clear decisions, and asks for 95 % of the pixels in the median scene.
 """
 
 from __future__ import annotations
@@ -139,3 +136,59 @@ def test_bfloat16_batches_stay_within_the_bfloat16_tolerance(pipes):
     full = pipes["float32"].features
     alone = torch.cat([full([image], seed=0) for image in images])
     assert torch.allclose(full(images, seed=0), alone, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def decisive_clip_path(tiny_clip_path, tmp_path_factory):
+    """The tiny CLIP with trained CLIP's logit scale (100) instead of the initial 1/0.07.
+
+    At the initial scale the random towers score every label within ~0.01 of the others, so
+    which label claims a cluster is a coin toss that any rounding flips; at 100, as in the real
+    ``openai/clip-vit-base-patch32``, the same cosine differences become clear decisions.
+    """
+    import shutil
+
+    from transformers import CLIPModel
+
+    folder = tmp_path_factory.mktemp("tiny-clip-scale-100")
+    model = CLIPModel.from_pretrained(tiny_clip_path)
+    with torch.no_grad():
+        model.logit_scale.fill_(float(np.log(100.0)))
+    model.save_pretrained(folder)
+    for item in tiny_clip_path.iterdir():
+        if item.is_file() and not (folder / item.name).exists():
+            shutil.copy(item, folder / item.name)  # tokenizer and processor files
+    return folder
+
+
+def test_bfloat16_label_maps_agree_with_float32(tiny_sd_path, decisive_clip_path):
+    """Label maps, bfloat16 against float32, with a CLIP whose decisions are not coin tosses.
+
+    Tolerance: at least 95 % of the pixels carry the same label in the median scene. bfloat16
+    rounding (~1 % of the features, above) moves only pixels near a cluster boundary and the
+    labels of near-tied clusters; but a scene whose k-means has two near-equal optima can switch
+    its whole partition (see the module docstring), so single scenes are not bounded. Measured:
+    99.2 % in the median scene, six of eight scenes above 96 %.
+    """
+    label_maps = {}
+    for dtype in ("float32", "bfloat16"):
+        config = PipelineConfig.from_dict(
+            {
+                "models": {
+                    "diffusion": str(tiny_sd_path),
+                    "clip": str(decisive_clip_path),
+                    "captioner": None,
+                },
+                "features": {"image_size": 256},
+                "clustering": {"n_init": 10},
+                "refine": {"method": "none"},
+                "dtype": dtype,
+            }
+        )
+        pipe = FreeSegDiff.from_config(config)
+        label_maps[dtype] = [pipe(scene(seed), classes=CLASSES).label_map for seed in SCENES]
+    agreement = [
+        float((full == half).mean())
+        for full, half in zip(label_maps["float32"], label_maps["bfloat16"], strict=True)
+    ]
+    assert statistics.median(agreement) >= 0.95
