@@ -104,9 +104,13 @@ def test_caption_prunes_the_classes(pipe, photos):
     assert {label for label in result.cluster_labels if label >= 0} <= allowed
 
 
-def test_batches_give_the_same_label_maps(tiny_sd_path, tiny_clip_path, tiny_blip_path, photos):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batches_give_the_same_label_maps(
+    tiny_sd_path, tiny_clip_path, tiny_blip_path, photos, dtype
+):
     images = [photos["chelsea"], photos["coffee"], photos["rocket"]]
-    one = FreeSegDiff.from_config(make_config(tiny_sd_path, tiny_clip_path, tiny_blip_path))
+    config = make_config(tiny_sd_path, tiny_clip_path, tiny_blip_path)
+    one = FreeSegDiff.from_config(PipelineConfig.from_dict({**config.to_dict(), "dtype": dtype}))
     three = FreeSegDiff(
         PipelineConfig.from_dict({**one.config.to_dict(), "batch_size": 3}),
         features=one.features,
