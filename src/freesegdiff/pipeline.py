@@ -24,6 +24,7 @@ from freesegdiff.devices import resolve_device, resolve_dtype
 from freesegdiff.errors import ConfigError, EmptyVocabularyError, FreeSegDiffError
 from freesegdiff.features import DiffusionFeatures
 from freesegdiff.image_io import ImageInput, load_image
+from freesegdiff.refine import refine_masks
 from freesegdiff.result import BACKGROUND, Segment, SegmentationResult
 from freesegdiff.timing import StageTimer
 
@@ -378,13 +379,12 @@ class FreeSegDiff:
         for index, image in enumerate(images):
             item_timer = StageTimer(self.device)
             entities, labels, candidates = vocab[index]
-            allowed = np.array([label in set(candidates) for label in labels], dtype=bool)
+            candidate_set = set(candidates)
+            allowed = np.array([label in candidate_set for label in labels], dtype=bool)
             cluster_labels = assign_labels(scores[index], allowed)
             coarse = masks[index].cpu().numpy()
             kept = [k for k, label in enumerate(cluster_labels) if label >= 0]
             with item_timer("refinement"):
-                from freesegdiff.refine import refine_masks
-
                 refined_kept = refine_masks(image, coarse[kept], config.refine, self.device)
             refined = np.zeros_like(coarse)
             refined[kept] = refined_kept
