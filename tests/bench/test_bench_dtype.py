@@ -60,24 +60,25 @@ def matched_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(counts[rows, cols].sum() / a.size)
 
 
+def tiny_pipe(sd_path, clip_path, dtype: str) -> FreeSegDiff:
+    """Closed vocabulary, no captioner, no refinement, best of 10 k-means starts."""
+    config = PipelineConfig.from_dict(
+        {
+            "models": {"diffusion": str(sd_path), "clip": str(clip_path), "captioner": None},
+            "features": {"image_size": 256},
+            "clustering": {"n_init": 10},
+            "refine": {"method": "none"},
+            "dtype": dtype,
+        }
+    )
+    return FreeSegDiff.from_config(config)
+
+
 @pytest.fixture(scope="module")
 def pipes(tiny_sd_path, tiny_clip_path) -> dict[str, FreeSegDiff]:
     pipes = {}
     for dtype in ("float32", "bfloat16"):
-        config = PipelineConfig.from_dict(
-            {
-                "models": {
-                    "diffusion": str(tiny_sd_path),
-                    "clip": str(tiny_clip_path),
-                    "captioner": None,
-                },
-                "features": {"image_size": 256},
-                "clustering": {"n_init": 10},
-                "refine": {"method": "none"},
-                "dtype": dtype,
-            }
-        )
-        pipes[dtype] = FreeSegDiff.from_config(config)
+        pipes[dtype] = tiny_pipe(tiny_sd_path, tiny_clip_path, dtype)
     return pipes
 
 
@@ -170,20 +171,7 @@ def test_bfloat16_label_maps_agree_with_float32(tiny_sd_path, decisive_clip_path
     """
     label_maps = {}
     for dtype in ("float32", "bfloat16"):
-        config = PipelineConfig.from_dict(
-            {
-                "models": {
-                    "diffusion": str(tiny_sd_path),
-                    "clip": str(decisive_clip_path),
-                    "captioner": None,
-                },
-                "features": {"image_size": 256},
-                "clustering": {"n_init": 10},
-                "refine": {"method": "none"},
-                "dtype": dtype,
-            }
-        )
-        pipe = FreeSegDiff.from_config(config)
+        pipe = tiny_pipe(tiny_sd_path, decisive_clip_path, dtype)
         label_maps[dtype] = [pipe(scene(seed), classes=CLASSES).label_map for seed in SCENES]
     agreement = [
         float((full == half).mean())
