@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from skimage import data
 
 from freesegdiff.captioner import Captioner
@@ -41,7 +42,11 @@ def folder(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load(folder: Path, **settings: object) -> Captioner:
-    return Captioner.from_pretrained(str(folder), config=CaptionConfig(**settings))  # type: ignore[arg-type]
+    """Greedy, no prompt, unless ``settings`` say otherwise (the paper's decoding is tested
+    on its own below)."""
+    plain: dict[str, object] = {"num_beams": 1, "prompt": None, "max_length": 30, "min_length": 0}
+    config = CaptionConfig(**{**plain, **settings})  # type: ignore[arg-type]
+    return Captioner.from_pretrained(str(folder), config=config)
 
 
 def words_of(caption: str) -> list[str]:
@@ -80,9 +85,40 @@ def test_min_new_tokens_is_honoured(folder: Path, photos: list[np.ndarray]) -> N
 
 
 def test_prompt_starts_the_caption(folder: Path, photos: list[np.ndarray]) -> None:
-    captions = load(folder, prompt="a dog on", min_new_tokens=2, max_new_tokens=2).caption(photos)
+    settings = {"prompt": "a dog on", "min_new_tokens": 2, "max_new_tokens": 2}
+    captions = load(folder, strip_prompt=False, **settings).caption(photos)
     assert all(caption.startswith("a dog on ") for caption in captions), captions
     assert all(len(words_of(caption)) == 5 for caption in captions), captions
+    # stripped, as LAVIS returns captions: the same captions without the prompt
+    stripped = load(folder, **settings).caption(photos)
+    assert stripped == [caption[len("a dog on ") :] for caption in captions]
+
+
+def test_paper_decoding_is_lavis_generate(folder: Path, photos: list[np.ndarray]) -> None:
+    """The defaults are LAVIS's: 3 beams, lengths 10..30 counting the start token and the
+    prompt, "a picture of " given to the decoder and cut off the caption."""
+    captioner = Captioner.from_pretrained(str(folder), config=CaptionConfig())
+    assert captioner.config.num_beams == 3 and captioner.config.prompt == "a picture of "
+    captions = captioner.caption(photos)
+    inputs = captioner.processor(
+        images=[Image.fromarray(p) for p in photos],
+        text=["a picture of "] * 3,
+        return_tensors="pt",
+    )
+    # BLIP counts the start token and the prompt in the lengths (transformers' BLIP generate
+    # does, as LAVIS); BLIP-2 counts new tokens, as LAVIS's OPT captioner
+    lengths = (
+        {"max_length": 30, "min_length": 10}
+        if captioner.kind == "blip"
+        else {"max_new_tokens": 30, "min_new_tokens": 10}
+    )
+    expected_ids = captioner.model.generate(**inputs, num_beams=3, **lengths)
+    texts = captioner.processor.batch_decode(expected_ids, skip_special_tokens=True)
+    assert all(text.startswith("a picture of ") for text in texts), texts
+    assert captions == [text[len("a picture of ") :].strip() for text in texts]
+    if captioner.kind == "blip":
+        # [DEC] + 3 prompt tokens + at least 6 new tokens (one word or mark each when tiny)
+        assert all(10 - 4 <= len(words_of(c)) <= 30 - 4 for c in captions), captions
 
 
 def test_beam_search_runs(folder: Path, photos: list[np.ndarray]) -> None:
@@ -104,6 +140,8 @@ def test_bad_settings_are_refused_before_loading(tmp_path: Path) -> None:
         Captioner.from_pretrained(
             str(tmp_path), config=CaptionConfig(min_new_tokens=9, max_new_tokens=3)
         )
+    with pytest.raises(ConfigError, match=r"caption\.min_length"):
+        Captioner.from_pretrained(str(tmp_path), config=CaptionConfig(min_length=31))
 
 
 def test_missing_folder_is_model_unavailable(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from freesegdiff.classify import MaskClassifier, assign_labels
+from freesegdiff.errors import ConfigError
 
 CPU = torch.device("cpu")
 
@@ -40,10 +41,28 @@ def test_non_candidates_cannot_claim():
     assert assign_labels(scores, np.array([False, False])) == [-1, -1]
 
 
-def test_ties_go_to_the_lowest_index():
+def test_ties_first_go_to_the_lowest_index():
     # A row tie: label 0 claims cluster 0 (first). A column tie: cluster 1 takes label 1.
     scores = np.array([[0.5, 0.5], [0.25, 0.5], [0.25, 0.5]])
-    assert assign_labels(scores) == [0, 1]
+    assert assign_labels(scores, ties="first") == [0, 1]
+
+
+def test_ties_all_keep_every_tied_cluster():
+    """Released rule: a label whose largest score is tied keeps every tied cluster.
+
+    Row 0 ties clusters 0 and 1 at 0.5: it keeps both. In column 1 it ties row 1's 0.5 and wins
+    by its lower label index, so clusters 0 and 1 both take label 0. Cluster 2 takes label 2
+    (0.4 is row 2's maximum).
+    """
+    scores = np.array([[0.5, 0.5, 0.1], [0.25, 0.5, 0.2], [0.25, 0.1, 0.4]])
+    assert assign_labels(scores) == [0, 0, 2]
+    assert assign_labels(scores, ties="first") == [0, 1, 2]
+    # by hand, the released lines: m[m < m.max(1, keepdims=True)] = 0; argmax over each column
+    m = scores.copy()
+    m[m < m.max(axis=1, keepdims=True)] = 0
+    assert m.argmax(axis=0).tolist() == [0, 0, 2]
+    with pytest.raises(ConfigError, match=r"classify\.ties"):
+        assign_labels(scores, ties="last")  # type: ignore[arg-type]
 
 
 def test_empty_label_set_or_no_clusters():

@@ -162,3 +162,27 @@ def test_help_lists_every_option():
         [sys.executable, "-m", "freesegdiff", "--help"], capture_output=True, text=True, check=True
     )
     assert "segment" in top.stdout
+
+
+def test_config_file_merges_over_the_preset_section_by_section(tmp_path):
+    """Regression: a --config section replaced the preset's whole section with the defaults
+    (tiny + {"caption": {"num_beams": 2}} lost the tiny preset's caption lengths)."""
+    import argparse
+
+    from freesegdiff.commands.common import add_pipeline_arguments, config_from_args
+    from freesegdiff.presets import load_preset
+
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"caption": {"num_beams": 2}, "clustering": {"k": 5}}))
+    parser = argparse.ArgumentParser()
+    add_pipeline_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--config", str(settings), "--k", "6"])
+    config = config_from_args(args)
+    tiny = load_preset("tiny")
+    assert config.caption.num_beams == 2
+    assert config.caption.max_length == tiny.caption.max_length == 16  # kept from the preset
+    assert config.caption.min_length == tiny.caption.min_length == 10
+    assert config.models == tiny.models and config.features == tiny.features
+    assert config.clustering.k == 6  # flags come after the file
+    args = parser.parse_args(["--preset", "tiny", "--config", str(settings)])
+    assert config_from_args(args).clustering.k == 5

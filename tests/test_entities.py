@@ -136,19 +136,56 @@ def test_extended_rule(nlp: Language, caption: str) -> None:
     assert extract_entities(caption, rule="extended", nlp=nlp) == CAPTIONS[caption][1]
 
 
-def test_extended_is_the_default(nlp: Language) -> None:
+def test_paper_is_the_default(nlp: Language) -> None:
+    """The released rule is the default, as every default is the released behaviour."""
     caption = "two brown dogs playing with cats on the grass"
-    assert extract_entities(caption, nlp=nlp) == CAPTIONS[caption][1]
+    assert extract_entities(caption, nlp=nlp) == CAPTIONS[caption][0]
+    assert CAPTIONS[caption][0] != CAPTIONS[caption][1]
+
+
+def test_adjectives_as_their_head(nlp: Language) -> None:
+    """The released closed-vocabulary branch matches an adjective by its head noun alone."""
+    caption = "a small bird perched on a branch of a tall tree"
+    assert extract_entities(caption, nlp=nlp) == [
+        "small bird",
+        "bird",
+        "branch",
+        "tall tree",
+        "tree",
+    ]
+    assert extract_entities(caption, nlp=nlp, adjectives="head") == [
+        "bird",
+        "bird",
+        "branch",
+        "tree",
+        "tree",
+    ]
+    caption = "two brown dogs next to a fire hydrant"
+    assert extract_entities(caption, rule="extended", nlp=nlp, adjectives="head") == [
+        "dog",
+        "fire hydrant",
+    ]
 
 
 @pytest.mark.parametrize("name", MULTIWORD)
 def test_multiword_names_kept_whole(nlp: Language, name: str) -> None:
     plural = entities._plural(name)
     assert plural.endswith("s") and plural != name
-    assert extract_entities(f"a photo of a {name} on the floor", nlp=nlp) == [name, "floor"]
-    assert extract_entities(f"two {plural} on the floor", nlp=nlp) == [name, "floor"]
-    assert extract_entities(f"A {name.title()} on the floor", nlp=nlp) == [name, "floor"]
-    assert extract_entities(f"a {name.replace(' ', '-')} on the floor", nlp=nlp) == [
+    assert extract_entities(f"a photo of a {name} on the floor", rule="extended", nlp=nlp) == [
+        name,
+        "floor",
+    ]
+    assert extract_entities(f"two {plural} on the floor", rule="extended", nlp=nlp) == [
+        name,
+        "floor",
+    ]
+    assert extract_entities(f"A {name.title()} on the floor", rule="extended", nlp=nlp) == [
+        name,
+        "floor",
+    ]
+    assert extract_entities(
+        f"a {name.replace(' ', '-')} on the floor", rule="extended", nlp=nlp
+    ) == [
         name,
         "floor",
     ]
@@ -163,9 +200,13 @@ def test_compounds_without_the_name_list(nlp: Language, monkeypatch: pytest.Monk
     """The `compound` dependency alone keeps parsed compounds together."""
     monkeypatch.setattr(entities, "_known_names", lambda doc, nlp: [])
     caption = "a man holding a tennis racket and a baseball bat"
-    assert extract_entities(caption, nlp=nlp) == ["man", "tennis racket", "baseball bat"]
+    assert extract_entities(caption, rule="extended", nlp=nlp) == [
+        "man",
+        "tennis racket",
+        "baseball bat",
+    ]
     # "stop" is tagged VERB in "two stop signs": only the list can save this one.
-    assert extract_entities("two stop signs", nlp=nlp) == ["sign"]
+    assert extract_entities("two stop signs", rule="extended", nlp=nlp) == ["sign"]
 
 
 def test_plural_of_names() -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from freesegdiff.errors import ModelUnavailableError
 from freesegdiff.hub import load_pretrained, resolve_source
+from freesegdiff.tiny import TINY_VERSION
 
 
 def test_folders_hub_ids_and_missing_paths(tmp_path):
@@ -38,7 +39,7 @@ def test_offline_hub_id_says_which_model_and_how_to_get_it(monkeypatch, tmp_path
 def test_tiny_names_build_a_local_folder_once(monkeypatch, tmp_path):
     monkeypatch.setenv("FREESEGDIFF_CACHE", str(tmp_path))
     folder = resolve_source("tiny:clip")
-    assert (tmp_path / "tiny" / "clip-v1" / "config.json").is_file()
+    assert (tmp_path / "tiny" / f"clip-v{TINY_VERSION}" / "config.json").is_file()
     assert resolve_source("tiny:clip") == folder
     with pytest.raises(ModelUnavailableError, match="unknown tiny model 'tiny:huge'"):
         resolve_source("tiny:huge")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freesegdiff.config import PipelineConfig
+from freesegdiff.config import VOC19_NAMES, PipelineConfig
 from freesegdiff.errors import ConfigError, EmptyVocabularyError, ImageReadError
 from freesegdiff.pipeline import FreeSegDiff
 
@@ -59,12 +59,25 @@ def test_open_vocabulary_on_real_photos(pipe, photos, tmp_path):
     for result, image in zip(results, [photos["chelsea"], photos["astronaut"]], strict=True):
         check_consistent(result, image)
         assert result.caption and len(result.caption.split()) >= 6
-        assert result.vocabulary == result.entities == result.candidates
+        # the released label texts: 19 VOC names, then the entities not among them
+        new = [e for e in result.entities if e not in VOC19_NAMES]
+        assert result.vocabulary == [*VOC19_NAMES, *new]
+        assert result.candidates == [t for t in result.vocabulary if t in result.entities]
         assert result.scores.shape[1] == 4  # K = 4 clusters
         assert {"caption", "vae", "unet", "clustering", "clip", "refinement"} <= set(result.timings)
     assert results[0].source == str(path) and results[1].source is None
     single = pipe(photos["astronaut"])
     assert np.array_equal(single.label_map, results[1].label_map)
+
+
+def test_open_vocabulary_without_distractors_scores_the_entities_alone(
+    tiny_sd_path, tiny_clip_path, tiny_blip_path, photos
+):
+    settings = {"vocabulary": {"open_distractors": []}, "entities": {"rule": "extended"}}
+    config = make_config(tiny_sd_path, tiny_clip_path, tiny_blip_path, **settings)
+    result = FreeSegDiff.from_config(config)(photos["chelsea"])
+    check_consistent(result, photos["chelsea"])
+    assert result.entities and result.vocabulary == result.entities == result.candidates
 
 
 def test_blip2_captioner_runs_in_the_pipeline(tiny_sd_path, tiny_clip_path, tmp_path, photos):
@@ -136,6 +149,27 @@ def test_crf_refinement_runs_inside_the_pipeline(tiny_sd_path, tiny_clip_path, p
     assert any(not np.array_equal(result.coarse_masks[k], result.refined_masks[k]) for k in kept)
     dropped = [k for k in range(len(result.cluster_labels)) if k not in kept]
     assert all(not result.refined_masks[k].any() for k in dropped)
+
+
+def test_pydensecrf_backend_runs_on_images_read_from_files(
+    tiny_sd_path, tiny_clip_path, photos, tmp_path
+):
+    """Regression: load_image returns read-only arrays, which pydensecrf refused ("buffer source
+    array is read-only"). Through the pipeline, both backends agree on every pixel here."""
+    path = tmp_path / "coffee.png"
+    Image.fromarray(photos["coffee"]).save(path)
+    classes = ["cup", "table", "spoon", "wall"]
+    label_maps = {}
+    for backend in ("pydensecrf", "torch"):
+        refine = {"method": "crf", "backend": backend}
+        pipe = FreeSegDiff.from_config(
+            make_config(tiny_sd_path, tiny_clip_path, None, refine=refine)
+        )
+        result = pipe(path, classes=classes)
+        check_consistent(result, photos["coffee"])
+        label_maps[backend] = result.label_map
+    assert (label_maps["pydensecrf"] > 0).any()
+    assert (label_maps["pydensecrf"] == label_maps["torch"]).mean() >= 0.98
 
 
 def test_user_errors_are_explained(pipe, tiny_sd_path, tiny_clip_path, photos):

@@ -150,11 +150,12 @@ class Captioner:
     def caption(self, images: Sequence[np.ndarray]) -> list[str]:
         """Describe each image in one sentence, with one batched ``generate`` call.
 
-        Decoding follows :class:`~freesegdiff.config.CaptionConfig`: ``max_new_tokens``,
-        ``min_new_tokens``, ``num_beams`` (1: greedy, as the released script) and ``prompt``.
-        With a prompt, the decoder continues the prompt and the caption is the whole text,
-        prompt included, as BLIP's conditional captioning returns it (BLIP's BERT tokenizer
-        lower-cases it); BLIP-2 is treated the same way, so both kinds agree.
+        Decoding follows :class:`~freesegdiff.config.CaptionConfig` (docs/method.md, step 1):
+        by default LAVIS's ``generate()`` for BLIP base_coco, beam search with 3 beams, lengths
+        10 to 30 counting the prompt's tokens, the prompt "a picture of " given to the decoder
+        and cut off the returned caption (``strip_prompt``). With ``strip_prompt`` off the
+        caption keeps the prompt, as transformers returns it (BLIP's BERT tokenizer lower-cases
+        it); BLIP-2 is treated the same way, so both kinds agree.
 
         Args:
             images: ``N`` RGB images, each an ``(H, W, 3)`` ``uint8`` array of any size (the
@@ -177,24 +178,65 @@ class Captioner:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():
             token_ids = self.model.generate(
-                **inputs,
-                max_new_tokens=self.config.max_new_tokens,
-                min_new_tokens=self.config.min_new_tokens,
-                num_beams=self.config.num_beams,
+                **inputs, num_beams=self.config.num_beams, **self.length_arguments()
             )  # (N, L): prompt tokens (if any) followed by the generated ones
         texts = self.processor.batch_decode(token_ids, skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return [_strip(text, prompt if self.config.strip_prompt else None) for text in texts]
+
+    def length_arguments(self) -> dict[str, int]:
+        """The length keywords for ``generate`` (docs/method.md, step 1).
+
+        BLIP: ``max_length`` / ``min_length`` go to ``generate`` as they are: transformers
+        counts the decoder's input ids (its start token and the prompt) in them, as LAVIS does.
+        BLIP-2: they become new-token counts, as LAVIS's OPT captioner counts them.
+        ``max_new_tokens`` / ``min_new_tokens``, when set, replace them.
+        """
+        config = self.config
+        arguments: dict[str, int] = {}
+        total = "max_length" if self._kind == "blip" else "max_new_tokens"
+        floor = "min_length" if self._kind == "blip" else "min_new_tokens"
+        if config.max_new_tokens is not None:
+            arguments["max_new_tokens"] = config.max_new_tokens
+        elif config.max_length is not None:
+            arguments[total] = config.max_length
+        if config.min_new_tokens is not None:
+            arguments["min_new_tokens"] = config.min_new_tokens
+        elif config.min_length is not None:
+            arguments[floor] = config.min_length
+        return arguments
+
+
+def _strip(text: str, prompt: str | None) -> str:
+    """The decoded caption without surrounding spaces and, if given, without the prompt.
+
+    LAVIS cuts ``len(prompt)`` characters off the decoded text; the decoder was forced to start
+    with the prompt, so the text starts with it (as the tokenizer writes it back) and the cut is
+    the same. Should a tokenizer write the prompt back differently, nothing is cut.
+    """
+    text = text.strip()
+    if prompt is not None and prompt.strip():
+        written = prompt.strip()
+        if text.lower().startswith(written.lower()):
+            text = text[len(written) :].strip()
+    return text
 
 
 def _check_config(config: CaptionConfig) -> None:
     """Refuse generation settings that cannot work, naming the setting."""
-    if config.max_new_tokens < 1:
-        raise ConfigError(f"caption.max_new_tokens must be >= 1, got {config.max_new_tokens}")
-    if not 0 <= config.min_new_tokens <= config.max_new_tokens:
-        raise ConfigError(
-            f"caption.min_new_tokens must be between 0 and caption.max_new_tokens "
-            f"({config.max_new_tokens}), got {config.min_new_tokens}"
-        )
+    for name in ("max_length", "max_new_tokens"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"caption.{name} must be >= 1 (or null), got {value}")
+    for low, high in (("min_length", "max_length"), ("min_new_tokens", "max_new_tokens")):
+        floor, ceiling = getattr(config, low), getattr(config, high)
+        if floor is not None and floor < 0:
+            raise ConfigError(f"caption.{low} must be >= 0 (or null), got {floor}")
+        if floor is not None and ceiling is not None and floor > ceiling:
+            raise ConfigError(
+                f"caption.{low} must be between 0 and caption.{high} ({ceiling}), got {floor}"
+            )
+    if config.max_length is None and config.max_new_tokens is None:
+        raise ConfigError("set caption.max_length or caption.max_new_tokens: captions need a limit")
     if config.num_beams < 1:
         raise ConfigError(f"caption.num_beams must be >= 1, got {config.num_beams}")
 

@@ -1,23 +1,32 @@
-"""Naming the masks with CLIP (method.md rows 10 and 11).
+"""Naming the masks with CLIP (docs/method.md, steps 10 and 11).
 
 Every cluster becomes one CLIP input: the whole image with every pixel outside the cluster set
 to black. All masked images of a batch go through the vision tower in one forward; the text
 embeddings of a label set are computed once and cached. The score of label ``t`` for cluster
 ``k`` is the softmax over the labels of CLIP's scaled cosine similarities.
+
+The masked images are prepared either by transformers' own CLIP image processor (PIL on the
+CPU, ``image_processing="processor"``: the released script's inputs, bit for bit) or by the same
+resize, crop and normalisation in torch on the pipeline's device (``"torch"``: no host round
+trip; pixels within one grey level of the processor's).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from freesegdiff.errors import ConfigError
 from freesegdiff.hub import load_pretrained
 from freesegdiff.image_io import image_tensor
+
+ImageProcessing = Literal["processor", "torch"]
+TieRule = Literal["all", "first"]
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -38,6 +47,8 @@ class MaskClassifier:
             settings (resize, crop, mean, std) are applied here in torch on the model's device.
         template: how a label is written for CLIP (``"{}"``: the bare label, as the paper).
         batch_size: most masked images per vision forward.
+        image_processing: ``"processor"`` (transformers' processor, as released) or
+            ``"torch"`` (the same steps on ``device``); see the module docstring.
     """
 
     def __init__(
@@ -49,7 +60,13 @@ class MaskClassifier:
         template: str = "{}",
         batch_size: int = 64,
         cache_size: int = 256,
+        image_processing: ImageProcessing = "processor",
     ) -> None:
+        if image_processing not in ("processor", "torch"):
+            raise ConfigError(
+                "classify.image_processing must be 'processor' or 'torch', "
+                f"got {image_processing!r}"
+            )
         if getattr(model, "dtype", dtype) != dtype:
             model = model.to(dtype=dtype)
         self.model = model.to(device).eval().requires_grad_(False)
@@ -58,6 +75,7 @@ class MaskClassifier:
         self.dtype = dtype
         self.template = template
         self.batch_size = batch_size
+        self.image_processing = image_processing
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         images = processor.image_processor
@@ -79,6 +97,7 @@ class MaskClassifier:
         dtype: torch.dtype = torch.float32,
         template: str = "{}",
         batch_size: int = 64,
+        image_processing: ImageProcessing = "processor",
         offline: bool = False,
         revision: str | None = None,
         cache_dir: str | None = None,
@@ -95,7 +114,9 @@ class MaskClassifier:
         }
         model = load_pretrained(CLIPModel.from_pretrained, name, dtype=dtype, **options)
         processor = load_pretrained(CLIPProcessor.from_pretrained, name, **options)
-        return cls(model, processor, device, dtype, template, batch_size)
+        return cls(
+            model, processor, device, dtype, template, batch_size, image_processing=image_processing
+        )
 
     @torch.inference_mode()
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
@@ -138,14 +159,20 @@ class MaskClassifier:
         pixels = pixels.clamp(0, 255).round()  # the processor resizes uint8 images
         crop_h, crop_w = self.crop or (None, None)
         if crop_h and crop_w:
-            top = max(0, round((pixels.shape[-2] - crop_h) / 2.0))
-            left = max(0, round((pixels.shape[-1] - crop_w) / 2.0))
+            # the crop's corner at the floor of half the margin, as the processor puts it
+            top = max(0, (pixels.shape[-2] - crop_h) // 2)
+            left = max(0, (pixels.shape[-1] - crop_w) // 2)
             pixels = pixels[..., top : top + crop_h, left : left + crop_w]
         return (pixels * self.rescale - self.mean) / self.std
 
     def masked_images(self, image: np.ndarray, masks: torch.Tensor) -> torch.Tensor:
         """The image ``(H, W, 3)`` uint8 blacked out outside each mask ``(K, H, W)`` bool,
         preprocessed: ``(K, 3, S, S)`` float32 on the device."""
+        if self.image_processing == "processor":
+            keep = masks.cpu().numpy().astype(np.uint8)[..., None]  # (K, H, W, 1)
+            pictures = [np.ascontiguousarray(image) * mask for mask in keep]  # (H, W, 3) uint8
+            inputs = self.processor.image_processor(images=pictures, return_tensors="pt")
+            return inputs["pixel_values"].to(self.device, torch.float32)
         pixels = image_tensor(image).to(self.device).float()[None]  # (1, 3, H, W)
         masked = pixels * masks.to(self.device)[:, None].float()  # (K, 3, H, W)
         return self.preprocess(masked)
@@ -189,22 +216,28 @@ class MaskClassifier:
         return outputs
 
 
-def assign_labels(scores: np.ndarray, candidates: np.ndarray | None = None) -> list[int]:
-    """The paper's assignment of labels to clusters (method.md row 11).
+def assign_labels(
+    scores: np.ndarray, candidates: np.ndarray | None = None, ties: TieRule = "all"
+) -> list[int]:
+    """The paper's assignment of labels to clusters (docs/method.md, step 11).
 
     1. rows of non-candidate labels are zeroed;
-    2. in each row only the largest score is kept (a label claims at most one cluster; on a tie
-       the lowest cluster index wins);
+    2. in each row only the largest score is kept (a label claims one cluster); on an exact tie
+       between clusters, ``ties="all"`` keeps it for every tied cluster (released), ``"first"``
+       for the lowest cluster index only;
     3. each cluster takes the label with the largest kept score in its column (on a tie the
        lowest label index); a cluster whose kept scores are all zero is background.
 
     Args:
         scores: ``(T, K)`` label x cluster scores (non-negative).
         candidates: ``(T,)`` bool, which labels may be chosen; None: all.
+        ties: ``"all"`` or ``"first"``, as above.
 
     Returns:
         per cluster, the index of its label in ``[0, T)``, or -1 for background.
     """
+    if ties not in ("all", "first"):
+        raise ConfigError(f"classify.ties must be 'all' or 'first', got {ties!r}")
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"scores must be (labels, clusters), got shape {scores.shape}")
@@ -217,9 +250,12 @@ def assign_labels(scores: np.ndarray, candidates: np.ndarray | None = None) -> l
         if candidates.shape != (labels,):
             raise ValueError(f"candidates must be ({labels},), got {candidates.shape}")
         kept[~candidates] = 0.0
-    best_cluster = kept.argmax(axis=1)  # first maximum on ties
-    claimed = np.zeros_like(kept)
-    rows = np.arange(labels)
-    claimed[rows, best_cluster] = kept[rows, best_cluster]
+    if ties == "all":
+        claimed = np.where(kept < kept.max(axis=1, keepdims=True), 0.0, kept)
+    else:
+        best_cluster = kept.argmax(axis=1)  # first maximum on ties
+        claimed = np.zeros_like(kept)
+        rows = np.arange(labels)
+        claimed[rows, best_cluster] = kept[rows, best_cluster]
     choice = claimed.argmax(axis=0)
     return [int(c) if claimed[c, k] > 0 else -1 for k, c in enumerate(choice)]

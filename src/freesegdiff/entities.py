@@ -1,4 +1,4 @@
-"""Entities: the words of a caption that name things to segment (method.md row 2).
+"""Entities: the words of a caption that name things to segment (docs/method.md, step 2).
 
 Two rules:
 
@@ -8,7 +8,7 @@ Two rules:
     phrase ``"ADJ HEAD"`` (the adjective and the text of its syntactic head, whatever that head
     is). Token order, original case, duplicates kept.
 
-``"extended"`` (the default)
+``"extended"``
     The same idea, made usable as label texts: multi-word names are kept whole, plural nouns are
     reduced to their lemma, proper-noun tags on common nouns are tolerated, framing nouns such as
     "picture of" or "group of" are dropped, the output is lowercase and without duplicates. See
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from spacy.tokens import Doc, Token
 
 EntityRule = Literal["paper", "extended"]
+AdjectiveForm = Literal["phrase", "head"]
 
 # Tried in this order when no model is named: the model the paper used, then the same small
 # English pipeline as packaged on PyPI (installable with plain pip, no `spacy download`).
@@ -129,7 +130,10 @@ def _load_spacy(name: str) -> Language:
 
 # ------------------------------------------------------------------------------- the rules
 def extract_entities(
-    caption: str, rule: EntityRule = "extended", nlp: Language | None = None
+    caption: str,
+    rule: EntityRule = "paper",
+    nlp: Language | None = None,
+    adjectives: AdjectiveForm = "phrase",
 ) -> list[str]:
     """The entities a caption names, in order of first mention.
 
@@ -138,6 +142,9 @@ def extract_entities(
         rule: ``"paper"``, the published rule verbatim, or ``"extended"`` (see below).
         nlp: a loaded spaCy pipeline with tagger and parser (and NER for ``"extended"``);
             None: :func:`load_spacy` ``()``.
+        adjectives: what an adjective gives: ``"phrase"``, ``"<adjective> <head>"`` (the
+            released open-vocabulary branch), or ``"head"``, the head alone (the released
+            closed-vocabulary branch, which matches entities to class names).
 
     Returns:
         The entity texts. An empty or whitespace-only caption gives ``[]``.
@@ -173,9 +180,11 @@ def extract_entities(
     Examples:
         >>> extract_entities("a small bird perched on a branch of a tree", rule="paper")
         ['small bird', 'bird', 'branch', 'tree']
-        >>> extract_entities("two brown dogs next to a fire hydrant")
+        >>> extract_entities("a small bird perched on a branch", adjectives="head")
+        ['bird', 'bird', 'branch']
+        >>> extract_entities("two brown dogs next to a fire hydrant", rule="extended")
         ['brown dog', 'dog', 'fire hydrant']
-        >>> extract_entities("A picture of a Teddy Bear on a dining table")
+        >>> extract_entities("A picture of a Teddy Bear on a dining table", rule="extended")
         ['teddy bear', 'dining table']
         >>> extract_entities("it is what it is")
         []
@@ -187,18 +196,21 @@ def extract_entities(
         )
     if rule not in ("paper", "extended"):
         raise ConfigError(f"entity rule must be 'paper' or 'extended', got {rule!r}")
+    if adjectives not in ("phrase", "head"):
+        raise ConfigError(f"adjectives must be 'phrase' or 'head', got {adjectives!r}")
     text = " ".join(caption.split())
     if not text:
         return []
     if nlp is None:
         nlp = load_spacy()
     if rule == "paper":
-        return _paper_entities(nlp(caption))
-    return _extended_entities(nlp(text.lower()), nlp)
+        return _paper_entities(nlp(caption), adjectives)
+    return _extended_entities(nlp(text.lower()), nlp, adjectives)
 
 
-def _paper_entities(doc: Doc) -> list[str]:
-    """The released script's loop, unchanged (``BLIPcaptioner.py``, open-vocabulary branch)."""
+def _paper_entities(doc: Doc, adjectives: AdjectiveForm = "phrase") -> list[str]:
+    """The released script's loop, unchanged (``BLIPcaptioner.py``: the open-vocabulary branch
+    with ``"phrase"``, the closed-vocabulary branch with ``"head"``)."""
     entities = []
     for token in doc:
         if token.is_stop:
@@ -206,7 +218,8 @@ def _paper_entities(doc: Doc) -> list[str]:
         if token.pos_ == "NOUN":
             entities.append(token.text)
         elif token.pos_ == "ADJ":
-            entities.append(f"{token.text} {token.head.text}")
+            head = token.head.text
+            entities.append(head if adjectives == "head" else f"{token.text} {head}")
     return entities
 
 
@@ -219,7 +232,7 @@ class _Name:
     kept: bool  # False: a lone stop word or framing noun, dropped with its adjectives
 
 
-def _extended_entities(doc: Doc, nlp: Language) -> list[str]:
+def _extended_entities(doc: Doc, nlp: Language, adjectives: AdjectiveForm = "phrase") -> list[str]:
     name_of: dict[int, _Name] = {}  # token index -> the name the token belongs to
     for start, end, text in _known_names(doc, nlp):
         name = _Name(start, text, kept=True)
@@ -248,7 +261,8 @@ def _extended_entities(doc: Doc, nlp: Language) -> list[str]:
             target = target.head
         head_name = name_of.get(target.head.i)
         if target.head is not target and head_name is not None and head_name.kept:
-            found.append((token.i, f"{token.lower_} {head_name.text}"))
+            phrase = f"{token.lower_} {head_name.text}"
+            found.append((token.i, head_name.text if adjectives == "head" else phrase))
     found.sort(key=lambda item: item[0])
     return list(dict.fromkeys(text for _, text in found))
 

@@ -1,4 +1,6 @@
-"""Diffusion features: Stable Diffusion's UNet queries as dense image features (method.md 3-7).
+"""Diffusion features: Stable Diffusion's UNet queries as dense image features.
+
+docs/method.md, steps 3 to 7.
 
 An image is resized to ``image_size`` squared, scaled to [-1, 1], encoded by the VAE (a posterior
 sample times the scaling factor), noised to timestep ``t`` and passed once through the UNet with
@@ -103,13 +105,24 @@ def select_layers(
     return sorted((by_name[name] for name in dict.fromkeys(layers)), key=lambda x: x.order)
 
 
-def images_to_tensor(images: Sequence[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
+def images_to_tensor(
+    images: Sequence[np.ndarray], size: int, device: torch.device, resize: str = "pil"
+) -> torch.Tensor:
     """RGB uint8 ``(H, W, 3)`` images -> ``(B, 3, size, size)`` float32 in [-1, 1].
 
-    Each image is resized (bilinear, antialiased, aspect not kept) on ``device``.
+    Each image is resized to ``size`` squared, aspect not kept (docs/method.md, step 3):
+    ``resize="pil"``, PIL's bilinear filter on the uint8 image with a uint8 result (the
+    released script); ``"torch"``, antialiased bilinear in float on ``device``, no rounding.
     """
+    if resize not in ("pil", "torch"):
+        raise ConfigError(f"features.resize must be 'pil' or 'torch', got {resize!r}")
     batch = []
     for image in images:
+        if resize == "pil" and image.shape[:2] != (size, size):
+            from PIL import Image
+
+            picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+            image = np.asarray(picture.resize((size, size), Image.Resampling.BILINEAR))
         pixels = image_tensor(image).to(device)[None].float()  # (H, W, 3) -> (1, 3, H, W)
         if pixels.shape[-2:] != (size, size):
             pixels = F.interpolate(
@@ -511,7 +524,9 @@ class DiffusionFeatures:
         for start in range(0, len(images), step):
             chunk, chunk_generators = images[start : start + step], generators[start : start + step]
             with timer("vae"):
-                pixels = images_to_tensor(chunk, self.config.image_size, self.device)
+                pixels = images_to_tensor(
+                    chunk, self.config.image_size, self.device, self.config.resize
+                )
                 latents = self.encode(pixels, chunk_generators)
             with timer("unet"):
                 noisy = self.add_noise(latents, chunk_generators)

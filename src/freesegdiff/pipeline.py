@@ -21,6 +21,7 @@ from freesegdiff.clustering import cluster_features, upsample_cluster_map
 from freesegdiff.compose import compose_label_map
 from freesegdiff.config import PipelineConfig, set_by_path
 from freesegdiff.devices import resolve_device, resolve_dtype
+from freesegdiff.entities import AdjectiveForm
 from freesegdiff.errors import ConfigError, EmptyVocabularyError, FreeSegDiffError
 from freesegdiff.features import DiffusionFeatures
 from freesegdiff.image_io import ImageInput, load_image
@@ -103,6 +104,7 @@ class FreeSegDiff:
             dtype=dtype,
             template=config.classify.label_template,
             batch_size=config.classify.batch_size,
+            image_processing=config.classify.image_processing,
             **hub,
         )
         captioner = None
@@ -303,19 +305,35 @@ class FreeSegDiff:
     def vocabulary(
         self, caption: str | None, classes: list[str] | None, warnings: list[str]
     ) -> tuple[list[str], list[str], list[str]]:
-        """``(entities, label texts, candidate texts)`` for one image."""
+        """``(entities, label texts, candidate texts)`` for one image (docs/method.md, step 9).
+
+        Open vocabulary: the label texts are ``vocabulary.open_distractors`` followed by the
+        entities not among them (repeated entities kept, as released); only texts that are
+        entities are candidates. Closed vocabulary: the label texts are the classes; the
+        caption's entities (adjectives as ``vocabulary.adjective_entities`` says) prune them.
+        """
         from freesegdiff.entities import extract_entities
 
+        settings = self.config.vocabulary
+        closed = classes is not None and settings.prune_with_caption
+        adjectives: AdjectiveForm = (
+            "head" if closed and settings.adjective_entities == "head" else "phrase"
+        )
         entities: list[str] = []
         if caption is not None:
-            entities = extract_entities(caption, rule=self.config.entities.rule, nlp=self._spacy())
+            entities = extract_entities(
+                caption, rule=self.config.entities.rule, nlp=self._spacy(), adjectives=adjectives
+            )
         if classes is None:
             if not entities:
                 warnings.append(
                     f"the caption {caption!r} names no object; the whole image is background"
                 )
-            return entities, entities, entities
-        if caption is None or not self.config.vocabulary.prune_with_caption:
+            distractors = list(settings.open_distractors)
+            texts = distractors + [e for e in entities if e not in distractors]
+            named = set(entities)
+            return entities, texts, [text for text in texts if text in named]
+        if caption is None or not settings.prune_with_caption:
             return entities, classes, classes
         if not entities:
             warnings.append(
@@ -326,7 +344,11 @@ class FreeSegDiff:
         from freesegdiff.vocabulary import prune_classes
 
         candidates = prune_classes(
-            entities, classes, self._embed_texts, self.config.vocabulary.class_template
+            entities,
+            classes,
+            self._embed_texts,
+            settings.class_template,
+            multiword=settings.multiword_classes,
         )
         return entities, classes, candidates
 
@@ -362,7 +384,9 @@ class FreeSegDiff:
                     candidates=len(vocab[index][2]),
                     seed=config.seed,
                 )
-                full = upsample_cluster_map(small, image.shape[0], image.shape[1])
+                full = upsample_cluster_map(
+                    small, image.shape[0], image.shape[1], config.clustering.upsample
+                )
                 cluster_maps.append(full)
         with timer("clip"):
             masks = [
@@ -381,7 +405,7 @@ class FreeSegDiff:
             entities, labels, candidates = vocab[index]
             candidate_set = set(candidates)
             allowed = np.array([label in candidate_set for label in labels], dtype=bool)
-            cluster_labels = assign_labels(scores[index], allowed)
+            cluster_labels = assign_labels(scores[index], allowed, config.classify.ties)
             coarse = masks[index].cpu().numpy()
             kept = [k for k, label in enumerate(cluster_labels) if label >= 0]
             with item_timer("refinement"):
@@ -392,7 +416,11 @@ class FreeSegDiff:
                 ids = [cluster_labels[k] + 1 for k in kept]
                 label_map = compose_label_map(refined_kept, ids, image.shape[:2])
                 segments = []
+                seen: set[int] = set()
                 for k, label_id in zip(kept, ids, strict=True):
+                    if label_id in seen:
+                        continue  # a label kept by tied clusters is one segment, the union
+                    seen.add(label_id)
                     mask = label_map == label_id
                     area = int(mask.sum())
                     if area == 0:

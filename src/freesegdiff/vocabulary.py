@@ -1,4 +1,4 @@
-"""Closed vocabulary: which dataset classes the caption points to (method.md row 9).
+"""Closed vocabulary: which dataset classes the caption points to (docs/method.md, step 9).
 
 Each entity of the caption is matched to its nearest class by the correlation distance between
 Stable Diffusion text-encoder embeddings; the entities that match best (nearest distance at most
@@ -13,13 +13,14 @@ functions); :func:`prune_classes` wires them to an embedding function such as th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from freesegdiff.errors import ConfigError, EmptyVocabularyError
 
 TextEmbedder = Callable[[Sequence[str]], torch.Tensor]
+MultiwordRule = Literal["mean-of-words", "whole"]
 
 # Nearest distances this close to the mean (relative) count as equal to it: below the resolution
 # of float32 embeddings, so an exact tie is never lost to rounding.
@@ -149,20 +150,53 @@ def candidate_indices(entity_embeddings: torch.Tensor, class_embeddings: torch.T
     return sorted(set(nearest_class[keep].tolist()))
 
 
+def class_embeddings(
+    classes: Sequence[str],
+    embed: TextEmbedder,
+    template: str = "A photo of {}",
+    multiword: MultiwordRule = "mean-of-words",
+) -> torch.Tensor:
+    """``(M, D)`` embeddings of class names for matching (docs/method.md, step 9).
+
+    ``"whole"``: each name in the template (``"A photo of dining table"``).
+    ``"mean-of-words"`` (released): a name of several words (split on white space) is the mean
+    of the template's embedding over its words (``"A photo of dining"``, ``"A photo of
+    table"``); a one-word name is embedded as with ``"whole"``.
+    """
+    if multiword not in ("mean-of-words", "whole"):
+        raise ConfigError(
+            f"vocabulary.multiword_classes must be 'mean-of-words' or 'whole', got {multiword!r}"
+        )
+    if multiword == "whole":
+        return embed([template.format(name) for name in classes])
+    words = [name.split() or [name] for name in classes]
+    prompts = [template.format(word) for parts in words for word in parts]
+    rows = embed(prompts)  # (sum of word counts, D)
+    means, start = [], 0
+    for parts in words:
+        means.append(rows[start : start + len(parts)].mean(dim=0))
+        start += len(parts)
+    return torch.stack(means)
+
+
 def prune_classes(
     entities: Sequence[str],
     classes: Sequence[str],
     embed: TextEmbedder,
     template: str = "A photo of {}",
+    multiword: MultiwordRule = "mean-of-words",
 ) -> list[str]:
     """The classes of a closed vocabulary that the caption's entities point to.
 
     Args:
         entities: the caption's entities (:func:`freesegdiff.entities.extract_entities`), each
             embedded as it is. Every entry counts once in the mean, repeated ones included.
+            The released script matches an adjective entity by its head noun alone
+            (``extract_entities(..., adjectives="head")``).
         classes: the dataset's class names.
         embed: ``texts -> (len(texts), D)`` embeddings, e.g. from :func:`text_embedder`.
         template: how a class name becomes the text that is embedded (``{}`` is the name).
+        multiword: how a class name of several words is embedded (:func:`class_embeddings`).
 
     Returns:
         The candidate class names, each once, in the order of ``classes``: the nearest class of
@@ -172,12 +206,7 @@ def prune_classes(
 
     Raises:
         EmptyVocabularyError: ``classes`` is empty.
-        ConfigError: ``template`` has no ``{}`` for the class name.
-
-    Two departures from the released script, on purpose: it embedded a class name of several
-    words as the mean of ``"A photo of <word>"`` over its words (here: the whole name in the
-    template), and in this closed-vocabulary branch it embedded an adjective entity as its head
-    noun alone (here: whatever ``entities`` holds).
+        ConfigError: ``template`` has no ``{}`` for the class name, or ``multiword`` is unknown.
 
     Example:
         >>> prune_classes(["kitten", "puppy", "cloud"], ["cat", "dog", "car"], embed)
@@ -195,7 +224,7 @@ def prune_classes(
     entities = list(entities)
     if not entities:
         return []
-    class_embeddings = embed([template.format(name) for name in classes])  # (M, D)
-    entity_embeddings = embed(entities)  # (N, D)
-    chosen = candidate_indices(entity_embeddings, class_embeddings)
+    class_rows = class_embeddings(classes, embed, template, multiword)  # (M, D)
+    entity_rows = embed(entities)  # (N, D)
+    chosen = candidate_indices(entity_rows, class_rows)
     return list(dict.fromkeys(classes[index] for index in chosen))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from freesegdiff import cli
-from freesegdiff.evaluation.classnames import flatten_synonyms, load_class_names
+from freesegdiff.evaluation.classnames import label_texts, load_class_names
 from freesegdiff.evaluation.datasets import open_dataset
 from freesegdiff.evaluation.runner import prediction_palette
 from freesegdiff.evaluation.synthetic import write_synthetic_dataset
@@ -29,15 +29,16 @@ LAYOUTS = [
 
 
 class OraclePipe:
-    """Stands in for FreeSegDiff: labels every pixel with a synonym of its true class.
+    """Stands in for FreeSegDiff: labels every pixel with a label text of its true class.
 
-    Void pixels stay unlabelled (0), which grounding turns into background or "no class".
+    Void pixels stay unlabelled (0), which grounding turns into background or "no class"; so do
+    background pixels when the background class has no text (``mode="names"``).
     """
 
-    def __init__(self, name, root):
+    def __init__(self, name, root, mode="names"):
         dataset = open_dataset(name, root)
         self.truth = {str(s.image_path): s.label_map for s in dataset}
-        vocabulary = flatten_synonyms(load_class_names(name), dataset.background_id)
+        vocabulary = label_texts(load_class_names(name), dataset.background_id, mode)
         self.first_text = {}
         for index, class_id in enumerate(vocabulary.class_ids):
             self.first_text.setdefault(class_id, index + 1)
@@ -65,16 +66,23 @@ def read_results(folder):
     return json.loads((folder / "results.json").read_text())
 
 
+@pytest.mark.parametrize("mode", ["names", "synonyms"])
 @pytest.mark.parametrize(("name", "source"), LAYOUTS)
-def test_perfect_predictions_score_100_in_every_layout(tmp_path, monkeypatch, name, source):
+def test_perfect_predictions_score_100_in_every_layout(tmp_path, monkeypatch, name, source, mode):
     if source == "json":
         pytest.importorskip("pycocotools")
     write_synthetic_dataset(name, tmp_path / "data", num_images=2, coco_source=source)
-    oracle = OraclePipe(name, tmp_path / "data")
+    oracle = OraclePipe(name, tmp_path / "data", mode)
     monkeypatch.setattr("freesegdiff.commands.common.pipeline_from_args", lambda args: oracle)
     out = tmp_path / "out"
-    assert run_eval("--dataset", name, "--data-root", str(tmp_path / "data"), "-o", str(out)) == 0
+    texts = ["--set", f'vocabulary.dataset_texts="{mode}"']
+    data = ["--dataset", name, "--data-root", str(tmp_path / "data"), "-o", str(out), *texts]
+    assert run_eval(*data) == 0
     results = read_results(out)
+    expected = label_texts(
+        load_class_names(name), open_dataset(name, tmp_path / "data").background_id, mode
+    )
+    assert results["settings"]["label_texts"] == list(expected.texts)
     assert results["dataset"] == name and results["images"] == 2
     assert results["miou"] == 100.0 and results["pixel_accuracy"] == 100.0
     assert results["seconds_per_image"] == 0.25
@@ -83,10 +91,7 @@ def test_perfect_predictions_score_100_in_every_layout(tmp_path, monkeypatch, na
     assert len(results["per_class_iou"]) == len(load_class_names(name))
     assert (out / "results.md").is_file() and (out / "confusion.png").is_file()
     # the paper protocol re-scores the cached predictions without predicting again
-    assert run_eval(
-        "--dataset", name, "--data-root", str(tmp_path / "data"), "-o", str(out),
-        "--protocol", "paper",
-    ) == 0  # fmt: skip
+    assert run_eval(*data, "--protocol", "paper") == 0
     assert read_results(out)["miou"] == 100.0 and oracle.calls == 2
 
 

@@ -48,9 +48,6 @@ STAGES: tuple[str, ...] = (
     "refinement",
     "composition",
 )
-# Greedy BLIP captions of VOC photos are 8 to 15 tokens; a fixed 20 (as many as transformers'
-# default max_length allows) makes the caption stage cost what a long real caption costs.
-CAPTION_TOKENS = 20
 EXAMPLES = ("cat.jpg", "coffee.jpg", "astronaut.jpg")
 
 
@@ -166,11 +163,22 @@ def bench_config(settings: BenchSettings) -> PipelineConfig:
     if settings.device is not None:
         config = set_by_path(config, "device", settings.device)
     if not _is_tiny(config):
-        config = set_by_path(config, "caption.max_new_tokens", CAPTION_TOKENS)
-        config = set_by_path(config, "caption.min_new_tokens", CAPTION_TOKENS)
+        # The preset's decoding (beams, prompt, limits), every caption as long as its limit
+        # allows: random weights would stop at a random step, real ones after ~10 to 15 tokens.
+        caption = config.caption
+        if caption.max_new_tokens is not None:
+            config = set_by_path(config, "caption.min_new_tokens", caption.max_new_tokens)
+        elif caption.max_length is not None:
+            config = set_by_path(config, "caption.min_length", caption.max_length)
     for key, value in settings.overrides.items():
         config = set_by_path(config, key, value)
     return config
+
+
+def _caption_tokens(config: PipelineConfig) -> int | None:
+    """The caption length the bench forces: new tokens, or the decoder's whole length."""
+    caption = config.caption
+    return caption.max_new_tokens if caption.max_new_tokens is not None else caption.max_length
 
 
 def _is_tiny(config: PipelineConfig) -> bool:
@@ -333,17 +341,21 @@ def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[
     forwards: dict[str, Callable[[], object]] = {}
     if pipe.captioner is not None:
         captioner = pipe.captioner
+        prompt = config.caption.prompt
         inputs = captioner.processor(
-            images=[Image.fromarray(image) for image in batch], return_tensors="pt"
+            images=[Image.fromarray(image) for image in batch],
+            text=None if prompt is None else [prompt] * len(batch),
+            return_tensors="pt",
         )
-        forwards["caption"] = partial(
+        inputs = {key: value.to(device) for key, value in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(captioner.dtype)
+        forwards["caption"] = partial(  # the pipeline's decoding, exactly (Captioner.caption)
             captioner.model.generate,
-            pixel_values=inputs["pixel_values"].to(device, captioner.dtype),
-            max_new_tokens=config.caption.max_new_tokens,
-            min_new_tokens=config.caption.min_new_tokens,
+            **inputs,
             num_beams=config.caption.num_beams,
+            **captioner.length_arguments(),
         )
-    pixels = images_to_tensor(batch, config.features.image_size, device)
+    pixels = images_to_tensor(batch, config.features.image_size, device, config.features.resize)
     vae_input = pixels.to(features.dtype)
     if features.channels_last:
         vae_input = vae_input.contiguous(memory_format=torch.channels_last)
@@ -435,7 +447,7 @@ def run_bench(settings: BenchSettings) -> BenchReport:
         ),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "caption_tokens": config.caption.max_new_tokens,
+        "caption_tokens": _caption_tokens(config),
         "build_seconds": round(build_seconds, 2),
         "wall_seconds": round(wall, 3),
         "load_average_before": load_before,  # 1, 5 and 15 minutes, before the models

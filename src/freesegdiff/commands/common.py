@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from freesegdiff.config import PipelineConfig, set_by_path
+from freesegdiff.config import PipelineConfig, merge_config, set_by_path
 from freesegdiff.errors import ConfigError
 
 # flag -> (dotted setting, type, help); all default to "keep the preset's value".
@@ -26,7 +26,7 @@ SHORTCUTS: dict[str, tuple[str, Any, str]] = {
     "--feature-size": ("features.feature_size", int, "side of the feature grid (32)"),
     "--k": ("clustering.k", int, "number of k-means clusters (4)"),
     "--cluster-method": ("clustering.method", str, "kmeans or agglomerative"),
-    "--entity-rule": ("entities.rule", str, "extended (default) or paper"),
+    "--entity-rule": ("entities.rule", str, "paper (released) or extended"),
     "--refine": ("refine.method", str, "crf (default), pamr or none"),
     "--crf-backend": ("refine.backend", str, "torch (default) or pydensecrf"),
     "--crf-iterations": ("refine.iterations", int, "mean-field iterations (10)"),
@@ -101,7 +101,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
                 values = json.load(handle)
         except (OSError, json.JSONDecodeError) as error:
             raise ConfigError(f"cannot read settings file {args.config!r}: {error}") from error
-        config = PipelineConfig.from_dict({**config.to_dict(), **values})
+        config = merge_config(config, values)  # over the preset, section by section
     for flag, (path, _, _) in SHORTCUTS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:

@@ -45,8 +45,9 @@ def add_parser(subparsers: Any) -> None:
         "--vocabulary",
         default="closed",
         choices=("closed", "open"),
-        help="closed: the dataset's class names (with synonyms) pruned by the caption, as the "
-        "paper; open: caption entities matched to classes by text embeddings",
+        help="closed: the dataset's class names pruned by the caption, as the paper (plain "
+        "names under --preset paper; synonym lists with vocabulary.dataset_texts=synonyms, "
+        "as --preset extended); open: caption entities matched to classes by text embeddings",
     )
     parser.add_argument(
         "--text-encoder",
@@ -78,7 +79,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate; return 0, or 1 when some image failed (it is scored as unpredicted)."""
-    from freesegdiff.evaluation.classnames import flatten_synonyms
+    from freesegdiff.evaluation.classnames import label_texts
     from freesegdiff.evaluation.datasets import open_dataset
     from freesegdiff.evaluation.grounding import NO_CLASS, Grounder
     from freesegdiff.evaluation.runner import evaluate
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     dataset = open_dataset(args.dataset, args.data_root, class_names_file=args.class_names)
     classes = dataset.classes
-    vocabulary = flatten_synonyms(classes, dataset.background_id)
+    vocabulary = label_texts(classes, dataset.background_id, config.vocabulary.dataset_texts)
     unlabelled = NO_CLASS if dataset.background_id is None else dataset.background_id
     open_vocabulary = args.vocabulary == "open"
     settings = {
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         "match_max_distance": args.match_max_distance if open_vocabulary else None,
         "unlabelled_pixels": "background" if dataset.background_id is not None else "no class",
         "class_names": {entry.name: ", ".join(entry.synonyms) for entry in classes},
+        "label_texts": list(vocabulary.texts),
         "pipeline": config.to_dict(),
     }
 

@@ -131,3 +131,26 @@ def flatten_synonyms(classes: Sequence[ClassName], background_id: int | None) ->
                 texts.append(text)
                 ids.append(class_id)
     return FlatVocabulary(texts=tuple(texts), class_ids=tuple(ids))
+
+
+def label_texts(
+    classes: Sequence[ClassName], background_id: int | None, mode: str = "names"
+) -> FlatVocabulary:
+    """The texts a benchmark run gives the pipeline (``vocabulary.dataset_texts``).
+
+    ``"names"`` (released): one text per class, its display name (``aeroplane``,
+    ``diningtable``, ``pottedplant``, ``tvmonitor`` on VOC), the background class left out: its
+    pixels are the ones no mask claims. ``"synonyms"``: every synonym of every class, the
+    background's stuff words included (:func:`flatten_synonyms`; the later papers' protocol).
+
+    Raises:
+        ConfigError: an unknown ``mode``.
+    """
+    if mode == "synonyms":
+        return flatten_synonyms(classes, background_id)
+    if mode != "names":
+        raise ConfigError(f"vocabulary.dataset_texts must be 'names' or 'synonyms', got {mode!r}")
+    kept = [(entry.name, index) for index, entry in enumerate(classes) if index != background_id]
+    return FlatVocabulary(
+        texts=tuple(name for name, _ in kept), class_ids=tuple(index for _, index in kept)
+    )

@@ -54,7 +54,9 @@ def pydensecrf_refine(
     """
     densecrf, utils = _import_pydensecrf()
     count, height, width = masks.shape
-    rgb = np.ascontiguousarray(image, dtype=np.uint8)
+    # pydensecrf's Cython signature wants a writable buffer; ascontiguousarray returns a
+    # read-only input (every image load_image reads) as it is, so copy whenever needed.
+    rgb = np.require(image, dtype=np.uint8, requirements=["C", "W"])
     refined = np.zeros((count, height, width), dtype=bool)
     for index, mask in enumerate(masks):
         crf = densecrf.DenseCRF2D(width, height, 2)

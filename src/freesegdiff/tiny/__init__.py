@@ -16,7 +16,7 @@ from pathlib import Path
 from freesegdiff.errors import ModelUnavailableError
 
 # Bump when a builder changes, so stale caches are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 
 # tiny model name -> (module, builder function); imported only when that model is built.

@@ -82,6 +82,8 @@ NOUNS = [
     "mouse",
     "frisbee",
     "ball",
+    "picture",  # so that BLIP's caption prompt "a picture of " round-trips through the tokenizer
+    "photo",
 ]
 ADJECTIVES = [
     "small",
