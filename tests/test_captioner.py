@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from freesegdiff.captioner import Captioner
+from freesegdiff.captioner import Captioner, _strip
 from freesegdiff.config import CaptionConfig
 from freesegdiff.errors import ConfigError, ImageReadError, ModelUnavailableError
 from freesegdiff.tiny.captioner import build_blip, build_blip2
@@ -165,3 +165,10 @@ def test_clip_is_not_a_captioner(tmp_path: Path) -> None:
     build_clip(tmp_path)
     with pytest.raises(ConfigError, match=r"'clip' model, not a captioner.*BLIP-2"):
         Captioner.from_pretrained(str(tmp_path), config=CaptionConfig())
+
+
+def test_prompt_is_cut_as_lavis_cuts_it() -> None:
+    assert _strip("a picture of a cat on a sofa", "a picture of ") == "a cat on a sofa"
+    assert _strip(" A Picture of two dogs ", "a picture of ") == "two dogs"
+    assert _strip("a cat on a sofa", None) == "a cat on a sofa"
+    assert _strip("something else", "a picture of ") == "something else"  # nothing to cut

@@ -89,6 +89,34 @@ def test_preprocessing_matches_the_clip_processor(classifier, photos):
     assert float(difference.max()) < 0.15
 
 
+def test_torch_crop_corner_is_the_processors(tiny_clip_path):
+    """Point 6: the centre crop's corner at the floor of half the margin, as transformers puts
+    it; an odd margin (32 x 51: margin 19) shows the difference from rounding (10)."""
+    model = MaskClassifier.from_pretrained(str(tiny_clip_path), device=CPU)
+    ramp = torch.arange(51.0).repeat(3, 32, 1)[None]  # (1, 3, 32, 51), column index as value
+    ours = model.preprocess(ramp)
+    first_column = ours[0, 0, 0, 0] * model.std[0, 0, 0, 0] + model.mean[0, 0, 0, 0]
+    assert round(float(first_column / model.rescale)) == 19 // 2 == 9
+    image = np.ascontiguousarray(np.broadcast_to(np.arange(51, dtype=np.uint8), (32, 51)))
+    rgb = np.stack([image] * 3, axis=-1)
+    reference = model.processor(images=Image.fromarray(rgb), return_tensors="pt").pixel_values
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_processor_path_gives_the_released_inputs(tiny_clip_path, photos):
+    """The released inputs: each masked uint8 image through the CLIP processor."""
+    model = MaskClassifier.from_pretrained(str(tiny_clip_path), device=CPU)
+    image = photos["coffee"]
+    masks = torch.zeros(2, *image.shape[:2], dtype=torch.bool)
+    masks[0, :100] = True
+    masks[1, 100:, 50:] = True
+    ours = model.masked_images(image, masks)
+    for mask, row in zip(masks, ours, strict=True):
+        masked = mask.numpy()[:, :, None].astype(np.uint8) * image
+        expected = model.processor(images=masked, return_tensors="pt").pixel_values[0]
+        assert torch.equal(row, expected)
+
+
 def test_scores_equal_clip_run_the_usual_way(classifier, photos):
     image = photos["coffee"]
     height, width = image.shape[:2]

@@ -11,8 +11,10 @@ from sklearn.metrics import silhouette_score as sklearn_silhouette
 
 from freesegdiff.clustering import (
     cluster_features,
+    cv2_nearest_indices,
     kmeans,
     silhouette_score,
+    sklearn_kmeans_labels,
     upsample_cluster_map,
 )
 from freesegdiff.config import ClusterConfig
@@ -148,3 +150,67 @@ def test_kmeans_of_a_transposed_feature_map_equals_its_row_major_copy():
     from_copy = kmeans(view.contiguous(), 4, seed=0)
     assert torch.equal(from_view.labels, from_copy.labels)
     assert from_view.inertia == from_copy.inertia
+
+
+# ---------------------------------------- the released k-means (docs/method.md, step 8)
+def test_sklearn_backend_is_the_released_call_with_its_seed():
+    """Point 3: KMeans(n_clusters=4, n_init=10, random_state=seed), label for label."""
+    points = blobs(seed=3, centres=5, per=40).astype(np.float32)  # 5 blobs for 4 clusters
+    for seed in (0, 1, 7):
+        ours = sklearn_kmeans_labels(torch.from_numpy(points), 4, seed=seed)
+        theirs = KMeans(n_clusters=4, n_init=10, random_state=seed).fit(points).labels_
+        assert ours.tolist() == theirs.tolist()
+    features = torch.from_numpy(points).T.reshape(16, 10, 20)  # (C, h, w), as the pipeline
+    cluster_map = cluster_features(features, ClusterConfig(), seed=1)
+    expected = KMeans(n_clusters=4, n_init=10, random_state=1).fit(points).labels_
+    assert cluster_map.flatten().tolist() == expected.tolist()
+
+
+def test_ten_restarts_keep_the_lowest_inertia():
+    """Restarts matter: on 5 blobs for 4 clusters single runs land in several optima; the
+    default (10 runs) keeps the lowest inertia of its runs, as scikit-learn 1.2 did."""
+    points = blobs(seed=3, centres=5, per=40).astype(np.float32)
+    singles = [KMeans(4, n_init=1, random_state=s).fit(points).inertia_ for s in range(10)]
+    assert len({round(value, 1) for value in singles}) > 1  # the optima differ
+    best = KMeans(4, n_init=10, random_state=0).fit(points).inertia_
+    assert best <= min(singles) + 1e-3 * best
+    assert ClusterConfig().n_init == 10 and ClusterConfig().backend == "sklearn"
+
+
+def test_cv2_nearest_indices_equal_opencv():
+    """Point 9: OpenCV's INTER_NEAREST from 32 to every size up to 700 (and a few small)."""
+    cv2 = pytest.importorskip("cv2")
+    source = np.arange(32 * 32, dtype=np.int32).reshape(32, 32)
+    for height in [*range(1, 40), *range(40, 700, 13)]:
+        width = 700 - height
+        expected = cv2.resize(source, (width, height), interpolation=cv2.INTER_NEAREST)
+        ours = upsample_cluster_map(torch.from_numpy(source), height, width)
+        assert np.array_equal(ours.numpy(), expected), (height, width)
+
+
+def test_cv2_nearest_differs_from_torch_nearest_on_some_sizes():
+    """Why it is a setting: OpenCV multiplies by 1 / (target / source), torch by a float32
+    source / target; e.g. 32 -> 375 rows pick a different source row at some positions."""
+    differing = [
+        size
+        for size in range(33, 700)
+        if not np.array_equal(
+            cv2_nearest_indices(32, size),
+            torch.nn.functional.interpolate(
+                torch.arange(32.0)[None, None, :, None], size=(size, 1), mode="nearest"
+            )[0, 0, :, 0]
+            .long()
+            .numpy(),
+        )
+    ]
+    assert differing  # a few percent of sizes
+    by_hand = cv2_nearest_indices(2, 5)  # floor(i * 0.4) for i = 0..4
+    assert by_hand.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_nearest_exact_upsampling_is_centred():
+    small = torch.tensor([[0, 1, 2]])
+    assert upsample_cluster_map(small, 1, 5, "nearest-exact").tolist() == [[0, 0, 1, 2, 2]]
+    assert upsample_cluster_map(small, 1, 5).tolist() == [[0, 0, 1, 1, 2]]  # floor(i * 0.6)
+    with pytest.raises(ConfigError, match=r"clustering\.upsample"):
+        upsample_cluster_map(small, 1, 5, "bilinear")

@@ -66,6 +66,22 @@ def test_images_to_tensor_scales_to_minus_one_one():
     assert torch.allclose(batch[1], -torch.ones(3, 16, 16))
 
 
+def test_pil_resize_is_the_released_vae_input(photos):
+    """Point 5: PIL's bilinear resize of the uint8 image to 512 x 512 (uint8 result), then
+    x / 255 * 2 - 1, as ``T.ToTensor()(T.Resize((512, 512))(pil)).mul(2).sub(1)``."""
+    from PIL import Image
+
+    image = photos["chelsea"]  # 300 x 451: up-sampled rows, down-sampled columns
+    resized = np.asarray(Image.fromarray(image).resize((512, 512), Image.BILINEAR))
+    expected = torch.from_numpy(resized).permute(2, 0, 1).float().div(255).mul(2).sub(1)
+    ours = images_to_tensor([image], 512, CPU, resize="pil")[0]
+    assert torch.equal(ours, expected)
+    smooth = images_to_tensor([image], 512, CPU, resize="torch")[0]
+    assert 0 < float((smooth - expected).abs().max()) < 0.05  # rounding and filter differ
+    with pytest.raises(ConfigError, match=r"features\.resize"):
+        images_to_tensor([image], 512, CPU, resize="nearest")
+
+
 def test_early_stop_gives_the_full_pass_features(extractor, photos):
     images = [photos["chelsea"], photos["coffee"]]
     early = extractor(images, seed=3, stop_early=True)

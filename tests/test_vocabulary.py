@@ -16,7 +16,9 @@ from freesegdiff.errors import ConfigError, EmptyVocabularyError
 from freesegdiff.tiny.vocab import write_clip_tokenizer
 from freesegdiff.vocabulary import (
     candidate_indices,
+    class_embeddings,
     correlation_distance,
+    open_label_texts,
     prune_classes,
     text_embedder,
 )
@@ -253,3 +255,48 @@ def test_text_embedder_rejects_one_string(tiny_text_model: tuple[Any, Any]) -> N
     tokenizer, model = tiny_text_model
     with pytest.raises(TypeError, match="not one string"):
         text_embedder(tokenizer, model, "cpu", torch.float32)("a cat")
+
+
+# ------------------------------------------- released label texts (docs/method.md, step 9)
+def test_open_label_texts_put_the_distractors_first() -> None:
+    """Point 2: class names, then the entities not among them; only entities are candidates."""
+    voc = ["aeroplane", "cat", "dog", "sofa"]
+    texts, candidates = open_label_texts(["small cat", "cat", "cushion", "cushion"], voc)
+    assert texts == ["aeroplane", "cat", "dog", "sofa", "small cat", "cushion", "cushion"]
+    # "cat" is both a distractor and an entity: a candidate, at its distractor position
+    assert candidates == ["cat", "small cat", "cushion", "cushion"]
+    assert open_label_texts(["bird", "branch"]) == (["bird", "branch"], ["bird", "branch"])
+    assert open_label_texts([], voc) == (voc, [])
+
+
+def test_multiword_class_is_the_mean_of_its_words() -> None:
+    """Point 7: "potted plant" is the mean of "A photo of potted" and "A photo of plant"."""
+    vectors = {
+        "A photo of potted": torch.tensor([1.0, 0.0, 3.0]),
+        "A photo of plant": torch.tensor([0.0, 2.0, 1.0]),
+        "A photo of cat": torch.tensor([5.0, 5.0, 5.0]),
+        "A photo of potted plant": torch.tensor([9.0, 9.0, 0.0]),
+    }
+    embed = FakeEmbed(vectors)
+    rows = class_embeddings(["potted plant", "cat"], embed)
+    # FakeEmbed returns 2 v + 3: potted (5, 3, 9), plant (3, 7, 5), their mean (4, 5, 7)
+    assert rows.tolist() == [[4.0, 5.0, 7.0], [13.0, 13.0, 13.0]]
+    assert embed.calls == [["A photo of potted", "A photo of plant", "A photo of cat"]]
+    whole = class_embeddings(["potted plant", "cat"], embed, multiword="whole")
+    assert whole.tolist() == [[21.0, 21.0, 3.0], [13.0, 13.0, 13.0]]
+    with pytest.raises(ConfigError, match="multiword_classes"):
+        class_embeddings(["cat"], embed, multiword="first")  # type: ignore[arg-type]
+
+
+def test_prune_matches_a_multiword_class_by_its_words() -> None:
+    """The released matching finds "dining table" for "table" through the mean of its words;
+    the whole-name embedding (here anti-correlated with "table") does not: "car" is nearer."""
+    vectors = dict(VECTORS)
+    vectors["A photo of dining"] = DOG
+    vectors["A photo of table"] = DOG
+    vectors["A photo of dining table"] = -DOG
+    vectors["table"] = _mix(DOG, 0.95)
+    classes = ["dining table", "car"]
+    embed = FakeEmbed(vectors)
+    assert prune_classes(["table"], classes, embed) == ["dining table"]
+    assert prune_classes(["table"], classes, embed, multiword="whole") == ["car"]

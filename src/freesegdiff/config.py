@@ -143,7 +143,9 @@ class RefineConfig:
     """Mask refinement (docs/method.md, step 12)."""
 
     method: Literal["crf", "pamr", "none"] = "crf"
-    backend: Literal["torch", "pydensecrf"] = "torch"  # CRF implementation
+    # CRF implementation: "pydensecrf" (the released one, CPU) or "torch" (the same CRF batched
+    # on any device; on near-ties, p = 0.5 +- 1e-4, it can flip a pixel the other way)
+    backend: Literal["torch", "pydensecrf"] = "pydensecrf"
     gt_prob: float = 0.9  # confidence of the coarse labels in the unary
     gaussian_sxy: float = 20.0
     gaussian_compat: float = 5.0

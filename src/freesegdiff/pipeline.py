@@ -313,6 +313,7 @@ class FreeSegDiff:
         caption's entities (adjectives as ``vocabulary.adjective_entities`` says) prune them.
         """
         from freesegdiff.entities import extract_entities
+        from freesegdiff.vocabulary import open_label_texts
 
         settings = self.config.vocabulary
         closed = classes is not None and settings.prune_with_caption
@@ -329,10 +330,8 @@ class FreeSegDiff:
                 warnings.append(
                     f"the caption {caption!r} names no object; the whole image is background"
                 )
-            distractors = list(settings.open_distractors)
-            texts = distractors + [e for e in entities if e not in distractors]
-            named = set(entities)
-            return entities, texts, [text for text in texts if text in named]
+            texts, candidates = open_label_texts(entities, settings.open_distractors)
+            return entities, texts, candidates
         if caption is None or not settings.prune_with_caption:
             return entities, classes, classes
         if not entities:

@@ -28,6 +28,26 @@ _TIE_RTOL = 1e-6
 _TIE_ATOL = 1e-12
 
 
+def open_label_texts(
+    entities: Sequence[str], distractors: Sequence[str] = ()
+) -> tuple[list[str], list[str]]:
+    """Open vocabulary: ``(label texts, candidate texts)`` of one caption (docs/method.md, step 9).
+
+    The label texts CLIP scores are ``distractors`` followed by the entities not among them, in
+    caption order, a repeated entity repeated (the released script: the 19 VOC names, then the
+    caption's words; the softmax runs over all of them). Candidates, the texts a cluster may
+    take, are the label texts that are entities (a distractor the caption names is one).
+
+    Example:
+        >>> open_label_texts(["cat", "sofa", "cushion", "cushion"], ["cat", "dog"])
+        (['cat', 'dog', 'sofa', 'cushion', 'cushion'], ['cat', 'sofa', 'cushion', 'cushion'])
+    """
+    distractors = list(distractors)
+    named = set(entities)
+    texts = distractors + [entity for entity in entities if entity not in distractors]
+    return texts, [text for text in texts if text in named]
+
+
 def text_embedder(
     tokenizer: Any,
     text_encoder: torch.nn.Module,

@@ -1,0 +1,1 @@
+"""Independent re-implementations used as oracles by the tests (no ``freesegdiff`` imports)."""
