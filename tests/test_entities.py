@@ -36,7 +36,7 @@ MULTIWORD = (
 
 # caption -> (rule "paper", rule "extended")
 CAPTIONS: dict[str, tuple[list[str], list[str]]] = {
-    # method.md's example: the adjective phrase comes first because "small" precedes "bird".
+    # docs/method.md's example: the adjective phrase comes first because "small" precedes "bird".
     "a small bird perched on a branch of a tree": (
         ["small bird", "bird", "branch", "tree"],
         ["small bird", "bird", "branch", "tree"],

@@ -1,4 +1,4 @@
-"""Composition of refined masks into one label map (method.md row 13)."""
+"""Composition of refined masks into one label map (docs/method.md, step 13)."""
 
 from __future__ import annotations
 

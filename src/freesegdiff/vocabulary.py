@@ -3,7 +3,7 @@
 Each entity of the caption is matched to its nearest class by the correlation distance between
 Stable Diffusion text-encoder embeddings; the entities that match best (nearest distance at most
 the mean of the nearest distances) nominate their class as a candidate. Only candidates can then
-name a mask (method.md row 11).
+name a mask (docs/method.md, step 11).
 
 The maths is in :func:`correlation_distance` and :func:`candidate_indices` (pure tensor
 functions); :func:`prune_classes` wires them to an embedding function such as the one

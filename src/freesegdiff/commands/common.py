@@ -28,7 +28,7 @@ SHORTCUTS: dict[str, tuple[str, Any, str]] = {
     "--cluster-method": ("clustering.method", str, "kmeans or agglomerative"),
     "--entity-rule": ("entities.rule", str, "paper (released) or extended"),
     "--refine": ("refine.method", str, "crf (default), pamr or none"),
-    "--crf-backend": ("refine.backend", str, "torch (default) or pydensecrf"),
+    "--crf-backend": ("refine.backend", str, "pydensecrf (released) or torch (any device)"),
     "--crf-iterations": ("refine.iterations", int, "mean-field iterations (10)"),
 }
 

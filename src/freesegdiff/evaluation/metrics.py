@@ -1,6 +1,6 @@
 """Segmentation scores in pure numpy: the standard dataset-level protocol and the paper's one.
 
-Two protocols, whose numbers must never be compared with each other (``shared/method.md``):
+Two protocols, whose numbers must never be compared with each other (docs/method.md, "Evaluation"):
 
 ``standard`` (MMSegmentation, SCLIP, NACLIP, ...): one confusion matrix summed over the whole
 split, ground-truth pixels labelled ``ignore_index`` (255) skipped. IoU of class c is
