@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from freesegdiff.config import VOC19_NAMES, PipelineConfig
+from freesegdiff.config import VOC19_NAMES, PipelineConfig, set_by_path
 from freesegdiff.errors import ConfigError, EmptyVocabularyError, ImageReadError
 from freesegdiff.pipeline import FreeSegDiff
 
@@ -224,7 +226,7 @@ def test_a_failing_image_in_a_batch_loses_only_itself(pipe, photos, monkeypatch)
         return original(images, sources, classes, timer)
 
     monkeypatch.setattr(pipe, "segment_arrays", flaky)
-    monkeypatch.setattr(pipe.config, "batch_size", 3)
+    monkeypatch.setattr(pipe, "config", dataclasses.replace(pipe.config, batch_size=3))
     outcomes = list(pipe.iter_segment([photos["chelsea"], photos["coffee"], photos["rocket"]]))
     assert [name for name, _ in outcomes] == ["image-0", "image-1", "image-2"]
     assert "simulated out-of-memory" in str(outcomes[1][1])
@@ -243,5 +245,7 @@ def test_releasing_the_text_encoder_keeps_open_vocabulary_results(
     assert np.array_equal(result.label_map, expected.label_map)
     with pytest.raises(ConfigError, match="freed its text encoder"):
         lean(photos["chelsea"], classes=["cat", "sofa"])
-    lean.config.vocabulary.prune_with_caption = False
-    assert lean(photos["chelsea"], classes=["cat", "sofa"]).candidates == ["cat", "sofa"]
+    config = make_config(tiny_sd_path, tiny_clip_path, tiny_blip_path)
+    unpruned = FreeSegDiff.from_config(set_by_path(config, "vocabulary.prune_with_caption", False))
+    unpruned.release_text_encoder()
+    assert unpruned(photos["chelsea"], classes=["cat", "sofa"]).candidates == ["cat", "sofa"]

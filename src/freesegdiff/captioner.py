@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from freesegdiff.config import CaptionConfig
+from freesegdiff.devices import frozen
 from freesegdiff.errors import ConfigError, ImageReadError
-from freesegdiff.hub import load_pretrained
+from freesegdiff.hub import LoadOptions, load_pretrained
 
 CaptionerKind = Literal["blip", "blip2"]
 
@@ -74,7 +75,7 @@ class Captioner:
         if model_type not in _KINDS:
             raise ConfigError(_unsupported_message(str(model_type)))
         _check_config(config)
-        self.model = model.eval()
+        self.model = frozen(model, model.device)
         self.processor = processor
         self.config = config
         self._kind: CaptionerKind = _KINDS[model_type]
@@ -91,9 +92,7 @@ class Captioner:
         config: CaptionConfig,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        offline: bool = False,
-        revision: str | None = None,
-        cache_dir: str | None = None,
+        load: LoadOptions | None = None,
     ) -> Captioner:
         """Load a BLIP or BLIP-2 captioner.
 
@@ -103,9 +102,7 @@ class Captioner:
             config: generation settings used by :meth:`caption`.
             device: where the model runs.
             dtype: weight dtype (the pixels are cast to it).
-            offline: never contact the Hub (``HF_HUB_OFFLINE=1`` does the same).
-            revision: Hub revision (ignored for local folders).
-            cache_dir: HF cache folder (ignored for local folders).
+            load: how to fetch the weights (offline, revision, cache folder).
 
         Raises:
             ModelUnavailableError: the weights are neither local nor downloadable.
@@ -118,9 +115,7 @@ class Captioner:
         options: dict[str, Any] = {
             "what": _WHAT,
             "flag": _FLAG,
-            "offline": offline,
-            "revision": revision,
-            "cache_dir": cache_dir,
+            "load": load,
         }
         model_config = load_pretrained(AutoConfig.from_pretrained, name, **options)
         model_type = str(getattr(model_config, "model_type", None))

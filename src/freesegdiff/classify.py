@@ -15,14 +15,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from freesegdiff.devices import frozen
 from freesegdiff.errors import ConfigError
-from freesegdiff.hub import load_pretrained
+from freesegdiff.hub import LoadOptions, load_pretrained
 from freesegdiff.image_io import image_tensor
 
 ImageProcessing = Literal["processor", "torch"]
@@ -67,9 +69,7 @@ class MaskClassifier:
                 "classify.image_processing must be 'processor' or 'torch', "
                 f"got {image_processing!r}"
             )
-        if getattr(model, "dtype", dtype) != dtype:
-            model = model.to(dtype=dtype)
-        self.model = model.to(device).eval().requires_grad_(False)
+        self.model = frozen(model, device, dtype)
         self.processor = processor
         self.device = device
         self.dtype = dtype
@@ -98,9 +98,7 @@ class MaskClassifier:
         template: str = "{}",
         batch_size: int = 64,
         image_processing: ImageProcessing = "processor",
-        offline: bool = False,
-        revision: str | None = None,
-        cache_dir: str | None = None,
+        load: LoadOptions | None = None,
     ) -> MaskClassifier:
         """Load a transformers CLIP model and processor (Hub id, folder or ``tiny:clip``)."""
         from transformers import CLIPModel, CLIPProcessor
@@ -108,9 +106,7 @@ class MaskClassifier:
         options: dict[str, Any] = {
             "what": "CLIP",
             "flag": "--clip-model",
-            "offline": offline,
-            "revision": revision,
-            "cache_dir": cache_dir,
+            "load": load,
         }
         model = load_pretrained(CLIPModel.from_pretrained, name, dtype=dtype, **options)
         processor = load_pretrained(CLIPProcessor.from_pretrained, name, **options)
@@ -259,3 +255,60 @@ def assign_labels(
         claimed[rows, best_cluster] = kept[rows, best_cluster]
     choice = claimed.argmax(axis=0)
     return [int(c) if claimed[c, k] > 0 else -1 for k, c in enumerate(choice)]
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Steps 10 and 11 for one image."""
+
+    masks: torch.Tensor  # (K, H, W) bool cluster masks on the pipeline's device
+    scores: np.ndarray  # (T, K) float32 CLIP probabilities, label text x cluster
+    cluster_labels: list[int]  # per cluster, its label text index, or -1 (background)
+
+    @property
+    def kept(self) -> list[int]:
+        """The clusters that keep a label, in cluster order."""
+        return [k for k, label in enumerate(self.cluster_labels) if label >= 0]
+
+
+class MaskNamer:
+    """Stages 10 and 11: CLIP scores every cluster of a batch, then the assignment rule.
+
+    Args:
+        classifier: the CLIP scorer.
+        ties: the assignment's tie rule (``classify.ties``).
+    """
+
+    def __init__(self, classifier: MaskClassifier, ties: TieRule = "all") -> None:
+        if ties not in ("all", "first"):
+            raise ConfigError(f"classify.ties must be 'all' or 'first', got {ties!r}")
+        self.classifier = classifier
+        self.ties: TieRule = ties
+
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        cluster_maps: Sequence[torch.Tensor],
+        vocabularies: Sequence[Any],
+    ) -> list[Naming]:
+        """One :class:`Naming` per image.
+
+        Args:
+            images: ``(H, W, 3)`` uint8 RGB.
+            cluster_maps: per image ``(H, W)`` int64 cluster indices ``0..K-1``.
+            vocabularies: per image, anything with ``texts`` and ``candidates`` (an
+                :class:`~freesegdiff.vocabulary.ImageVocabulary`).
+        """
+        masks = [torch.stack([m == k for k in range(int(m.max()) + 1)]) for m in cluster_maps]
+        items = [
+            (image, mask, vocabulary.texts)
+            for image, mask, vocabulary in zip(images, masks, vocabularies, strict=True)
+        ]
+        namings = []
+        for mask, scores, vocabulary in zip(
+            masks, self.classifier.score(items), vocabularies, strict=True
+        ):
+            candidates = set(vocabulary.candidates)
+            allowed = np.array([text in candidates for text in vocabulary.texts], dtype=bool)
+            namings.append(Naming(mask, scores, assign_labels(scores, allowed, self.ties)))
+        return namings

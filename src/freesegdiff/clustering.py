@@ -347,3 +347,39 @@ def upsample_cluster_map(
         cluster_map[None, None].float(), size=(height, width), mode="nearest-exact"
     )
     return resized[0, 0].long()
+
+
+class Clusterer:
+    """Stage 8: the class-agnostic masks of one image, as a cluster map at the image's size.
+
+    Built from the ``clustering`` settings and the pipeline's seed; the settings are checked
+    here, before any feature is computed.
+    """
+
+    def __init__(self, config: ClusterConfig, seed: int | None = 0) -> None:
+        if config.method not in ("kmeans", "agglomerative"):
+            raise ConfigError(
+                f"unknown clustering.method {config.method!r}; use kmeans or agglomerative"
+            )
+        if config.backend not in ("sklearn", "torch"):
+            raise ConfigError(
+                f"unknown clustering.backend {config.backend!r}; use sklearn or torch"
+            )
+        if config.upsample not in ("cv2-nearest", "nearest-exact"):
+            raise ConfigError(
+                f"unknown clustering.upsample {config.upsample!r}; use cv2-nearest or nearest-exact"
+            )
+        choose_k(config, 1)  # raises on a K or K range that cannot work
+        self.config = config
+        self.seed = seed
+
+    def __call__(
+        self, features: torch.Tensor, candidates: int, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """``(C, h, w)`` features -> ``(H, W)`` int64 cluster map on their device.
+
+        ``candidates``: the image's number of candidate labels (for an adaptive K);
+        ``size``: ``(H, W)`` of the image.
+        """
+        small = cluster_features(features, self.config, candidates=candidates, seed=self.seed)
+        return upsample_cluster_map(small, size[0], size[1], self.config.upsample)

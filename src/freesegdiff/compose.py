@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from freesegdiff.result import Segment
 
 
 def compose_label_map(
@@ -32,3 +35,51 @@ def compose_label_map(
     for mask, label in zip(masks, ids, strict=True):
         label_map[mask & (label_map == 0)] = label
     return label_map
+
+
+@dataclass(frozen=True)
+class Composition:
+    """Step 13 for one image: the label map and its named regions."""
+
+    label_map: np.ndarray  # (H, W) int32, 0 background, label text index + 1 elsewhere
+    segments: list[Segment]  # one per label id present, in painting order
+
+
+def compose(
+    refined: np.ndarray,
+    kept: Sequence[int],
+    cluster_labels: Sequence[int],
+    texts: Sequence[str],
+    scores: np.ndarray,
+    shape: tuple[int, int],
+) -> Composition:
+    """Paint the refined masks of the kept clusters and describe the regions they leave.
+
+    Args:
+        refined: ``(len(kept), H, W)`` bool refined masks of the kept clusters, in cluster order.
+        kept: the kept clusters' indices; ``cluster_labels[k]`` is cluster ``k``'s text index.
+        texts: the label texts; ``scores``: ``(len(texts), K)`` CLIP probabilities.
+        shape: ``(H, W)``.
+
+    A label kept by several (tied) clusters is one segment, the union; its ``cluster`` is the
+    first of them. A label whose pixels were all painted by earlier masks has no segment.
+    """
+    ids = [cluster_labels[k] + 1 for k in kept]
+    label_map = compose_label_map(refined, ids, shape)
+    segments: list[Segment] = []
+    seen: set[int] = set()
+    for k, label_id in zip(kept, ids, strict=True):
+        if label_id in seen:
+            continue
+        seen.add(label_id)
+        mask = label_map == label_id
+        area = int(mask.sum())
+        if area == 0:
+            continue
+        score = float(scores[label_id - 1, k])
+        segments.append(
+            Segment(
+                id=label_id, label=texts[label_id - 1], score=score, area=area, mask=mask, cluster=k
+            )
+        )
+    return Composition(label_map, segments)

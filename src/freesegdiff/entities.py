@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Literal
 
+from freesegdiff.config import EntityConfig
 from freesegdiff.errors import ConfigError, ModelUnavailableError
 
 if TYPE_CHECKING:
@@ -126,6 +127,28 @@ def _load_spacy(name: str) -> Language:
             f"spaCy model {name!r} is not installed (nor a model folder): install it with "
             f"`{hint}`, or set entities.spacy_model to an installed model"
         ) from error
+
+
+# ------------------------------------------------------------------------------- the stage
+class EntityExtractor:
+    """Stage 2: the entities of one caption, by ``EntityConfig.rule`` (docs/method.md, step 2).
+
+    spaCy's model loads on the first caption, once per extractor.
+    """
+
+    def __init__(self, config: EntityConfig) -> None:
+        if config.rule not in ("paper", "extended"):
+            raise ConfigError(f"entities.rule must be 'paper' or 'extended', got {config.rule!r}")
+        self.config = config
+        self._nlp: Language | None = None
+
+    def __call__(self, caption: str | None, adjectives: AdjectiveForm = "phrase") -> list[str]:
+        """The entities of ``caption`` (``[]`` for None: no captioner ran)."""
+        if caption is None:
+            return []
+        if self._nlp is None:
+            self._nlp = load_spacy(self.config.spacy_model)
+        return extract_entities(caption, self.config.rule, self._nlp, adjectives)
 
 
 # ------------------------------------------------------------------------------- the rules

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -22,6 +23,20 @@ T = TypeVar("T")
 
 TINY_PREFIX = "tiny:"
 _TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How every model of a pipeline is fetched: one object, passed to every loader."""
+
+    offline: bool = False  # never contact the Hub (HF_HUB_OFFLINE=1 does the same)
+    revision: str | None = None  # Hub revision (ignored for local folders)
+    cache_dir: str | None = None  # HF cache folder; None: the HF default
+
+    @classmethod
+    def of(cls, models: Any) -> LoadOptions:
+        """The options of a :class:`~freesegdiff.config.ModelConfig`."""
+        return cls(offline=models.offline, revision=models.revision, cache_dir=models.cache_dir)
 
 
 def hub_offline(requested: bool = False) -> bool:
@@ -99,25 +114,30 @@ def load_pretrained(
     *,
     what: str,
     flag: str,
-    offline: bool = False,
-    revision: str | None = None,
-    cache_dir: str | None = None,
+    load: LoadOptions | None = None,
     **kwargs: Any,
 ) -> T:
-    """Call ``loader(source, **kwargs)`` (a ``from_pretrained``) with offline and cache settings.
+    """Call ``loader(source, **kwargs)`` (a ``from_pretrained``) with the offline and cache
+    settings of ``load`` (None: the defaults).
+
+    Args:
+        what, flag: the model's name for people ("CLIP") and the option that points at it
+            (``--clip-model``), for the error message.
 
     Raises :class:`ModelUnavailableError` with a how-to-fix message when the weights are missing.
     """
+    legacy = {key: kwargs.pop(key) for key in ("offline", "revision", "cache_dir") if key in kwargs}
+    load = load or LoadOptions(**legacy)  # TRANSITIONAL: features.py still passes them loose
     source = resolve_source(name)
     local = Path(source).is_dir()
     options: dict[str, Any] = dict(kwargs)
     if not local:
-        if hub_offline(offline) or not hub_reachable():
+        if hub_offline(load.offline) or not hub_reachable():
             options["local_files_only"] = True  # the HF cache alone
-        if revision is not None:
-            options["revision"] = revision
-        if cache_dir is not None:
-            options["cache_dir"] = cache_dir
+        if load.revision is not None:
+            options["revision"] = load.revision
+        if load.cache_dir is not None:
+            options["cache_dir"] = load.cache_dir
     try:
         return loader(source, **options)
     except (OSError, ValueError) as error:

@@ -1,7 +1,19 @@
-"""The FreeSeg-Diff pipeline: wires the stages and owns the models; no algorithm lives here.
+"""The FreeSeg-Diff pipeline: builds the stages, owns the models, and calls the stages in order.
 
-caption -> entities -> (closed vocabulary: prune classes) -> diffusion features -> k-means
--> CLIP scores -> assignment -> refinement -> composition
+No algorithm lives here. The steps of :meth:`FreeSegDiff.segment_arrays` are those of
+docs/method.md, each done by the stage that owns it:
+
+====  =====================  ======================================================
+step  stage                  file
+====  =====================  ======================================================
+1     caption                ``captioner.py``  (:class:`~freesegdiff.captioner.Captioner`)
+2, 9  entities, label texts  ``entities.py``, ``vocabulary.py`` (:class:`LabelVocabulary`)
+3-7   features               ``features.py``   (:class:`~freesegdiff.features.FeatureExtractor`)
+8     clusters               ``clustering.py`` (:class:`~freesegdiff.clustering.Clusterer`)
+10-11 naming                 ``classify.py``   (:class:`~freesegdiff.classify.MaskNamer`)
+12    refinement             ``refine/``       (:class:`~freesegdiff.refine.Refiner`)
+13    composition            ``compose.py``    (:func:`~freesegdiff.compose.compose`)
+====  =====================  ======================================================
 """
 
 from __future__ import annotations
@@ -9,25 +21,27 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
 import torch
 
-from freesegdiff.classify import MaskClassifier, assign_labels
-from freesegdiff.clustering import cluster_features, upsample_cluster_map
-from freesegdiff.compose import compose_label_map
+from freesegdiff.classify import MaskClassifier, MaskNamer, Naming
+from freesegdiff.clustering import Clusterer
+from freesegdiff.compose import Composition, compose
 from freesegdiff.config import PipelineConfig, set_by_path
 from freesegdiff.devices import resolve_device, resolve_dtype
-from freesegdiff.entities import AdjectiveForm
+from freesegdiff.entities import EntityExtractor
 from freesegdiff.errors import ConfigError, EmptyVocabularyError, FreeSegDiffError
 from freesegdiff.features import DiffusionFeatures
+from freesegdiff.hub import LoadOptions
 from freesegdiff.image_io import ImageInput, load_image
-from freesegdiff.refine import refine_masks
-from freesegdiff.result import BACKGROUND, Segment, SegmentationResult
+from freesegdiff.refine import Refiner
+from freesegdiff.result import BACKGROUND, SegmentationResult
 from freesegdiff.timing import StageTimer
+from freesegdiff.vocabulary import ImageVocabulary, LabelVocabulary, TextEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +86,16 @@ class FreeSegDiff:
         self.config = config
         self.device = features.device
         self.dtype = features.dtype
-        self.features = features
-        self.classifier = classifier
+        # The stages, each built from its config section (settings are read here, once).
         self.captioner = captioner
-        self._nlp: Any | None = None
-        self._embed: Callable[[Sequence[str]], torch.Tensor] | None = None
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self.vocabulary = LabelVocabulary(
+            config.vocabulary, EntityExtractor(config.entities), self._text_embedder
+        )
+        self.features = features
+        self.clusterer = Clusterer(config.clustering, config.seed)
+        self.classifier = classifier
+        self.namer = MaskNamer(classifier, config.classify.ties)
+        self.refiner = Refiner(config.refine, self.device)
 
     # ----------------------------------------------------------------------------- building
     @classmethod
@@ -89,13 +107,15 @@ class FreeSegDiff:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         models = config.models
-        hub: dict[str, Any] = {
-            "offline": models.offline,
-            "revision": models.revision,
-            "cache_dir": models.cache_dir,
-        }
+        load = LoadOptions.of(models)
         features = DiffusionFeatures.from_pretrained(
-            models.diffusion, config=config.features, device=device, dtype=dtype, **hub
+            models.diffusion,
+            config=config.features,
+            device=device,
+            dtype=dtype,
+            offline=load.offline,
+            revision=load.revision,
+            cache_dir=load.cache_dir,
         )
         features.release_unused()  # the VAE decoder and the UNet's tail are never run
         classifier = MaskClassifier.from_pretrained(
@@ -105,14 +125,14 @@ class FreeSegDiff:
             template=config.classify.label_template,
             batch_size=config.classify.batch_size,
             image_processing=config.classify.image_processing,
-            **hub,
+            load=load,
         )
         captioner = None
         if models.captioner:
             from freesegdiff.captioner import Captioner
 
             captioner = Captioner.from_pretrained(
-                models.captioner, config=config.caption, device=device, dtype=dtype, **hub
+                models.captioner, config=config.caption, device=device, dtype=dtype, load=load
             )
         trim_freed_memory()  # copies left behind by dtype and layout conversions
         return cls(config, features=features, classifier=classifier, captioner=captioner)
@@ -260,13 +280,6 @@ class FreeSegDiff:
         )
 
     # ------------------------------------------------------------------------------ stages
-    def _spacy(self) -> Any:
-        if self._nlp is None:
-            from freesegdiff.entities import load_spacy
-
-            self._nlp = load_spacy(self.config.entities.spacy_model)
-        return self._nlp
-
     def release_text_encoder(self) -> None:
         """Free the SD text encoder (0.25 GB in bfloat16) for runs without class lists.
 
@@ -275,81 +288,19 @@ class FreeSegDiff:
         """
         self.features.release_text_encoder()
 
-    def _embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """SD text-encoder embeddings used to match entities to classes, cached per text."""
+    def _text_embedder(self) -> TextEmbedder:
+        """The SD text-encoder embedder that matches entities to classes (built on first use)."""
         if "text_encoder" in self.features.released:
             raise ConfigError(
                 "this pipeline freed its text encoder for open-vocabulary runs "
                 "(release_text_encoder), so it cannot match the caption against class names; "
                 "build it again, or set vocabulary.prune_with_caption to false (--no-prune)"
             )
-        if self._embed is None:
-            from freesegdiff.vocabulary import text_embedder
+        from freesegdiff.vocabulary import text_embedder
 
-            self._embed = text_embedder(
-                self.features.tokenizer, self.features.text_encoder, self.device, self.dtype
-            )
-        missing = [text for text in dict.fromkeys(texts) if text not in self._text_cache]
-        if missing:
-            for text, row in zip(missing, self._embed(missing), strict=True):
-                self._text_cache[text] = row
-        return torch.stack([self._text_cache[text] for text in texts])
-
-    def caption(self, images: Sequence[np.ndarray], timer: StageTimer) -> list[str | None]:
-        """Captions of a batch (None each when the pipeline has no captioner)."""
-        if self.captioner is None:
-            return [None] * len(images)
-        with timer("caption"):
-            return list(self.captioner.caption(images))
-
-    def vocabulary(
-        self, caption: str | None, classes: list[str] | None, warnings: list[str]
-    ) -> tuple[list[str], list[str], list[str]]:
-        """``(entities, label texts, candidate texts)`` for one image (docs/method.md, step 9).
-
-        Open vocabulary: the label texts are ``vocabulary.open_distractors`` followed by the
-        entities not among them (repeated entities kept, as released); only texts that are
-        entities are candidates. Closed vocabulary: the label texts are the classes; the
-        caption's entities (adjectives as ``vocabulary.adjective_entities`` says) prune them.
-        """
-        from freesegdiff.entities import extract_entities
-        from freesegdiff.vocabulary import open_label_texts
-
-        settings = self.config.vocabulary
-        closed = classes is not None and settings.prune_with_caption
-        adjectives: AdjectiveForm = (
-            "head" if closed and settings.adjective_entities == "head" else "phrase"
+        return text_embedder(
+            self.features.tokenizer, self.features.text_encoder, self.device, self.dtype
         )
-        entities: list[str] = []
-        if caption is not None:
-            entities = extract_entities(
-                caption, rule=self.config.entities.rule, nlp=self._spacy(), adjectives=adjectives
-            )
-        if classes is None:
-            if not entities:
-                warnings.append(
-                    f"the caption {caption!r} names no object; the whole image is background"
-                )
-            texts, candidates = open_label_texts(entities, settings.open_distractors)
-            return entities, texts, candidates
-        if caption is None or not settings.prune_with_caption:
-            return entities, classes, classes
-        if not entities:
-            warnings.append(
-                f"the caption {caption!r} names no object, so it cannot prune the classes; "
-                "every class stays a candidate"
-            )
-            return entities, classes, classes
-        from freesegdiff.vocabulary import prune_classes
-
-        candidates = prune_classes(
-            entities,
-            classes,
-            self._embed_texts,
-            settings.class_template,
-            multiword=settings.multiword_classes,
-        )
-        return entities, classes, candidates
 
     def segment_arrays(
         self,
@@ -358,102 +309,101 @@ class FreeSegDiff:
         classes: list[str] | None = None,
         timer: StageTimer | None = None,
     ) -> list[SegmentationResult]:
-        """Segment a batch of RGB uint8 ``(H, W, 3)`` arrays (every model runs once per batch)."""
+        """Segment a batch of RGB uint8 ``(H, W, 3)`` arrays (every model runs once per batch).
+
+        The steps of docs/method.md, each a call of its stage (see the module docstring).
+        """
         if classes is None and self.captioner is None:
             raise ConfigError(
                 "open vocabulary needs a captioner to name things: set models.captioner "
                 "(--captioner-model) or give class names (classes=[...], --classes)"
             )
         timer = timer or StageTimer(self.device)
-        count = len(images)
-        config = self.config
-        warnings: list[list[str]] = [[] for _ in images]
-        captions = self.caption(images, timer)
+        # 1. caption (None each without a captioner)
+        captions: list[str | None] = [None] * len(images)
+        if self.captioner is not None:
+            with timer("caption"):
+                captions = list(self.captioner.caption(images))
+        # 2, 9. entities and label texts
         with timer("entities"):
-            vocab = [
-                self.vocabulary(c, classes, w) for c, w in zip(captions, warnings, strict=True)
-            ]
-        features = self.features(images, seed=config.seed, timer=timer)  # (B, C, F, F)
-        cluster_maps = []
+            vocabularies = [self.vocabulary(caption, classes) for caption in captions]
+        # 3-7. diffusion features: (B, C, F, F)
+        features = self.features(images, seed=self.config.seed, timer=timer)
+        # 8. class-agnostic masks: one (H, W) cluster map per image
         with timer("clustering"):
-            for index, image in enumerate(images):
-                small = cluster_features(
-                    features[index],
-                    config.clustering,
-                    candidates=len(vocab[index][2]),
-                    seed=config.seed,
-                )
-                full = upsample_cluster_map(
-                    small, image.shape[0], image.shape[1], config.clustering.upsample
-                )
-                cluster_maps.append(full)
+            cluster_maps = [
+                self.clusterer(features[index], len(vocabulary.candidates), image.shape[:2])
+                for index, (image, vocabulary) in enumerate(zip(images, vocabularies, strict=True))
+            ]
+        # 10, 11. CLIP scores of every cluster, and the assignment of label texts
         with timer("clip"):
-            masks = [
-                torch.stack([m == k for k in range(int(m.max()) + 1)]) for m in cluster_maps
-            ]  # per image (K, H, W) bool on the device
-            scores = self.classifier.score(
-                [
-                    (image, mask, labels)
-                    for image, mask, (_, labels, _) in zip(images, masks, vocab, strict=True)
-                ]
-            )
+            namings = self.namer(images, cluster_maps, vocabularies)
+        shared = timer.split(len(images))
         results = []
-        per_image = timer.split(count)
-        for index, image in enumerate(images):
-            item_timer = StageTimer(self.device)
-            entities, labels, candidates = vocab[index]
-            candidate_set = set(candidates)
-            allowed = np.array([label in candidate_set for label in labels], dtype=bool)
-            cluster_labels = assign_labels(scores[index], allowed, config.classify.ties)
-            coarse = masks[index].cpu().numpy()
-            kept = [k for k, label in enumerate(cluster_labels) if label >= 0]
-            with item_timer("refinement"):
-                refined_kept = refine_masks(image, coarse[kept], config.refine, self.device)
+        for index, (image, naming) in enumerate(zip(images, namings, strict=True)):
+            image_timer = StageTimer(self.device)
+            coarse = naming.masks.cpu().numpy()  # (K, H, W) bool
+            # 12. refinement of the kept clusters' masks
+            with image_timer("refinement"):
+                refined_kept = self.refiner(image, coarse[naming.kept])
+            # 13. composition
+            with image_timer("composition"):
+                composition = compose(
+                    refined_kept,
+                    naming.kept,
+                    naming.cluster_labels,
+                    vocabularies[index].texts,
+                    naming.scores,
+                    image.shape[:2],
+                )
             refined = np.zeros_like(coarse)
-            refined[kept] = refined_kept
-            with item_timer("composition"):
-                ids = [cluster_labels[k] + 1 for k in kept]
-                label_map = compose_label_map(refined_kept, ids, image.shape[:2])
-                segments = []
-                seen: set[int] = set()
-                for k, label_id in zip(kept, ids, strict=True):
-                    if label_id in seen:
-                        continue  # a label kept by tied clusters is one segment, the union
-                    seen.add(label_id)
-                    mask = label_map == label_id
-                    area = int(mask.sum())
-                    if area == 0:
-                        continue  # covered entirely by earlier masks
-                    segments.append(
-                        Segment(
-                            id=label_id,
-                            label=labels[label_id - 1],
-                            score=float(scores[index][label_id - 1, k]),
-                            area=area,
-                            mask=mask,
-                            cluster=k,
-                        )
-                    )
-            timings = dict(per_image)
-            timings.update(item_timer.seconds)
+            refined[naming.kept] = refined_kept
+            timings = {**shared, **image_timer.seconds}
             results.append(
-                SegmentationResult(
-                    label_map=label_map,
-                    labels={0: BACKGROUND, **{s.id: s.label for s in segments}},
-                    segments=segments,
-                    caption=captions[index],
-                    entities=entities,
-                    vocabulary=list(labels),
-                    candidates=list(candidates),
-                    cluster_map=cluster_maps[index].cpu().numpy().astype(np.int32),
-                    scores=scores[index],
-                    cluster_labels=cluster_labels,
-                    coarse_masks=coarse,
-                    refined_masks=refined,
-                    timings=timings,
-                    source=sources[index],
-                    image_size=(int(image.shape[1]), int(image.shape[0])),
-                    warnings=warnings[index],
+                _result(
+                    image,
+                    sources[index],
+                    captions[index],
+                    vocabularies[index],
+                    cluster_maps[index],
+                    naming,
+                    composition,
+                    coarse,
+                    refined,
+                    timings,
                 )
             )
         return results
+
+
+def _result(
+    image: np.ndarray,
+    source: str | None,
+    caption: str | None,
+    vocabulary: ImageVocabulary,
+    cluster_map: torch.Tensor,
+    naming: Naming,
+    composition: Composition,
+    coarse: np.ndarray,
+    refined: np.ndarray,
+    timings: dict[str, float],
+) -> SegmentationResult:
+    """The stages' outputs for one image, as the plain data the caller receives."""
+    return SegmentationResult(
+        label_map=composition.label_map,
+        labels={0: BACKGROUND, **{s.id: s.label for s in composition.segments}},
+        segments=composition.segments,
+        caption=caption,
+        entities=list(vocabulary.entities),
+        vocabulary=list(vocabulary.texts),
+        candidates=list(vocabulary.candidates),
+        cluster_map=cluster_map.cpu().numpy().astype(np.int32),
+        scores=naming.scores,
+        cluster_labels=naming.cluster_labels,
+        coarse_masks=coarse,
+        refined_masks=refined,
+        timings=timings,
+        source=source,
+        image_size=(int(image.shape[1]), int(image.shape[0])),
+        warnings=list(vocabulary.warnings),
+    )

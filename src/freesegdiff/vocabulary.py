@@ -13,10 +13,13 @@ functions); :func:`prune_classes` wires them to an embedding function such as th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from freesegdiff.config import VocabularyConfig
+from freesegdiff.entities import AdjectiveForm, EntityExtractor
 from freesegdiff.errors import ConfigError, EmptyVocabularyError
 
 TextEmbedder = Callable[[Sequence[str]], torch.Tensor]
@@ -26,6 +29,92 @@ MultiwordRule = Literal["mean-of-words", "whole"]
 # of float32 embeddings, so an exact tie is never lost to rounding.
 _TIE_RTOL = 1e-6
 _TIE_ATOL = 1e-12
+
+
+@dataclass(frozen=True)
+class ImageVocabulary:
+    """Steps 2 and 9 for one image: what CLIP chooses from, and what may be chosen."""
+
+    entities: list[str]  # the caption's entities, in order (duplicates as the rule keeps them)
+    texts: list[str]  # the label texts CLIP scores; label id i + 1 is texts[i]
+    candidates: list[str]  # the texts that may claim a cluster
+    warnings: tuple[str, ...] = ()  # what was unusual but handled
+
+
+class LabelVocabulary:
+    """Stages 2 and 9: from a caption (and a class list, if any) to an :class:`ImageVocabulary`.
+
+    Open vocabulary: ``open_distractors`` then the entities (:func:`open_label_texts`). Closed
+    vocabulary: the classes, pruned by the caption's entities (:func:`prune_classes`) when
+    ``prune_with_caption`` is on; the text embeddings come from ``embedder()``, built on first
+    use, and are cached per text.
+
+    Args:
+        config: the ``vocabulary`` settings.
+        entities: the entity stage.
+        embedder: returns the text embedder for closed-vocabulary matching (it may raise
+            :class:`ConfigError` when the text encoder was freed).
+    """
+
+    def __init__(
+        self,
+        config: VocabularyConfig,
+        entities: EntityExtractor,
+        embedder: Callable[[], TextEmbedder],
+    ) -> None:
+        for name, allowed in (
+            ("multiword_classes", ("mean-of-words", "whole")),
+            ("adjective_entities", ("head", "phrase")),
+        ):
+            if getattr(config, name) not in allowed:
+                raise ConfigError(
+                    f"vocabulary.{name} must be one of {allowed}, got {getattr(config, name)!r}"
+                )
+        if "{}" not in config.class_template:
+            raise ConfigError(
+                f"vocabulary.class_template {config.class_template!r} must contain '{{}}'"
+            )
+        self.config = config
+        self.entities = entities
+        self._embedder = embedder
+        self._embed: TextEmbedder | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(len(texts), D)`` embeddings, each text embedded once per pipeline."""
+        missing = [text for text in dict.fromkeys(texts) if text not in self._cache]
+        if missing:
+            if self._embed is None:
+                self._embed = self._embedder()
+            for text, row in zip(missing, self._embed(missing), strict=True):
+                self._cache[text] = row
+        return torch.stack([self._cache[text] for text in texts])
+
+    def __call__(self, caption: str | None, classes: list[str] | None) -> ImageVocabulary:
+        """The vocabulary of one image; ``caption`` None: no captioner ran."""
+        config = self.config
+        closed = classes is not None and config.prune_with_caption
+        adjectives: AdjectiveForm = (
+            "head" if closed and config.adjective_entities == "head" else "phrase"
+        )
+        entities = self.entities(caption, adjectives)
+        if classes is None:
+            texts, candidates = open_label_texts(entities, config.open_distractors)
+            warnings = () if entities else (_no_object(caption, "the whole image is background"),)
+            return ImageVocabulary(entities, texts, candidates, warnings)
+        if caption is None or not config.prune_with_caption:
+            return ImageVocabulary(entities, classes, classes)
+        if not entities:
+            why = "it cannot prune the classes; every class stays a candidate"
+            return ImageVocabulary(entities, classes, classes, (_no_object(caption, why),))
+        candidates = prune_classes(
+            entities, classes, self.embed, config.class_template, config.multiword_classes
+        )
+        return ImageVocabulary(entities, classes, candidates)
+
+
+def _no_object(caption: str | None, consequence: str) -> str:
+    return f"the caption {caption!r} names no object, so {consequence}"
 
 
 def open_label_texts(

@@ -16,8 +16,6 @@ One entry point, :func:`refine_masks`, dispatching on ``RefineConfig.method``:
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -25,7 +23,7 @@ from freesegdiff.config import RefineConfig
 from freesegdiff.errors import ConfigError
 from freesegdiff.image_io import image_tensor
 
-__all__ = ["refine_masks"]
+__all__ = ["Refiner", "refine_masks"]
 
 _METHODS = ("crf", "pamr", "none")
 _BACKENDS = ("torch", "pydensecrf")
@@ -61,7 +59,7 @@ def refine_masks(
     if config.method == "crf" and config.backend == "pydensecrf":
         from freesegdiff.refine.densecrf_reference import pydensecrf_refine
 
-        return pydensecrf_refine(image, masks, **_crf_settings(config))
+        return pydensecrf_refine(image, masks, config.crf_params())
 
     device = torch.device(device)
     image_t = image_tensor(image).permute(1, 2, 0).to(device)  # (H, W, 3) uint8, any array
@@ -69,7 +67,7 @@ def refine_masks(
     if config.method == "crf":
         from freesegdiff.refine.crf import binary_dense_crf
 
-        refined = binary_dense_crf(image_t, masks_t, **_crf_settings(config))
+        refined = binary_dense_crf(image_t, masks_t, config.crf_params())
     else:
         from freesegdiff.refine.pamr import pamr
 
@@ -83,19 +81,6 @@ def refine_masks(
         )
         refined = probabilities > 0.5
     return refined.cpu().numpy()
-
-
-def _crf_settings(config: RefineConfig) -> dict[str, Any]:
-    """The CRF keyword arguments shared by both backends."""
-    return {
-        "gt_prob": config.gt_prob,
-        "gaussian_sxy": config.gaussian_sxy,
-        "gaussian_compat": config.gaussian_compat,
-        "bilateral_sxy": config.bilateral_sxy,
-        "bilateral_srgb": config.bilateral_srgb,
-        "bilateral_compat": config.bilateral_compat,
-        "iterations": config.iterations,
-    }
 
 
 def _check_inputs(image: np.ndarray, masks: np.ndarray) -> None:
@@ -144,3 +129,16 @@ def _check_config(config: RefineConfig) -> None:
             raise ConfigError(
                 f"refine.pamr_dilations must be positive integers, got {config.pamr_dilations}"
             )
+
+
+class Refiner:
+    """Stage 12: refine the kept masks of one image (settings checked when it is built)."""
+
+    def __init__(self, config: RefineConfig, device: str | torch.device = "cpu") -> None:
+        _check_config(config)
+        self.config = config
+        self.device = device
+
+    def __call__(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """``(H, W, 3)`` uint8 image, ``(N, H, W)`` bool masks -> ``(N, H, W)`` bool refined."""
+        return refine_masks(image, masks, self.config, self.device)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from freesegdiff.config import CRFParams
+
 __all__ = [
     "LatticeFilter",
     "PairwiseKernels",
@@ -551,16 +553,7 @@ def _label_softmax(energy: torch.Tensor, batch: int, labels: int) -> torch.Tenso
 
 
 def binary_dense_crf(
-    image: torch.Tensor,
-    masks: torch.Tensor,
-    *,
-    gt_prob: float = 0.9,
-    gaussian_sxy: float = 20.0,
-    gaussian_compat: float = 5.0,
-    bilateral_sxy: float = 20.0,
-    bilateral_srgb: float = 20.0,
-    bilateral_compat: float = 100.0,
-    iterations: int = 10,
+    image: torch.Tensor, masks: torch.Tensor, params: CRFParams | None = None
 ) -> torch.Tensor:
     """Refine binary masks with a 2-label dense CRF each, as FreeSeg-Diff does with pydensecrf.
 
@@ -571,36 +564,37 @@ def binary_dense_crf(
     Args:
         image: (H, W, 3) uint8 or float RGB (0..255), on the device to compute on.
         masks: (N, H, W) bool coarse masks, on the same device.
-        gt_prob, ...: as :func:`unary_from_masks` and :func:`dense_crf`.
+        params: the CRF's parameters; None: the released ones.
 
     Returns:
         (N, H, W) bool, the pixels whose label 1 marginal is strictly the larger (the
         reference's argmax keeps label 0 on ties).
     """
+    params = params or CRFParams()
     _check_image(image)
     if masks.ndim != 3 or tuple(masks.shape[1:]) != tuple(image.shape[:2]):
         raise ValueError(
             f"masks must be (N, H, W) with (H, W) = {tuple(image.shape[:2])}, "
             f"got shape {tuple(masks.shape)}"
         )
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if params.iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {params.iterations}")
     count, height, width = masks.shape
     if count == 0:
         return masks.to(torch.bool).clone()
     pairwise = PairwiseKernels(
         image,
-        gaussian_sxy=gaussian_sxy,
-        gaussian_compat=gaussian_compat,
-        bilateral_sxy=bilateral_sxy,
-        bilateral_srgb=bilateral_srgb,
-        bilateral_compat=bilateral_compat,
+        gaussian_sxy=params.gaussian_sxy,
+        gaussian_compat=params.gaussian_compat,
+        bilateral_sxy=params.bilateral_sxy,
+        bilateral_srgb=params.bilateral_srgb,
+        bilateral_compat=params.bilateral_compat,
     )
-    unary = unary_from_masks(masks, gt_prob)
+    unary = unary_from_masks(masks, params.gt_prob)
     logit = (unary[:, 0] - unary[:, 1]).reshape(count, -1).t().contiguous()  # (P, N)
     # Everything but the 2 K Q_1 term, that is U_0 - U_1 - sum_k compat_k K_k 1: (P, N)
     ones = torch.ones(height * width, 1, dtype=torch.float32, device=masks.device)
     offset = logit - pairwise(ones)
-    for _ in range(iterations):
+    for _ in range(params.iterations):
         logit = torch.add(offset, pairwise(torch.sigmoid(logit)), alpha=2.0)
     return (logit > 0).t().reshape(count, height, width)

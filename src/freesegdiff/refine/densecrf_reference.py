@@ -11,6 +11,8 @@ from types import ModuleType
 
 import numpy as np
 
+from freesegdiff.config import CRFParams
+
 __all__ = ["pydensecrf_refine"]
 
 
@@ -28,16 +30,7 @@ def _import_pydensecrf() -> tuple[ModuleType, ModuleType]:
 
 
 def pydensecrf_refine(
-    image: np.ndarray,
-    masks: np.ndarray,
-    *,
-    gt_prob: float = 0.9,
-    gaussian_sxy: float = 20.0,
-    gaussian_compat: float = 5.0,
-    bilateral_sxy: float = 20.0,
-    bilateral_srgb: float = 20.0,
-    bilateral_compat: float = 100.0,
-    iterations: int = 10,
+    image: np.ndarray, masks: np.ndarray, params: CRFParams | None = None
 ) -> np.ndarray:
     """Refine each mask with its own dense CRF, exactly as the FreeSeg-Diff script calls it.
 
@@ -48,10 +41,12 @@ def pydensecrf_refine(
     Args:
         image: (H, W, 3) uint8 RGB.
         masks: (N, H, W) bool.
+        params: the CRF's parameters; None: the released ones.
 
     Returns:
         (N, H, W) bool refined masks.
     """
+    params = params or CRFParams()
     densecrf, utils = _import_pydensecrf()
     count, height, width = masks.shape
     # pydensecrf's Cython signature wants a writable buffer; ascontiguousarray returns a
@@ -61,11 +56,15 @@ def pydensecrf_refine(
     for index, mask in enumerate(masks):
         crf = densecrf.DenseCRF2D(width, height, 2)
         labels = mask.astype(np.int64)
-        crf.setUnaryEnergy(utils.unary_from_labels(labels, 2, gt_prob=gt_prob, zero_unsure=False))
-        crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
+        unary = utils.unary_from_labels(labels, 2, gt_prob=params.gt_prob, zero_unsure=False)
+        crf.setUnaryEnergy(unary)
+        crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
         crf.addPairwiseBilateral(
-            sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=rgb, compat=bilateral_compat
+            sxy=params.bilateral_sxy,
+            srgb=params.bilateral_srgb,
+            rgbim=rgb,
+            compat=params.bilateral_compat,
         )
-        marginals = np.asarray(crf.inference(iterations)).reshape(2, height, width)
+        marginals = np.asarray(crf.inference(params.iterations)).reshape(2, height, width)
         refined[index] = marginals.argmax(axis=0) == 1
     return refined
