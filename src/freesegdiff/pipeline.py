@@ -28,6 +28,7 @@ from typing import Any, overload
 import numpy as np
 import torch
 
+from freesegdiff import timing
 from freesegdiff.classify import MaskClassifier, MaskNamer, Naming
 from freesegdiff.clustering import Clusterer
 from freesegdiff.compose import Composition, compose
@@ -198,7 +199,7 @@ class FreeSegDiff:
         for start in range(0, len(items), step):
             chunk = items[start : start + step]
             timer = StageTimer(self.device)
-            with timer("io"):
+            with timer(timing.IO):
                 arrays = [load_image(item) for item in chunk]
             results.extend(
                 self.segment_arrays(arrays, [_source_name(i) for i in chunk], names, timer)
@@ -227,9 +228,9 @@ class FreeSegDiff:
                 name = _source_name(item) or f"image-{index}"
                 timer = StageTimer()
                 try:
-                    with timer("io"):
+                    with timer(timing.IO):
                         array = load_image(item)
-                    loaded.put((name, array, timer.seconds["io"]))
+                    loaded.put((name, array, timer.seconds[timing.IO]))
                 except FreeSegDiffError as error:
                     loaded.put((name, error, 0.0))
             loaded.put(done)
@@ -274,7 +275,7 @@ class FreeSegDiff:
         self, batch: list[tuple[str, np.ndarray, float]], classes: list[str] | None
     ) -> list[SegmentationResult]:
         timer = StageTimer(self.device)
-        timer.seconds["io"] = sum(seconds for _, _, seconds in batch)
+        timer.seconds[timing.IO] = sum(seconds for _, _, seconds in batch)
         return self.segment_arrays(
             [array for _, array, _ in batch], [name for name, _, _ in batch], classes, timer
         )
@@ -322,21 +323,21 @@ class FreeSegDiff:
         # 1. caption (None each without a captioner)
         captions: list[str | None] = [None] * len(images)
         if self.captioner is not None:
-            with timer("caption"):
+            with timer(timing.CAPTION):
                 captions = list(self.captioner.caption(images))
         # 2, 9. entities and label texts
-        with timer("entities"):
+        with timer(timing.ENTITIES):
             vocabularies = [self.vocabulary(caption, classes) for caption in captions]
         # 3-7. diffusion features: (B, C, F, F)
         features = self.features(images, seed=self.config.seed, timer=timer)
         # 8. class-agnostic masks: one (H, W) cluster map per image
-        with timer("clustering"):
+        with timer(timing.CLUSTERING):
             cluster_maps = [
                 self.clusterer(features[index], len(vocabulary.candidates), image.shape[:2])
                 for index, (image, vocabulary) in enumerate(zip(images, vocabularies, strict=True))
             ]
         # 10, 11. CLIP scores of every cluster, and the assignment of label texts
-        with timer("clip"):
+        with timer(timing.CLIP):
             namings = self.namer(images, cluster_maps, vocabularies)
         shared = timer.split(len(images))
         results = []
@@ -344,10 +345,10 @@ class FreeSegDiff:
             image_timer = StageTimer(self.device)
             coarse = naming.masks.cpu().numpy()  # (K, H, W) bool
             # 12. refinement of the kept clusters' masks
-            with image_timer("refinement"):
+            with image_timer(timing.REFINEMENT):
                 refined_kept = self.refiner(image, coarse[naming.kept])
             # 13. composition
-            with image_timer("composition"):
+            with image_timer(timing.COMPOSITION):
                 composition = compose(
                     refined_kept,
                     naming.kept,

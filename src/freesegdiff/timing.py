@@ -9,6 +9,31 @@ from contextlib import contextmanager
 
 import torch
 
+# The stages' timing names, in pipeline order: the keys of ``SegmentationResult.timings``, of
+# the JSON files and of ``freesegdiff bench``'s table. The one place they are spelled.
+IO = "io"  # reading the image (and, in folder runs, writing its files)
+CAPTION = "caption"
+ENTITIES = "entities"  # entities and label texts
+VAE = "vae"  # resize and VAE encode
+UNET = "unet"  # noise and the (truncated) UNet pass
+FEATURES = "features"  # assembling the feature maps
+CLUSTERING = "clustering"
+CLIP = "clip"  # CLIP scores and the assignment
+REFINEMENT = "refinement"
+COMPOSITION = "composition"
+STAGES: tuple[str, ...] = (
+    IO,
+    CAPTION,
+    ENTITIES,
+    VAE,
+    UNET,
+    FEATURES,
+    CLUSTERING,
+    CLIP,
+    REFINEMENT,
+    COMPOSITION,
+)
+
 
 class StageTimer:
     """Accumulates seconds per named stage: ``with timer("unet"): ...``."""
