@@ -1,4 +1,4 @@
-"""The allocator housekeeping: large buffers from the heap, trimming (glibc only)."""
+"""The glibc allocator switches: large buffers from the heap, trimming (glibc only)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ def test_large_buffers_from_the_heap_are_not_faulted_in_again():
     pages = 64 * 1024 * 1024 // page
     fresh = page_faults_of(fill_64_mb)  # a fresh mmap: every page faults
     assert fresh > pages // 2
-    # Heap memory is reused only while freed memory is retained (the pipeline asks for that
-    # when it loads; this test must not depend on an earlier test having loaded one).
-    memory.retain_freed_memory()
+    # Heap memory is reused only while freed memory is retained (large_buffers_from_heap sets
+    # it; said here too so that this test does not depend on the order of anything else).
+    memory.fix_trim_threshold()
     with memory.large_buffers_from_heap():
         fill_64_mb()  # grows the heap once
         again = page_faults_of(fill_64_mb)  # reuses it
@@ -49,6 +49,34 @@ def test_large_buffers_from_heap_nests_and_restores():
 
 
 def test_trim_is_safe_everywhere():
-    assert memory.trim_freed_memory() in (True, False)
+    assert memory.return_freed_memory() in (True, False)
     if not sys.platform.startswith("linux"):
         assert memory._libc() is None
+
+
+class RecordingLibc:
+    """Stands in for glibc: records every allocator call instead of making it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def mallopt(self, *args: int) -> int:
+        self.calls.append(("mallopt", args))
+        return 1
+
+    def malloc_trim(self, *args: int) -> int:
+        self.calls.append(("malloc_trim", args))
+        return 0
+
+
+def test_the_old_entry_points_no_longer_touch_the_allocator(monkeypatch):
+    """``retain_freed_memory``/``trim_freed_memory`` are kept only so that older callers import:
+    the allocator is changed through freesegdiff.runtime alone."""
+    libc = RecordingLibc()
+    monkeypatch.setattr(memory, "_libc", lambda: libc)
+    memory.retain_freed_memory()
+    assert memory.trim_freed_memory() is False
+    assert libc.calls == []
+    memory.fix_trim_threshold()  # the recorder does see the real switches
+    memory.return_freed_memory()
+    assert [name for name, _ in libc.calls] == ["mallopt", "malloc_trim"]

@@ -8,6 +8,10 @@ the empty-prompt embedding. Forward hooks take the query projection ``attn2.to_q
 of the first transformer block of the chosen attention layers; the UNet stops right after the
 last of them (later blocks would only cost time). Every map is resized bilinearly to
 ``feature_size`` squared and the maps are concatenated along channels.
+
+The models run as diffusers releases them. Speed and memory tuning (in-place ResNet forwards,
+channels-last, heap buffers) lives in :mod:`freesegdiff.runtime` and is used only when a
+``runtime`` is given (:class:`FeatureRuntime`); it never changes a value.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,7 +32,6 @@ from freesegdiff.devices import image_generators, randn_per_image
 from freesegdiff.errors import ConfigError
 from freesegdiff.hub import load_pretrained
 from freesegdiff.image_io import image_tensor
-from freesegdiff.memory import large_buffers_from_heap
 from freesegdiff.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -132,77 +136,11 @@ def images_to_tensor(
     return torch.cat(batch).clamp(0, 255) / 127.5 - 1.0
 
 
-def prefers_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the VAE and UNet convolutions run faster channels-last here.
-
-    oneDNN's bfloat16 convolutions do: on a 2-core Zen 5 the SD VAE encoder at 512x512 takes
-    1.9 s channels-last against 2.3 s (float32: no difference, so the default layout stays).
-    """
-    return device.type == "cpu" and dtype == torch.bfloat16
-
-
 def _frozen(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Move a model to ``device``/``dtype`` (only if needed), in eval mode without gradients."""
     if getattr(module, "dtype", dtype) != dtype:
         module = module.to(dtype=dtype)
     return module.to(device=device).eval().requires_grad_(False)
-
-
-def _inplace_resnet_forward(block: Any) -> Any:
-    """An inference forward for a diffusers ``ResnetBlock2D`` that reuses its own buffers.
-
-    The same operations as ``ResnetBlock2D.forward`` in the same order, so the same values bit
-    for bit, but the SiLUs act in place on the fresh group-norm outputs, the time embedding and
-    the shortcut are added in place to the fresh convolution outputs, and the division by an
-    ``output_scale_factor`` of 1 is skipped. At 512x512 the VAE encoder's activations are 64 MB
-    each; four fewer of them per block make it ~10 % faster and lower its peak memory. With
-    gradients on, the block's own forward runs.
-    """
-    original = block.forward
-
-    def forward(input_tensor: torch.Tensor, temb: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled() or args or kwargs:
-            return original(input_tensor, temb, *args, **kwargs)
-        hidden = F.silu(block.norm1(input_tensor), inplace=True)
-        hidden = block.conv1(hidden)
-        if block.time_emb_proj is not None:
-            if not block.skip_time_act:
-                temb = F.silu(temb)  # not in place: one embedding feeds every block
-            hidden.add_(block.time_emb_proj(temb)[:, :, None, None])
-        hidden = F.silu(block.norm2(hidden), inplace=True)
-        hidden = block.conv2(block.dropout(hidden))
-        shortcut = (
-            input_tensor if block.conv_shortcut is None else block.conv_shortcut(input_tensor)
-        )
-        hidden.add_(shortcut)
-        if block.output_scale_factor != 1.0:
-            hidden.div_(block.output_scale_factor)
-        return hidden
-
-    return forward
-
-
-def use_inplace_resnets(model: torch.nn.Module) -> int:
-    """Give every plain ``ResnetBlock2D`` of ``model`` :func:`_inplace_resnet_forward`.
-
-    Plain: no up- or down-sampling inside the block, the default time-embedding merge and a
-    SiLU nonlinearity (every block of the SD 1.x VAE and UNet). Returns how many were changed.
-    """
-    from diffusers.models.resnet import ResnetBlock2D
-
-    changed = 0
-    for module in model.modules():
-        if (
-            type(module) is ResnetBlock2D
-            and module.upsample is None
-            and module.downsample is None
-            and module.time_embedding_norm == "default"
-            and isinstance(module.nonlinearity, torch.nn.SiLU)
-            and isinstance(module.dropout, torch.nn.Dropout)
-        ):
-            module.forward = _inplace_resnet_forward(module)  # type: ignore[method-assign]
-            changed += 1
-    return changed
 
 
 def _refuse_call(module: torch.nn.Module, *_: Any) -> None:
@@ -229,7 +167,7 @@ def _release_modules(model: torch.nn.Module, entered: set[str]) -> list[str]:
             continue
         module = model.get_submodule(name)
         if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
-            continue  # nothing to free (an activation the in-place blocks call as a function)
+            continue  # nothing to free (a weightless module, e.g. an activation)
         module.to("meta")
         for inner in module.modules():
             inner.register_forward_pre_hook(_refuse_call)
@@ -237,11 +175,32 @@ def _release_modules(model: torch.nn.Module, entered: set[str]) -> list[str]:
     return freed
 
 
+class FeatureRuntime(Protocol):
+    """The speed and memory tuning a :class:`DiffusionFeatures` may be given as ``runtime``.
+
+    :class:`freesegdiff.runtime.RuntimeOptions` is one. It may change how the models run
+    (layouts, buffers, allocation), never what they compute.
+    """
+
+    def tune_models(self, features: DiffusionFeatures) -> None:
+        """Called once the VAE and UNet are frozen on their device, before anything runs."""
+
+    def vae_input(self, features: DiffusionFeatures, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's input ``pixels`` (model dtype), laid out as the tuned VAE wants it."""
+
+    def vae_buffers(
+        self, features: DiffusionFeatures, pixels: torch.Tensor
+    ) -> AbstractContextManager[None]:
+        """Wraps each VAE encode of ``pixels``."""
+
+
 class DiffusionFeatures:
     """Dense features from a frozen Stable Diffusion (VAE, UNet, text encoder, scheduler).
 
     Build it with :meth:`from_pretrained`, or from already loaded diffusers/transformers modules.
     Calling it on a batch of images returns ``(B, C, feature_size, feature_size)`` float32.
+    ``runtime``: speed and memory tuning (:class:`FeatureRuntime`); None runs the modules as
+    diffusers releases them with the default allocation, giving the same features.
     """
 
     def __init__(
@@ -254,7 +213,7 @@ class DiffusionFeatures:
         config: FeatureConfig,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
-        channels_last: bool | None = None,
+        runtime: FeatureRuntime | None = None,
     ) -> None:
         self.config = config
         self.device = device
@@ -264,14 +223,9 @@ class DiffusionFeatures:
         self.text_encoder = _frozen(text_encoder, device, dtype)
         self.tokenizer = tokenizer
         self.scheduler = scheduler
-        if channels_last is None:
-            channels_last = prefers_channels_last(device, dtype)
-        self.channels_last = channels_last
-        if channels_last:
-            self.vae.to(memory_format=torch.channels_last)
-            self.unet.to(memory_format=torch.channels_last)
-        use_inplace_resnets(self.vae)
-        use_inplace_resnets(self.unet)
+        self.runtime = runtime
+        if runtime is not None:
+            runtime.tune_models(self)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if config.image_size % (self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)):
             raise ConfigError(
@@ -287,7 +241,6 @@ class DiffusionFeatures:
                 f"got {config.timestep}"
             )
         self._empty_embedding: torch.Tensor | None = None
-        self._encoded_shapes: set[tuple[int, ...]] = set()  # VAE inputs seen (see encode)
         # model -> modules freed by release_unused / release_text_encoder ("": all of it)
         self.released: dict[str, list[str]] = {}
 
@@ -302,10 +255,12 @@ class DiffusionFeatures:
         offline: bool = False,
         revision: str | None = None,
         cache_dir: str | None = None,
+        runtime: FeatureRuntime | None = None,
     ) -> DiffusionFeatures:
         """Load the four components of a diffusers Stable Diffusion (no safety checker).
 
         ``name``: a Hub id, a local folder with ``model_index.json``, or ``tiny:stable-diffusion``.
+        ``runtime``: speed and memory tuning (:class:`freesegdiff.runtime.RuntimeOptions`).
         """
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -337,7 +292,9 @@ class DiffusionFeatures:
         scheduler = load_pretrained(
             DDPMScheduler.from_pretrained, name, subfolder="scheduler", **options
         )
-        return cls(vae, unet, text_encoder, tokenizer, scheduler, config, device, dtype)
+        return cls(
+            vae, unet, text_encoder, tokenizer, scheduler, config, device, dtype, runtime=runtime
+        )
 
     @property
     def channels(self) -> int:
@@ -375,18 +332,12 @@ class DiffusionFeatures:
     def encode(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """``(B, 3, S, S)`` in [-1, 1] -> scaled latents ``(B, 4, S/8, S/8)`` in the model dtype."""
         pixels = pixels.to(self.dtype)
-        if self.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        shape = tuple(pixels.shape)
-        if self.device.type == "cpu" and shape in self._encoded_shapes:
-            # Its 32-64 MB activations from the heap: no page faults. Not on the first call at
-            # a shape, whose one-off allocations (oneDNN's kernels for it) would stay pinned
-            # inside the heap region and fragment it (~0.14 GB more at 512x512).
-            with large_buffers_from_heap():
-                posterior = self.vae.encode(pixels).latent_dist
-        else:
+        if self.runtime is None:
             posterior = self.vae.encode(pixels).latent_dist
-            self._encoded_shapes.add(shape)
+        else:
+            pixels = self.runtime.vae_input(self, pixels)
+            with self.runtime.vae_buffers(self, pixels):
+                posterior = self.vae.encode(pixels).latent_dist
         if self.config.sample_latent:
             noise = randn_per_image(tuple(posterior.mean.shape[1:]), generators, self.device)
             latents = posterior.mean.float() + posterior.std.float() * noise
@@ -542,6 +493,7 @@ class DiffusionFeatures:
         convolution kernels by batch size, so a batch would round differently from single
         images (~1 % of the features, enough to move k-means boundaries). One image at a time
         keeps a batched run identical to single-image runs, for about 3 % of VAE and UNet speed
-        (the captioner and CLIP still batch).
+        (the captioner and CLIP still batch). A correctness rule (a result must not depend on
+        the batch it was computed in), not a speed trick: it holds with or without a runtime.
         """
         return 1 if self.device.type == "cpu" and self.dtype != torch.float32 else max(count, 1)

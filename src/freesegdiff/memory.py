@@ -1,15 +1,17 @@
-"""Process memory housekeeping for CPU runs (glibc's allocator; a no-op elsewhere).
+"""glibc allocator switches for CPU runs (a no-op with any other C library).
 
-Two things cost a CPU run time or memory that the models themselves do not:
+The low-level half of :mod:`freesegdiff.runtime`, which decides when each is used; nothing in
+the package calls these on its own. Two things cost a CPU run time or memory that the models
+themselves do not:
 
 - Loading models leaves freed blocks behind (a weight converted to another dtype or layout frees
-  its old copy, and such holes inside the heap stay resident); :func:`trim_freed_memory` hands
+  its old copy, and such holes inside the heap stay resident); :func:`return_freed_memory` hands
   them back to the operating system.
 - glibc serves every allocation above 32 MB with a fresh ``mmap`` and unmaps it when freed, so a
-  tensor of that size costs a page fault per 4 KB page each time it is made. The SD VAE encoder
-  at 512x512 makes dozens of 32 and 64 MB activations per image: on a 2-core Zen 5 the faults
-  alone take 0.3 s of its 1.65 s in bfloat16. Inside :func:`large_buffers_from_heap` they come
-  from the heap instead, where the next image finds them already mapped.
+  tensor of that size costs a page fault per 4 KB page each time it is made; the SD VAE encoder
+  at 512x512 makes dozens of 32 and 64 MB activations per image. Inside
+  :func:`large_buffers_from_heap` they come from the heap instead, where the next image finds
+  them already mapped.
 """
 
 from __future__ import annotations
@@ -48,19 +50,18 @@ def _libc() -> Any | None:
     return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
-def trim_freed_memory() -> bool:
+def return_freed_memory() -> bool:
     """Return the heap's free blocks to the operating system; True if anything was returned."""
     libc = _libc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
-def retain_freed_memory() -> None:
+def fix_trim_threshold() -> None:
     """Keep freed memory at the top of the heap for reuse instead of returning it at once.
 
     Also fixes glibc's threshold for serving a block by ``mmap`` at 128 KB (it otherwise grows
     with the largest block freed), so model weights loaded afterwards get their own mappings
-    rather than interleaving with short-lived blocks in the heap: the bench's bfloat16 peak is
-    ~0.2 GB lower with this set before the models are built. Call it once, early.
+    rather than interleaving with short-lived blocks in the heap. Process-wide, for good.
     """
     libc = _libc()
     if libc is not None:
@@ -71,9 +72,10 @@ def retain_freed_memory() -> None:
 def large_buffers_from_heap() -> Iterator[None]:
     """Serve large allocations made inside this block from the heap rather than fresh mmaps.
 
-    Process-wide while it lasts (other threads' allocations too) and re-entrant. The memory
-    stays with the process afterwards, for the next time: what the block needed at its peak
-    remains resident, which is what its peak cost anyway.
+    Process-wide while it lasts (other threads' allocations too) and re-entrant. It fixes the
+    trim threshold (:func:`fix_trim_threshold`) for good, as heap memory trimmed at each free
+    would be faulted in again. The memory stays with the process afterwards, for the next time:
+    what the block needed at its peak remains resident, which is what its peak cost anyway.
     """
     global _depth
     libc = _libc()
@@ -82,7 +84,7 @@ def large_buffers_from_heap() -> Iterator[None]:
         return
     with _lock:
         if _depth == 0:
-            retain_freed_memory()
+            fix_trim_threshold()
             libc.mallopt(_M_MMAP_MAX, 0)
         _depth += 1
     try:
@@ -92,3 +94,21 @@ def large_buffers_from_heap() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+
+
+def retain_freed_memory() -> None:
+    """Does nothing; kept so that older callers still import.
+
+    It used to be called by ``FreeSegDiff.from_config`` for the whole process. The allocator is
+    now changed only when asked: :func:`freesegdiff.runtime.tune_process` (the real switch is
+    :func:`fix_trim_threshold`).
+    """
+
+
+def trim_freed_memory() -> bool:
+    """Does nothing and returns False; kept so that older callers still import.
+
+    The allocator is now changed only when asked: :func:`freesegdiff.runtime.after_loading`
+    (the real call is :func:`return_freed_memory`).
+    """
+    return False

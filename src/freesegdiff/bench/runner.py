@@ -29,8 +29,8 @@ import torch
 from freesegdiff.config import PipelineConfig, set_by_path
 from freesegdiff.devices import resolve_device, resolve_dtype
 from freesegdiff.errors import ConfigError
-from freesegdiff.memory import large_buffers_from_heap, retain_freed_memory, trim_freed_memory
 from freesegdiff.pipeline import FreeSegDiff
+from freesegdiff.runtime import RuntimeOptions, after_loading, tune_models, tune_process
 from freesegdiff.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class BenchSettings:
     device: str | None = None  # None: the preset's
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted settings, e.g. refine.method
+    # speed and memory tuning (freesegdiff.runtime); None: the models run untuned
+    runtime: RuntimeOptions | None = field(default_factory=RuntimeOptions.fast)
 
 
 @dataclass
@@ -186,11 +188,19 @@ def _is_tiny(config: PipelineConfig) -> bool:
     return all(name.startswith("tiny:") for name in names)
 
 
-def build_pipeline(config: PipelineConfig) -> FreeSegDiff:
+def build_pipeline(config: PipelineConfig, runtime: RuntimeOptions | None = None) -> FreeSegDiff:
     """The pipeline of ``config``: its own ``tiny:`` models, or for Hub names the real
-    architectures with random weights (:mod:`freesegdiff.bench.models`), built in memory."""
+    architectures with random weights (:mod:`freesegdiff.bench.models`), built in memory.
+
+    ``runtime``: the speed and memory tuning of the VAE and UNet (None: none). The process
+    allocator is the caller's (:func:`~freesegdiff.runtime.tune_process` before this,
+    :func:`~freesegdiff.runtime.after_loading` after).
+    """
     if _is_tiny(config):
-        return FreeSegDiff.from_config(config)
+        pipe = FreeSegDiff.from_config(config)
+        if runtime is not None:
+            tune_models(pipe.features, runtime)
+        return pipe
     from freesegdiff.bench.models import (
         ScriptedCaptioner,
         build_captioner,
@@ -198,7 +208,7 @@ def build_pipeline(config: PipelineConfig) -> FreeSegDiff:
         build_stable_diffusion,
     )
     from freesegdiff.classify import MaskClassifier
-    from freesegdiff.features import DiffusionFeatures, prefers_channels_last
+    from freesegdiff.features import DiffusionFeatures
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -208,7 +218,8 @@ def build_pipeline(config: PipelineConfig) -> FreeSegDiff:
         dtype,
         device,
         seed=config.seed or 0,
-        channels_last=prefers_channels_last(device, dtype),
+        # built in the layout the runtime wants: no copy, no holes in the heap
+        channels_last=runtime is not None and runtime.uses_channels_last(device, dtype),
     )
     features = DiffusionFeatures(
         parts.vae,
@@ -219,9 +230,11 @@ def build_pipeline(config: PipelineConfig) -> FreeSegDiff:
         config.features,
         device,
         dtype,
+        runtime=runtime,
     )
     features.release_unused()
-    trim_freed_memory()  # the freed VAE decoder and UNet tail: give the memory back now
+    if runtime is not None:
+        after_loading(runtime)  # the freed VAE decoder and UNet tail: give the memory back now
     clip, clip_processor = build_clip(models.clip, dtype, device)
     classifier = MaskClassifier(
         clip,
@@ -235,7 +248,6 @@ def build_pipeline(config: PipelineConfig) -> FreeSegDiff:
     if models.captioner:
         model, processor = build_captioner(models.captioner, dtype, device)
         captioner = ScriptedCaptioner(model, processor, config=config.caption)
-    trim_freed_memory()
     return FreeSegDiff(config, features=features, classifier=classifier, captioner=captioner)
 
 
@@ -357,14 +369,15 @@ def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[
         )
     pixels = images_to_tensor(batch, config.features.image_size, device, config.features.resize)
     vae_input = pixels.to(features.dtype)
-    if features.channels_last:
-        vae_input = vae_input.contiguous(memory_format=torch.channels_last)
+    runtime = features.runtime
+    if runtime is not None:  # as DiffusionFeatures.encode runs it
+        vae_input = runtime.vae_input(features, vae_input)
 
     def vae() -> None:
-        if device.type == "cpu":  # as DiffusionFeatures.encode runs it
-            with large_buffers_from_heap():
-                features.vae.encode(vae_input)
-        else:
+        if runtime is None:
+            features.vae.encode(vae_input)
+            return
+        with runtime.vae_buffers(features, vae_input):
             features.vae.encode(vae_input)
 
     forwards["vae"] = vae
@@ -402,12 +415,15 @@ def run_bench(settings: BenchSettings) -> BenchReport:
         raise ConfigError(f"--size must be at least 16x16, got {settings.size}")
     config = bench_config(settings)
     load_before = _load_average()  # other processes compete for the cores: say how busy
-    retain_freed_memory()  # before the models, as FreeSegDiff.from_config does
+    runtime = settings.runtime
+    if runtime is not None:
+        tune_process(runtime)  # before the models
     began = time.perf_counter()
-    pipe = build_pipeline(config)
+    pipe = build_pipeline(config, runtime)
     if pipe.captioner is not None:
         pipe.release_text_encoder()  # open vocabulary: only the empty prompt is ever embedded
-        trim_freed_memory()
+    if runtime is not None:
+        after_loading(runtime)
     build_seconds = time.perf_counter() - began
     logger.info("models built in %.1f s", build_seconds)
     batch_size = settings.batch_size
@@ -452,6 +468,7 @@ def run_bench(settings: BenchSettings) -> BenchReport:
         "wall_seconds": round(wall, 3),
         "load_average_before": load_before,  # 1, 5 and 15 minutes, before the models
         "load_average_after": _load_average(),  # this run's own load included
+        "runtime": None if runtime is None else asdict(runtime),
     }
     return BenchReport(
         stages=stages,

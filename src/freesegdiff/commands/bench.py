@@ -62,6 +62,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (preset's)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
+        "--no-runtime-tuning",
+        action="store_true",
+        help="measure the models untuned (freesegdiff.runtime: allocator, in-place ResNets, "
+        "channels-last, heap buffers are all on by default)",
+    )
+    parser.add_argument(
         "--json",
         metavar="FILE",
         help="also write the figures as JSON: stages, seconds_per_image, images_per_second, "
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from freesegdiff.bench.runner import BenchSettings, run_bench
+    from freesegdiff.runtime import RuntimeOptions
 
     if args.threads is not None:
         if args.threads < 1:
@@ -110,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         overrides=_overrides(args.settings),
+        runtime=None if args.no_runtime_tuning else RuntimeOptions.fast(),
     )
     report = run_bench(settings)
     print(report.table())
