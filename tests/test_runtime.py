@@ -241,3 +241,31 @@ def test_the_bench_tunes_by_default_and_can_run_untuned():
     report = run_bench(BenchSettings(preset="tiny", images=1, size=(64, 48), runtime=None))
     assert report.settings["runtime"] is None
     assert report.seconds_per_image > 0
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-runtime-tuning"]])
+def test_the_segment_command_tunes_unless_told_not_to(flags, tmp_path, photos, monkeypatch):
+    from PIL import Image
+
+    from freesegdiff.cli import main
+    from freesegdiff.commands import common
+
+    built = []
+    build = common.pipeline_from_args
+    monkeypatch.setattr(
+        "freesegdiff.commands.segment.pipeline_from_args",
+        lambda args: built.append(build(args)) or built[-1],
+    )
+    libc = RecordingLibc()
+    monkeypatch.setattr(memory, "_libc", lambda: libc)
+    photo = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(photo)
+    args = ["segment", str(photo), "-o", str(tmp_path / "out"), "--preset", "tiny"]
+    assert main([*args, "--no-progress", *flags]) == 0
+    (pipe,) = built
+    if flags:
+        assert pipe.features.runtime is None
+        assert libc.calls == []
+    else:
+        assert pipe.features.runtime == RuntimeOptions.fast()
+        assert libc.calls[:1] == ["mallopt"] and "malloc_trim" in libc.calls
