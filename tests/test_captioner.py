@@ -14,6 +14,7 @@ from skimage import data
 from freesegdiff.captioner import Captioner, _strip
 from freesegdiff.config import CaptionConfig
 from freesegdiff.errors import ConfigError, ImageReadError, ModelUnavailableError
+from freesegdiff.hub import LoadOptions
 from freesegdiff.tiny.captioner import build_blip, build_blip2
 from freesegdiff.tiny.clip import build_clip
 from freesegdiff.tiny.vocab import WORDS
@@ -155,7 +156,8 @@ def test_offline_hub_id_is_model_unavailable(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     name = "Salesforce/blip-image-captioning-base"
     with pytest.raises(ModelUnavailableError) as caught:
-        Captioner.from_pretrained(name, config=CaptionConfig(), cache_dir=str(tmp_path))
+        load = LoadOptions(cache_dir=str(tmp_path))
+        Captioner.from_pretrained(name, config=CaptionConfig(), load=load)
     assert name in str(caught.value)
     assert "--preset tiny" in str(caught.value)
     assert "--captioner-model" in str(caught.value)

@@ -108,27 +108,28 @@ def test_fixed_classes_name_the_segments(photos, tmp_path):
 
 
 def test_user_errors_give_messages_not_tracebacks(photos, tmp_path, capsys, monkeypatch):
+    """Usage and set-up errors exit with 2 and one message; a failed image with 1."""
     photo = tmp_path / "cat.png"
     Image.fromarray(photos["chelsea"]).save(photo)
     out = str(tmp_path / "out")
-    assert main(["segment", str(photo), "-o", out, "--preset", "tiny", "--classes", " , "]) == 1
+    assert main(["segment", str(photo), "-o", out, "--preset", "tiny", "--classes", " , "]) == 2
     assert "holds no class name" in capsys.readouterr().err
     missing = str(tmp_path / "no-model-here")
-    assert main(["segment", str(photo), "-o", out, "--diffusion-model", missing]) == 1
+    assert main(["segment", str(photo), "-o", out, "--diffusion-model", missing]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["segment", str(tmp_path / "nope.png"), "-o", out, "--preset", "tiny"]) == 1
     assert "does not exist" in capsys.readouterr().err
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
-    assert main(["segment", str(photo), "-o", out, "--preset", "paper", "--offline"]) == 1
+    assert main(["segment", str(photo), "-o", out, "--preset", "paper", "--offline"]) == 2
     error = capsys.readouterr().err
     assert "could not load the Stable Diffusion model 'CompVis/stable-diffusion-v1-4'" in error
     assert "--preset tiny" in error
     assert (
         main(["segment", str(photo), "-o", out, "--preset", "tiny", "--set", "clustering.kk=3"])
-        == 1
+        == 2
     )
     assert "unknown setting 'clustering.kk'" in capsys.readouterr().err
-    assert main(["segment", str(photo), "-o", out, "--preset", "tiny", "--format", "tiff"]) == 1
+    assert main(["segment", str(photo), "-o", out, "--preset", "tiny", "--format", "tiff"]) == 2
     assert "unknown --format" in capsys.readouterr().err
 
 
@@ -186,3 +187,28 @@ def test_config_file_merges_over_the_preset_section_by_section(tmp_path):
     assert config.clustering.k == 6  # flags come after the file
     args = parser.parse_args(["--preset", "tiny", "--config", str(settings)])
     assert config_from_args(args).clustering.k == 5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--k", "0"], "clustering.k must be at least 1"),
+        (["--k-range", "5", "2"], "clustering.k_range must be 1 <= lo <= hi"),
+        (["--refine", "bogus"], "refine.method must be one of"),
+        (["--feature-size", "0"], "features.feature_size must be at least 1"),
+        (["--batch-size", "0"], "batch_size must be at least 1"),
+        (["--set", "clustering.k=abc"], "clustering.k must be an integer, got 'abc'"),
+        (["--set", "refine.gt_prob=1.5"], "refine.gt_prob must be in (0, 1)"),
+        (["--crf-backend", "cuda"], "refine.backend must be one of"),
+    ],
+)
+def test_invalid_settings_exit_2_before_any_model_loads(photos, tmp_path, capsys, options, message):
+    """The models named do not exist: had any loading started, its error would show instead."""
+    photo = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(photo)
+    absent = ["--diffusion-model", str(tmp_path / "absent"), "--clip-model", str(tmp_path / "x")]
+    code = main(["segment", str(photo), "-o", str(tmp_path / "out"), *absent, *options])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert message in error and "Traceback" not in error
+    assert "does not exist" not in error  # no model was looked for

@@ -74,7 +74,7 @@ class Captioner:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in _KINDS:
             raise ConfigError(_unsupported_message(str(model_type)))
-        _check_config(config)
+        check_caption_config(config)
         self.model = frozen(model, model.device)
         self.processor = processor
         self.config = config
@@ -111,7 +111,7 @@ class Captioner:
         """
         from transformers import AutoConfig
 
-        _check_config(config)
+        check_caption_config(config)
         options: dict[str, Any] = {
             "what": _WHAT,
             "flag": _FLAG,
@@ -216,7 +216,7 @@ def _strip(text: str, prompt: str | None) -> str:
     return text
 
 
-def _check_config(config: CaptionConfig) -> None:
+def check_caption_config(config: CaptionConfig) -> None:
     """Refuse generation settings that cannot work, naming the setting."""
     for name in ("max_length", "max_new_tokens"):
         value = getattr(config, name)

@@ -285,6 +285,23 @@ class MaskNamer:
         self.classifier = classifier
         self.ties: TieRule = ties
 
+    @staticmethod
+    def check_config(config: Any) -> None:
+        """Refuse ``classify`` settings that cannot work (before CLIP loads)."""
+        if config.ties not in ("all", "first"):
+            raise ConfigError(f"classify.ties must be 'all' or 'first', got {config.ties!r}")
+        if config.image_processing not in ("processor", "torch"):
+            raise ConfigError(
+                "classify.image_processing must be 'processor' or 'torch', "
+                f"got {config.image_processing!r}"
+            )
+        if config.batch_size < 1:
+            raise ConfigError(f"classify.batch_size must be at least 1, got {config.batch_size}")
+        if "{}" not in config.label_template:
+            raise ConfigError(
+                f"classify.label_template {config.label_template!r} must contain '{{}}'"
+            )
+
     def __call__(
         self,
         images: Sequence[np.ndarray],

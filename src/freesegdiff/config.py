@@ -10,6 +10,8 @@ partial dictionaries merged over these defaults by :func:`freesegdiff.presets.lo
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -203,15 +205,68 @@ class PipelineConfig:
         return merge_config(cls(), values)
 
 
-def _coerce(current: Any, value: Any, where: str) -> Any:
-    """Turn JSON values into the type of the field they replace (lists into tuples)."""
+def _coerce(annotation: Any, value: Any, where: str) -> Any:
+    """``value`` (a JSON value) as the type ``annotation`` declares, or a :class:`ConfigError`.
+
+    Lists become tuples, integers become floats where a float is declared; a value of another
+    type, or a name outside a ``Literal``'s choices, is refused with the setting's name.
+    """
     if isinstance(value, list):
         value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    return value
+    ok, converted = _conforms(annotation, value)
+    if not ok:
+        raise ConfigError(f"{where} must be {_describe(annotation)}, got {value!r}")
+    return converted
+
+
+def _conforms(annotation: Any, value: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits ``annotation`` (and the value converted to it)."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True, value
+    if annotation is type(None):
+        return value is None, value
+    if origin is Literal:
+        return value in arguments, value
+    if origin in (typing.Union, types.UnionType):
+        for option in arguments:
+            ok, converted = _conforms(option, value)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False, value
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            items = [_conforms(arguments[0], item) for item in value]
+        elif len(arguments) == len(value):
+            items = [_conforms(kind, item) for kind, item in zip(arguments, value, strict=True)]
+        else:
+            return False, value
+        return all(ok for ok, _ in items), tuple(item for _, item in items)
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number, float(value) if number else value
+    if annotation is str:
+        return isinstance(value, str), value
+    return True, value  # a type this checker does not know: taken as given
+
+
+def _describe(annotation: Any) -> str:
+    """How a setting's type reads in an error message."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in arguments)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in arguments)
+    if origin is tuple:
+        return "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return "null" if annotation is type(None) else names.get(annotation, str(annotation))
 
 
 def merge_config(base: Any, values: dict[str, Any], where: str = "") -> Any:
@@ -222,6 +277,7 @@ def merge_config(base: Any, values: dict[str, Any], where: str = "") -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"settings for {where or 'the pipeline'} must be a mapping")
     names = {f.name for f in dataclasses.fields(base)}
+    hints = typing.get_type_hints(type(base))
     changes: dict[str, Any] = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
@@ -231,7 +287,7 @@ def merge_config(base: Any, values: dict[str, Any], where: str = "") -> Any:
         if dataclasses.is_dataclass(current) and not isinstance(current, type):
             changes[key] = merge_config(current, value, path)
         else:
-            changes[key] = _coerce(current, value, path)
+            changes[key] = _coerce(hints[key], value, path)
     return dataclasses.replace(base, **changes)
 
 

@@ -68,6 +68,45 @@ def normalise_classes(classes: Sequence[str] | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
+def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
+    """Check every setting that can be checked without models; return the device and dtype.
+
+    Called by :meth:`FreeSegDiff.from_config` before any model loads, so that a wrong K, method
+    name or size costs no loading time. Each stage checks its own section (the same checks
+    run again when the stages are built); what depends on a model (layer names, sizes the
+    UNet takes, the scheduler's timestep range) is checked when that model is loaded.
+
+    Raises:
+        ConfigError: the first setting that cannot work, named.
+    """
+    from freesegdiff.captioner import check_caption_config
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {config.batch_size}")
+    if config.models.captioner:
+        check_caption_config(config.caption)
+    entities = EntityExtractor(config.entities)
+    LabelVocabulary(config.vocabulary, entities, lambda: _no_embedder())
+    Clusterer(config.clustering, config.seed)
+    MaskNamer.check_config(config.classify)
+    Refiner(config.refine, device)
+    features = config.features
+    for name in ("image_size", "feature_size"):
+        if getattr(features, name) < 1:
+            raise ConfigError(f"features.{name} must be at least 1, got {getattr(features, name)}")
+    if features.timestep < 0:
+        raise ConfigError(f"features.timestep must be >= 0, got {features.timestep}")
+    if not features.layers and not features.resolutions:
+        raise ConfigError("features.layers is empty: name at least one attention layer")
+    return device, dtype
+
+
+def _no_embedder() -> TextEmbedder:
+    raise AssertionError("check_settings never embeds")  # pragma: no cover
+
+
 class FreeSegDiff:
     """Training-free open-vocabulary segmentation of images.
 
@@ -104,9 +143,8 @@ class FreeSegDiff:
         """Load every model the config names (Hub id, local folder or ``tiny:``)."""
         from freesegdiff.memory import retain_freed_memory, trim_freed_memory
 
+        device, dtype = check_settings(config)  # before any model loads
         retain_freed_memory()  # before loading: weights get their own mappings (lower peak)
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
         models = config.models
         load = LoadOptions.of(models)
         features = DiffusionFeatures.from_pretrained(

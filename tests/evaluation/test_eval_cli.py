@@ -162,14 +162,14 @@ def test_tiny_pipeline_end_to_end_resume_and_rescore(tmp_path, monkeypatch, tiny
 
 
 def test_cli_errors_are_messages(tmp_path, capsys):
-    assert run_eval("--dataset", "voc21", "--data-root", str(tmp_path), "-o", str(tmp_path)) == 1
+    assert run_eval("--dataset", "voc21", "--data-root", str(tmp_path), "-o", str(tmp_path)) == 2
     assert "ImageSets/Segmentation/val.txt" in capsys.readouterr().err
     write_synthetic_dataset("voc21", tmp_path / "data", num_images=1)
     code = run_eval(
         "--dataset", "voc21", "--data-root", str(tmp_path / "data"), "-o", str(tmp_path / "o"),
         "--limit", "0",
     )  # fmt: skip
-    assert code == 1 and "--limit must be at least 1" in capsys.readouterr().err
+    assert code == 2 and "--limit must be at least 1" in capsys.readouterr().err
 
 
 def test_open_vocabulary_grounds_caption_entities(tmp_path, monkeypatch, tiny_pipe):

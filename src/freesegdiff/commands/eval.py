@@ -80,14 +80,17 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate; return 0, or 1 when some image failed (it is scored as unpredicted)."""
     from freesegdiff.evaluation.classnames import label_texts
-    from freesegdiff.evaluation.datasets import open_dataset
+    from freesegdiff.evaluation.datasets import DatasetError, open_dataset
     from freesegdiff.evaluation.grounding import NO_CLASS, Grounder
     from freesegdiff.evaluation.runner import evaluate
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     config = config_from_args(args)
-    dataset = open_dataset(args.dataset, args.data_root, class_names_file=args.class_names)
+    try:
+        dataset = open_dataset(args.dataset, args.data_root, class_names_file=args.class_names)
+    except DatasetError as error:  # no dataset to evaluate: a set-up error (exit 2)
+        raise ConfigError(str(error)) from error
     classes = dataset.classes
     vocabulary = label_texts(classes, dataset.background_id, config.vocabulary.dataset_texts)
     unlabelled = NO_CLASS if dataset.background_id is None else dataset.background_id
