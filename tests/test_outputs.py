@@ -1,13 +1,15 @@
-"""Result adapters and files: transformers dicts, label PNGs, JSON."""
+"""Result adapters and files: transformers dicts, label PNGs, JSON, overlay, explain, COCO."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from freesegdiff.outputs import label_png, write_result
+from freesegdiff.image_io import load_image
+from freesegdiff.outputs import label_png, write_outputs
 from freesegdiff.result import Segment, SegmentationResult
 
 
@@ -61,7 +63,7 @@ def test_files_hold_exactly_the_ids_of_the_json(tmp_path):
 
 
 def test_no_image_means_no_overlay(tmp_path):
-    written = write_result(hand_made_result(), tmp_path, stem="y")
+    written = write_outputs(hand_made_result(), None, tmp_path, stem="y")
     assert sorted(written) == ["json", "png"]
 
 
@@ -71,3 +73,54 @@ def test_ids_above_255_are_written_as_16_bit(tmp_path):
     assert image.mode == "I;16"
     image.save(tmp_path / "big.png")
     assert np.asarray(Image.open(tmp_path / "big.png")).tolist() == [[0, 300], [1000, 2]]
+
+
+def test_write_outputs_reads_the_source_once_for_overlay_and_explain(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the explain figure needs matplotlib")
+    import freesegdiff.outputs as outputs
+
+    result = hand_made_result()
+    result.source = str(tmp_path / "photo.png")
+    Image.fromarray(np.full((2, 3, 3), 100, np.uint8)).save(result.source)
+    reads = []
+    monkeypatch.setattr(
+        outputs, "load_image", lambda image: reads.append(image) or load_image(image)
+    )
+    written = write_outputs(result, None, tmp_path / "out", explain=True)
+    assert sorted(written) == ["explain", "json", "overlay", "png"]
+    assert reads == [result.source]
+    assert written["explain"].name == "photo_explain.png" and written["explain"].is_file()
+
+
+def test_write_outputs_uses_the_image_in_memory_and_collects_coco(tmp_path, monkeypatch):
+    pytest.importorskip("pycocotools", reason="COCO output needs pycocotools")
+    from freesegdiff.export import CocoResults
+
+    result = hand_made_result()
+    result.source = str(tmp_path / "never-read.png")  # no such file: the array is used
+    coco = CocoResults()
+    written = write_outputs(
+        result,
+        np.full((2, 3, 3), 100, np.uint8),
+        tmp_path,
+        formats=["png", "coco-rle"],
+        coco=coco,
+    )
+    assert sorted(written) == ["json", "overlay", "png"]
+    assert written["png"].name == "never-read.png"
+    assert [entry["category_name"] for entry in coco.entries()] == ["cat", "sofa"]
+    assert {entry["image_id"] for entry in coco.entries()} == {"never-read"}
+    only_coco = write_outputs(result, None, tmp_path / "c", formats=["coco-rle"], coco=coco)
+    assert only_coco == {} and len(coco.entries()) == 4
+
+
+def test_write_outputs_says_what_is_wrong(tmp_path):
+    result = hand_made_result()
+    with pytest.raises(ValueError, match="unknown output formats"):
+        write_outputs(result, None, tmp_path, formats=["tiff"])
+    with pytest.raises(ValueError, match="pass coco="):
+        write_outputs(result, None, tmp_path, formats=["coco-rle"])
+    with pytest.raises(ValueError, match="the explain figure needs the image"):
+        write_outputs(result, None, tmp_path, explain=True)
+    with pytest.raises(ValueError, match="pass the image that was segmented"):
+        write_outputs(result, np.zeros((5, 5, 3), np.uint8), tmp_path)

@@ -1,4 +1,8 @@
-"""What the pipeline returns for one image."""
+"""What the pipeline returns for one image: plain data and pure conversions.
+
+Writing files and drawing pictures of a result live in :mod:`freesegdiff.outputs` and
+:mod:`freesegdiff.visualize`, which import this module (never the other way round).
+"""
 
 from __future__ import annotations
 
@@ -111,15 +115,18 @@ class SegmentationResult:
     ) -> dict[str, Path]:
         """Write ``<stem>.png`` (palette label map), ``<stem>_overlay.png`` and ``<stem>.json``.
 
+        A shortcut for :func:`freesegdiff.outputs.write_outputs` (which also writes the explain
+        figure and COCO results).
+
         Args:
             folder: output folder, created if missing.
             stem: file name stem; default: the source file's stem, else ``"image"``.
-            image: the RGB image for the overlay (anything :func:`load_image` reads); default:
-                read again from ``source``. Without either the overlay is skipped.
+            image: the segmented RGB image for the overlay (anything :func:`load_image` reads);
+                default: read once from ``source``. Without either the overlay is skipped.
 
         Returns:
             ``{"png": path, "json": path, "overlay": path}`` for the files written.
         """
-        from freesegdiff.outputs import write_result
+        from freesegdiff.outputs import write_outputs  # outputs imports this module
 
-        return write_result(self, folder, stem=stem, image=image)
+        return write_outputs(self, image, folder, stem=stem)

@@ -11,8 +11,7 @@ from typing import Any
 from freesegdiff.commands.common import add_pipeline_arguments, parse_classes, pipeline_from_args
 from freesegdiff.errors import ConfigError, FreeSegDiffError
 from freesegdiff.image_io import iter_image_files
-
-FORMATS = ("png", "coco-rle")
+from freesegdiff.outputs import FORMATS
 
 
 def add_parser(subparsers: Any) -> None:
@@ -78,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     """Segment every input; return 0 when all succeeded, 1 when any failed."""
     from tqdm import tqdm
 
-    from freesegdiff.outputs import write_result
+    from freesegdiff.export import CocoResults
+    from freesegdiff.outputs import write_outputs
     from freesegdiff.runtime import RuntimeOptions, after_loading, tune_models, tune_process
 
     formats = _formats(args.format)
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     used: set[str] = set()
     stems = {str(path): _unique_stem(path, used) for path in files}
     failures: dict[str, str] = {}
-    coco_items: list[tuple[str, Any]] = []
+    coco = CocoResults(classes)
     start = time.perf_counter()
     progress = tqdm(total=len(files), unit="img", disable=args.no_progress, file=sys.stderr)
     for name, outcome in pipe.iter_segment(files, classes=classes):
@@ -109,24 +109,25 @@ def run(args: argparse.Namespace) -> int:
             failures[name] = str(outcome)
             progress.write(f"skipped {name}: {outcome}")
             continue
-        stem = stems.get(name, Path(name).stem)
         try:
-            if "png" in formats:
-                write_result(outcome, output, stem=stem, overlay=not args.no_overlay)
-            if args.explain:
-                from freesegdiff.visualize.explain import write_explain
-
-                write_explain(outcome, name, output, stem)
-            if "coco-rle" in formats:
-                coco_items.append((stem, outcome))
+            # The pipeline does not hand back the pixels it read: write_outputs reads the
+            # image from outcome.source once, for the overlay and the explain figure together.
+            write_outputs(
+                outcome,
+                None,
+                output,
+                stem=stems.get(name, Path(name).stem),
+                formats=formats,
+                overlay=not args.no_overlay,
+                explain=args.explain,
+                coco=coco,
+            )
         except (OSError, ValueError) as error:
             failures[name] = f"writing the results failed: {error}"
             progress.write(f"skipped {name}: writing the results failed: {error}")
     progress.close()
     if "coco-rle" in formats:
-        from freesegdiff.export import write_coco_results
-
-        write_coco_results(coco_items, output, classes)
+        coco.write(output)
     if "png" in formats and not args.no_overlay:
         from freesegdiff.visualize.index_page import write_index_page
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from freesegdiff.errors import ConfigError, FreeSegDiffError
 from freesegdiff.image_io import IMAGE_SUFFIXES, load_image
+from freesegdiff.outputs import write_outputs
 from freesegdiff.result import SegmentationResult
 from freesegdiff.visualize.cluster_map import render_cluster_map
 from freesegdiff.visualize.colors import colors_for
@@ -148,8 +149,6 @@ def run_segmentation(
     """
     if image is None:
         raise ConfigError("no photo yet: upload one or pick an example, then press Segment")
-    from freesegdiff.outputs import write_result
-
     pixels = load_image(image)
     classes = parse_class_box(class_text)
     if lock is None:
@@ -158,7 +157,7 @@ def run_segmentation(
         with lock:
             result = pipe(pixels, classes=classes)
     folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="fsd-demo-"))
-    written = write_result(result, folder, stem=DOWNLOAD_STEM, image=pixels)
+    written = write_outputs(result, pixels, folder, stem=DOWNLOAD_STEM)
     files = [str(written[kind]) for kind in ("png", "overlay", "json") if kind in written]
     annotations, color_map = annotations_for(result)
     return DemoOutput(

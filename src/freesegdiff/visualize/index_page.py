@@ -24,13 +24,13 @@ from urllib.parse import quote
 
 from PIL import Image
 
+from freesegdiff.export import COCO_RESULTS_NAME
+from freesegdiff.outputs import EXPLAIN_SUFFIX, OVERLAY_SUFFIX
+
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.html"
 THUMBNAIL_FOLDER = "thumbnails"
-OVERLAY_SUFFIX = "_overlay.png"
-EXPLAIN_SUFFIX = "_explain.png"
-COCO_RESULTS_NAME = "coco_results.json"
 
 
 @dataclass
