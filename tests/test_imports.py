@@ -9,8 +9,11 @@ The graph is read from the source (``ast``), not by importing: an edge ``a -> b`
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src"
@@ -179,3 +182,183 @@ def test_optional_dependencies_are_imported_where_they_are_used() -> None:
                 continue
             offenders += [f"{name}: {t}" for t in targets if t.split(".")[0] in OPTIONAL]
     assert offenders == []
+
+
+def _optional_dependencies() -> dict[str, list[str]]:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return {"": project["dependencies"], **project["optional-dependencies"]}
+
+
+def _distribution(requirement: str) -> str:
+    name = requirement.split(";")[0]
+    for stop in "<>=!~[ ":
+        name = name.split(stop)[0]
+    return name.strip().lower().replace("_", "-")
+
+
+def _closure(extras: dict[str, list[str]], extra: str) -> set[str]:
+    """Distributions an extra installs, following ``freesegdiff[...]`` references."""
+    found: set[str] = set()
+    for requirement in extras[extra]:
+        if _distribution(requirement) == "freesegdiff":
+            inner = requirement.split("[", 1)[1].split("]", 1)[0]
+            for name in inner.split(","):
+                found |= _closure(extras, name.strip())
+        else:
+            found.add(_distribution(requirement))
+    return found
+
+
+def test_every_feature_names_an_extra_that_installs_its_package() -> None:
+    from freesegdiff.extras import FEATURES
+
+    extras = _optional_dependencies()
+    core = {_distribution(requirement) for requirement in extras[""]}
+    for feature in FEATURES.values():
+        assert feature.extra in extras, f"{feature.description}: no [{feature.extra}] extra"
+        assert feature.distribution in _closure(extras, feature.extra)
+        assert feature.distribution not in core, f"{feature.distribution} is optional"
+        assert feature.distribution in _closure(extras, "all")
+    test_needs = _closure(extras, "test")
+    for distribution in ("pydensecrf2", "matplotlib", "pycocotools", "gradio", "pytest"):
+        assert distribution in test_needs
+    assert not {"pytest", "ruff", "mypy", "playwright"} & _closure(extras, "all")
+
+
+def block(monkeypatch: pytest.MonkeyPatch, top: str) -> None:
+    """Make ``import top`` (and of any of its submodules) fail for the rest of the test."""
+    for name in [name for name in sys.modules if name == top or name.startswith(f"{top}.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, top, None)
+
+
+@pytest.mark.parametrize(
+    ("feature", "extra"),
+    [
+        ("explain", "viz"),
+        ("coco-rle", "eval"),
+        ("coco-instances", "eval"),
+        ("minilm", "eval"),
+        ("pydensecrf", "crf-reference"),
+        ("demo", "demo"),
+        ("supervision", "supervision"),
+    ],
+)
+def test_a_missing_extra_says_which_to_install(
+    feature: str, extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from freesegdiff.errors import FreeSegDiffError
+    from freesegdiff.extras import FEATURES, MissingExtraError, require
+
+    block(monkeypatch, FEATURES[feature].module.split(".")[0])
+    with pytest.raises(MissingExtraError) as caught:
+        require(feature)
+    message = str(caught.value)
+    assert f'pip install "freesegdiff[{extra}]"' in message
+    assert FEATURES[feature].description in message
+    assert isinstance(caught.value, ImportError) and isinstance(caught.value, FreeSegDiffError)
+
+
+def test_the_features_raise_the_missing_extra_where_they_are_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import numpy as np
+
+    from freesegdiff.export import encode_rle
+    from freesegdiff.extras import MissingExtraError
+    from freesegdiff.refine.densecrf_reference import pydensecrf_refine
+    from freesegdiff.visualize.explain import explain_figure
+
+    for top in ("matplotlib", "pycocotools", "pydensecrf"):
+        block(monkeypatch, top)
+    with pytest.raises(MissingExtraError, match=r"freesegdiff\[viz\]"):
+        explain_figure(np.zeros((2, 2, 3), np.uint8), None)  # type: ignore[arg-type]
+    with pytest.raises(MissingExtraError, match=r"freesegdiff\[eval\]"):
+        encode_rle(np.zeros((2, 2), bool))
+    with pytest.raises(MissingExtraError, match=r"freesegdiff\[crf-reference\]"):
+        pydensecrf_refine(np.zeros((2, 2, 3), np.uint8), np.zeros((1, 2, 2), bool))
+
+
+@pytest.mark.parametrize(
+    ("blocked", "options", "extra"),
+    [
+        ("matplotlib", ["--explain", "--crf-backend", "torch"], "viz"),
+        ("pycocotools", ["--format", "coco-rle", "--crf-backend", "torch"], "eval"),
+        ("pydensecrf", [], "crf-reference"),  # the tiny preset keeps the paper's CRF backend
+    ],
+)
+def test_segment_names_a_missing_extra_before_loading_models(
+    blocked: str,
+    options: list[str],
+    extra: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from freesegdiff.cli import main
+    from freesegdiff.commands import segment
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
+    block(monkeypatch, blocked)
+
+    def no_models(args: object) -> None:
+        raise AssertionError("the models were loaded before the missing extra was reported")
+
+    monkeypatch.setattr(segment, "pipeline_from_args", no_models)
+    out = tmp_path / "out"
+    code = main(["segment", str(photo), "-o", str(out), "--preset", "tiny", *options])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert f'pip install "freesegdiff[{extra}]"' in error and "Traceback" not in error
+    assert not out.exists()
+
+
+CORE_ONLY = """
+import sys
+
+BLOCKED = set(sys.argv[1].split(","))
+
+
+class Hide:
+    # Wraps a finder so that the blocked packages look not installed (find_spec gives None).
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def __getattr__(self, attribute):
+        return getattr(self.inner, attribute)
+
+
+sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
+from freesegdiff.cli import main
+
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_segment_runs_on_the_core_dependencies_alone(tmp_path: Path) -> None:
+    """The core install: segment with the torch CRF, label PNG, overlay, JSON and index page."""
+    import os
+    import subprocess
+
+    photo = next((PACKAGE / "data" / "examples").glob("cat.*"))
+    out = tmp_path / "out"
+    blocked = ",".join(sorted(OPTIONAL - {"pytest"}))
+    command = [sys.executable, "-c", CORE_ONLY, blocked, "segment", str(photo), "-o", str(out)]
+    command += ["--preset", "tiny", "--crf-backend", "torch", "--no-progress"]
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ}, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    stem = photo.stem
+    for name in (f"{stem}.png", f"{stem}_overlay.png", f"{stem}.json", "index.html"):
+        assert (out / name).is_file(), name

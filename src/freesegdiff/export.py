@@ -8,7 +8,8 @@ in every entry of a file: with a closed vocabulary (``classes``) a name's id is 
 position in ``classes``; otherwise ids 1..N are given to the names in alphabetical order, so the
 ids do not depend on the order the images were processed in.
 
-pycocotools and supervision are imported only when these formats are asked for.
+pycocotools (the ``[eval]`` extra) and supervision (the ``[supervision]`` extra) are imported only
+when these formats are asked for.
 """
 
 from __future__ import annotations
@@ -20,17 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from freesegdiff.extras import require
 from freesegdiff.result import SegmentationResult
 
 COCO_RESULTS_NAME = "coco_results.json"
 
 
 def _mask_api() -> Any:
-    try:
-        from pycocotools import mask as mask_api
-    except ImportError as error:
-        raise ImportError("COCO RLE output needs pycocotools: pip install pycocotools") from error
-    return mask_api
+    """``pycocotools.mask``, or a :class:`MissingExtraError` naming the ``[eval]`` extra."""
+    return require("coco-rle")
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -170,7 +169,7 @@ def write_coco_results(
 
 
 def to_supervision(result: SegmentationResult) -> Any:
-    """The segments as a ``supervision.Detections`` (needs ``pip install supervision``).
+    """The segments as a ``supervision.Detections`` (needs the ``[supervision]`` extra).
 
     Returns:
         Detections with ``xyxy`` ``(N, 4)`` float32 boxes of the masks (x_min, y_min, x_max,
@@ -179,12 +178,7 @@ def to_supervision(result: SegmentationResult) -> Any:
         (their values in ``label_map``) and ``data["class_name"]`` the label names. Segments
         with an empty mask are left out.
     """
-    try:
-        import supervision
-    except ImportError as error:
-        raise ImportError(
-            "to_supervision() needs the supervision package: pip install supervision"
-        ) from error
+    supervision = require("supervision")
     label_map = np.asarray(result.label_map)
     height, width = label_map.shape
     segments = [s for s in result.segments if (label_map == s.id).any()]

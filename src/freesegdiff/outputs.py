@@ -70,7 +70,7 @@ def write_outputs(
             to ``coco``, which the caller writes once per run (:meth:`CocoResults.write`).
         overlay: with ``"png"``, draw the overlay; skipped when there is neither ``image``
             nor ``result.source``.
-        explain: also write ``<stem>_explain.png`` (needs matplotlib).
+        explain: also write ``<stem>_explain.png`` (needs the ``[viz]`` extra).
         coco: the run's COCO results; required with ``"coco-rle"``.
 
     Returns:
@@ -79,7 +79,7 @@ def write_outputs(
     Raises:
         ValueError: an unknown format, ``"coco-rle"`` without ``coco``, ``explain`` with no
             image at all, or an image of another size than the label map.
-        ImportError: ``explain`` without matplotlib.
+        MissingExtraError: ``explain`` without matplotlib.
     """
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:

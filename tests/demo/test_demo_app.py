@@ -139,5 +139,6 @@ def test_demo_command_parses_and_launches(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setattr(demo_command, "pipeline_from_args", lambda a: StandInPipe())
     monkeypatch.setattr("freesegdiff.demo.app.build_demo", lambda pipe, examples: FakeApp())
+    monkeypatch.setattr("freesegdiff.demo.app.import_gradio", lambda: None)  # runs without it
     assert demo_command.run(argparse.Namespace(**vars(args))) == 0
     assert launched["server_name"] == "0.0.0.0" and launched["server_port"] == 7999

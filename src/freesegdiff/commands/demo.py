@@ -6,7 +6,11 @@ import argparse
 import logging
 from typing import Any
 
-from freesegdiff.commands.common import add_pipeline_arguments, pipeline_from_args
+from freesegdiff.commands.common import (
+    add_pipeline_arguments,
+    config_from_args,
+    pipeline_from_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +23,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Serve a Gradio web app: upload or pick a photo, optionally type class names, press "
             "Segment; see the labelled segments, caption, entities, cluster map and timings, and "
-            "download the PNG and JSON. Needs gradio (pip install 'freesegdiff[demo]'). "
+            "download the PNG and JSON. Needs gradio, the [demo] extra "
+            '(pip install "freesegdiff[demo]"). '
             "--preset tiny runs offline with tiny random models (meaningless labels)."
         ),
     )
@@ -42,10 +47,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Load the pipeline, build the app and serve it until interrupted; returns 0."""
-    from freesegdiff.demo.app import build_demo
+    from freesegdiff.demo import app
+    from freesegdiff.extras import require_for_config
 
+    # A missing extra is said before the models load, not after.
+    app.import_gradio()
+    require_for_config(config_from_args(args))
     pipe = pipeline_from_args(args)
-    demo = build_demo(pipe, examples=args.examples)
+    demo = app.build_demo(pipe, examples=args.examples)
     logger.info("serving the demo on http://%s:%d", args.host, args.port)
     demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, show_error=True, share=False

@@ -8,7 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from freesegdiff.commands.common import add_pipeline_arguments, parse_classes, pipeline_from_args
+from freesegdiff.commands.common import (
+    add_pipeline_arguments,
+    config_from_args,
+    parse_classes,
+    pipeline_from_args,
+)
 from freesegdiff.errors import ConfigError, FreeSegDiffError
 from freesegdiff.image_io import iter_image_files
 from freesegdiff.outputs import FORMATS
@@ -38,10 +43,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--format",
         default="png",
-        help=f"comma-separated output formats: {', '.join(FORMATS)} (default: png)",
+        help=f"comma-separated output formats: {', '.join(FORMATS)} (default: png; "
+        "coco-rle needs the [eval] extra)",
     )
     parser.add_argument(
-        "--explain", action="store_true", help="also write DIR/<stem>_explain.png per image"
+        "--explain",
+        action="store_true",
+        help="also write DIR/<stem>_explain.png per image (needs the [viz] extra)",
     )
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay PNGs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -73,6 +81,17 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
+def _require_extras(args: argparse.Namespace, formats: list[str]) -> None:
+    """Fail now, naming the extra, if the run needs one that is not installed."""
+    from freesegdiff.extras import require, require_for_config
+
+    require_for_config(config_from_args(args))
+    if args.explain:
+        require("explain")
+    if "coco-rle" in formats:
+        require("coco-rle")
+
+
 def run(args: argparse.Namespace) -> int:
     """Segment every input; return 0 when all succeeded, 1 when any failed."""
     from tqdm import tqdm
@@ -86,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     files = list(iter_image_files(args.inputs))
     if not files:
         raise FreeSegDiffError(f"no image files found in {', '.join(args.inputs)}")
+    _require_extras(args, formats)
     output = Path(args.output)
     runtime = None if args.no_runtime_tuning else RuntimeOptions.fast()
     if runtime is not None:

@@ -6,7 +6,8 @@ the overlay and the JSON summary for download.
 
 The work is split so the logic is testable without a browser: :func:`run_segmentation` does one
 request and returns plain values; :func:`build_demo` only lays out components and wires them to it.
-Gradio is imported inside :func:`build_demo` (``pip install 'freesegdiff[demo]'``).
+Gradio, the ``[demo]`` extra (``pip install "freesegdiff[demo]"``), is imported inside
+:func:`build_demo` (and :func:`import_gradio`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from freesegdiff.errors import ConfigError, FreeSegDiffError
+from freesegdiff.extras import require
 from freesegdiff.image_io import IMAGE_SUFFIXES, load_image
 from freesegdiff.outputs import write_outputs
 from freesegdiff.result import SegmentationResult
@@ -173,6 +175,13 @@ def run_segmentation(
     )
 
 
+def import_gradio() -> Any:
+    """gradio, set up to work offline, or a :class:`MissingExtraError` naming ``[demo]``."""
+    # No usage reporting or version check calls: the demo must work offline.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    return require("demo")
+
+
 def build_demo(
     pipe: Segmenter,
     *,
@@ -190,14 +199,7 @@ def build_demo(
     Returns:
         a ``gradio.Blocks``; call ``.launch()`` on it.
     """
-    # No usage reporting or version check calls: the demo must work offline.
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio as gr
-    except ImportError as error:
-        raise ImportError(
-            "the web demo needs gradio: pip install 'freesegdiff[demo]' (or pip install gradio)"
-        ) from error
+    gr = import_gradio()
 
     lock = threading.Lock()
     example_paths = [str(p) for p in (bundled_examples() if examples is None else examples)]

@@ -50,6 +50,7 @@ from PIL import Image
 
 from freesegdiff.errors import FreeSegDiffError
 from freesegdiff.evaluation.classnames import ClassName, load_class_names
+from freesegdiff.extras import install_hint
 
 VOID = 255
 
@@ -383,10 +384,7 @@ class CocoInstancesDataset:
         try:
             from pycocotools.coco import COCO
         except ImportError as error:
-            raise DatasetError(
-                "reading annotations/instances_val2017.json needs pycocotools: "
-                "`pip install pycocotools`, or use coco_stuff164k label PNGs instead"
-            ) from error
+            raise DatasetError(install_hint("coco-instances")) from error
         import contextlib
         import io
 

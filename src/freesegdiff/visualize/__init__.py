@@ -1,6 +1,7 @@
 """Pictures of results: label colours, the overlay, the explain figure and the HTML index page.
 
-``colors`` and ``overlay`` need only Pillow; ``explain`` needs matplotlib (imported when used).
+``colors``, ``overlay``, ``cluster_map`` and ``index_page`` need only Pillow; ``explain`` needs
+matplotlib, the ``[viz]`` extra (imported when a figure is drawn).
 """
 
 from freesegdiff.visualize.colors import color_for, palette_for

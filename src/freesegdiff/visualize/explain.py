@@ -6,9 +6,9 @@
 4. the kept masks before and after refinement;
 5. the final overlay with its legend.
 
-Needs matplotlib (``pip install matplotlib``), imported when a figure is drawn. The figure is drawn
-on matplotlib's Agg canvas directly, without pyplot, so it leaves no global state behind and is
-safe to call from threads (the web demo does).
+Needs matplotlib, the ``[viz]`` extra (``pip install "freesegdiff[viz]"``), imported when a figure
+is drawn. The figure is drawn on matplotlib's Agg canvas directly, without pyplot, so it leaves
+no global state behind and is safe to call from threads.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from freesegdiff.extras import require
 from freesegdiff.image_io import load_image
 from freesegdiff.result import SegmentationResult
 from freesegdiff.visualize.cluster_map import cluster_palette
@@ -39,17 +40,6 @@ MAX_LABEL_CHARS = 28  # longer label texts are cut in tick labels and legends (f
 
 def _short(name: str, limit: int = MAX_LABEL_CHARS) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
-
-
-def _import_matplotlib() -> Any:
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError(
-            "the explain figure needs matplotlib: pip install matplotlib "
-            "(or pip install 'freesegdiff[viz]')"
-        ) from error
-    return matplotlib
 
 
 def cluster_colors(k: int) -> np.ndarray:
@@ -232,7 +222,7 @@ def explain_figure(image: Any, result: SegmentationResult) -> Figure:
         A :class:`matplotlib.figure.Figure` 12 inches wide, on an Agg canvas (not managed by
         pyplot: nothing to close).
     """
-    _import_matplotlib()
+    require("explain")  # matplotlib, or a MissingExtraError naming the [viz] extra
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
