@@ -41,6 +41,18 @@ def _edge(size: Any, key: str) -> int | None:
     return int(value) if value else None
 
 
+def load_clip(
+    name: str, dtype: torch.dtype = torch.float32, load: LoadOptions | None = None
+) -> tuple[Any, Any]:
+    """``(CLIPModel, CLIPProcessor)`` from a Hub id, a folder or ``tiny:clip``."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    options: dict[str, Any] = {"what": "CLIP", "flag": "--clip-model", "load": load}
+    model = load_pretrained(CLIPModel.from_pretrained, name, dtype=dtype, **options)
+    processor = load_pretrained(CLIPProcessor.from_pretrained, name, **options)
+    return model, processor
+
+
 class MaskClassifier:
     """CLIP scoring of masked images against label texts.
 
@@ -101,15 +113,7 @@ class MaskClassifier:
         load: LoadOptions | None = None,
     ) -> MaskClassifier:
         """Load a transformers CLIP model and processor (Hub id, folder or ``tiny:clip``)."""
-        from transformers import CLIPModel, CLIPProcessor
-
-        options: dict[str, Any] = {
-            "what": "CLIP",
-            "flag": "--clip-model",
-            "load": load,
-        }
-        model = load_pretrained(CLIPModel.from_pretrained, name, dtype=dtype, **options)
-        processor = load_pretrained(CLIPProcessor.from_pretrained, name, **options)
+        model, processor = load_clip(name, dtype, load)
         return cls(
             model, processor, device, dtype, template, batch_size, image_processing=image_processing
         )

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from freesegdiff import timing
 from freesegdiff.config import FeatureConfig
 from freesegdiff.devices import image_generators, randn_per_image
 from freesegdiff.errors import ConfigError
-from freesegdiff.hub import load_pretrained
+from freesegdiff.hub import LoadOptions, load_pretrained
 from freesegdiff.image_io import image_tensor
 from freesegdiff.timing import StageTimer
 
@@ -194,6 +195,42 @@ class FeatureRuntime(Protocol):
         """Wraps each VAE encode of ``pixels``."""
 
 
+class FeatureExtractor(Protocol):
+    """The feature stage (docs/method.md, steps 3 to 7) as the pipeline uses it.
+
+    :class:`DiffusionFeatures` is one; another extractor (DINOv2, CLIP or MAE patch tokens,
+    attention maps) implements these members and is passed to :class:`FreeSegDiff` (or returned
+    by a :class:`~freesegdiff.pipeline.ModelSource`) without any change to the pipeline.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    released: dict[str, list[str]]  # model -> freed modules (see DiffusionFeatures)
+
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        seed: int | None = 0,
+        stop_early: bool = True,
+        timer: StageTimer | None = None,
+    ) -> torch.Tensor:
+        """``B`` RGB uint8 ``(H, W, 3)`` images -> ``(B, C, F, F)`` float32 on ``device``."""
+        ...
+
+    def text_embedder(self) -> Any:
+        """``texts -> (N, D)`` embeddings for closed-vocabulary matching (docs/method.md,
+        step 9), or raise :class:`ConfigError` saying why there are none."""
+        ...
+
+    def release_unused(self) -> dict[str, list[str]]:
+        """Free what the features never run (may free nothing)."""
+        ...
+
+    def release_text_encoder(self) -> None:
+        """Free the text encoder when only open vocabulary runs (may do nothing)."""
+        ...
+
+
 class DiffusionFeatures:
     """Dense features from a frozen Stable Diffusion (VAE, UNet, text encoder, scheduler).
 
@@ -252,26 +289,20 @@ class DiffusionFeatures:
         config: FeatureConfig,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
-        offline: bool = False,
-        revision: str | None = None,
-        cache_dir: str | None = None,
+        load: LoadOptions | None = None,
         runtime: FeatureRuntime | None = None,
     ) -> DiffusionFeatures:
         """Load the four components of a diffusers Stable Diffusion (no safety checker).
 
         ``name``: a Hub id, a local folder with ``model_index.json``, or ``tiny:stable-diffusion``.
+        ``load``: how to fetch the weights (offline, revision, cache folder).
         ``runtime``: speed and memory tuning (:class:`freesegdiff.runtime.RuntimeOptions`).
         """
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        options: dict[str, Any] = {
-            "what": "Stable Diffusion",
-            "flag": "--diffusion-model",
-            "offline": offline,
-            "revision": revision,
-            "cache_dir": cache_dir,
-        }
+        options: dict[str, Any] = {"what": "Stable Diffusion", "flag": "--diffusion-model"}
+        options["load"] = load
         vae = load_pretrained(
             AutoencoderKL.from_pretrained, name, subfolder="vae", torch_dtype=dtype, **options
         )
@@ -315,6 +346,23 @@ class DiffusionFeatures:
                 output = self.text_encoder(tokens.input_ids.to(self.device))
             self._empty_embedding = output[0].to(self.dtype)
         return self._empty_embedding
+
+    def text_embedder(self) -> Any:
+        """The closed-vocabulary text embedder: this model's SD text encoder, mean over the
+        77 positions (:func:`freesegdiff.vocabulary.text_embedder`).
+
+        Raises:
+            ConfigError: the text encoder was freed (:meth:`release_text_encoder`).
+        """
+        if "text_encoder" in self.released:
+            raise ConfigError(
+                "this pipeline freed its text encoder for open-vocabulary runs "
+                "(release_text_encoder), so it cannot match the caption against class names; "
+                "build it again, or set vocabulary.prune_with_caption to false (--no-prune)"
+            )
+        from freesegdiff.vocabulary import text_embedder
+
+        return text_embedder(self.tokenizer, self.text_encoder, self.device, self.dtype)
 
     def release_text_encoder(self) -> None:
         """Embed the empty prompt (all the features need), then free the text encoder.
@@ -474,15 +522,15 @@ class DiffusionFeatures:
         parts = []
         for start in range(0, len(images), step):
             chunk, chunk_generators = images[start : start + step], generators[start : start + step]
-            with timer("vae"):
+            with timer(timing.VAE):
                 pixels = images_to_tensor(
                     chunk, self.config.image_size, self.device, self.config.resize
                 )
                 latents = self.encode(pixels, chunk_generators)
-            with timer("unet"):
+            with timer(timing.UNET):
                 noisy = self.add_noise(latents, chunk_generators)
                 queries = self.unet_queries(noisy, stop_early=stop_early)
-            with timer("features"):
+            with timer(timing.FEATURES):
                 parts.append(self.assemble(queries))
         return torch.cat(parts)
 

@@ -126,8 +126,7 @@ def load_pretrained(
 
     Raises :class:`ModelUnavailableError` with a how-to-fix message when the weights are missing.
     """
-    legacy = {key: kwargs.pop(key) for key in ("offline", "revision", "cache_dir") if key in kwargs}
-    load = load or LoadOptions(**legacy)  # TRANSITIONAL: features.py still passes them loose
+    load = load or LoadOptions()
     source = resolve_source(name)
     local = Path(source).is_dir()
     options: dict[str, Any] = dict(kwargs)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
@@ -32,15 +33,16 @@ from freesegdiff import timing
 from freesegdiff.classify import MaskClassifier, MaskNamer, Naming
 from freesegdiff.clustering import Clusterer
 from freesegdiff.compose import Composition, compose
-from freesegdiff.config import PipelineConfig, set_by_path
+from freesegdiff.config import CaptionConfig, FeatureConfig, PipelineConfig, set_by_path
 from freesegdiff.devices import resolve_device, resolve_dtype
 from freesegdiff.entities import EntityExtractor
 from freesegdiff.errors import ConfigError, EmptyVocabularyError, FreeSegDiffError
-from freesegdiff.features import DiffusionFeatures
+from freesegdiff.features import DiffusionFeatures, FeatureExtractor
 from freesegdiff.hub import LoadOptions
 from freesegdiff.image_io import ImageInput, load_image
 from freesegdiff.refine import Refiner
 from freesegdiff.result import BACKGROUND, SegmentationResult
+from freesegdiff.runtime import RuntimeOptions, after_loading, tune_process
 from freesegdiff.timing import StageTimer
 from freesegdiff.vocabulary import ImageVocabulary, LabelVocabulary, TextEmbedder
 
@@ -66,6 +68,55 @@ def normalise_classes(classes: Sequence[str] | None) -> list[str] | None:
     if any(not name for name in names):
         raise EmptyVocabularyError(f"the class list {list(classes)!r} contains an empty name")
     return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a pipeline's networks come from: three factories, given the names in
+    :class:`~freesegdiff.config.ModelConfig`.
+
+    ``features(name, feature_config, device, dtype, load, runtime) -> FeatureExtractor``
+    (:class:`~freesegdiff.features.DiffusionFeatures` by default);
+    ``clip(name, device, dtype, load) -> (CLIPModel, CLIPProcessor)``;
+    ``captioner(name, caption_config, device, dtype, load) -> Captioner``.
+    """
+
+    features: Callable[..., FeatureExtractor]
+    clip: Callable[..., tuple[Any, Any]]
+    captioner: Callable[..., Any]
+
+
+def _pretrained_features(
+    name: str,
+    config: FeatureConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    load: LoadOptions,
+    runtime: RuntimeOptions | None,
+) -> DiffusionFeatures:
+    return DiffusionFeatures.from_pretrained(
+        name, config=config, device=device, dtype=dtype, load=load, runtime=runtime
+    )
+
+
+def _pretrained_clip(
+    name: str, device: torch.device, dtype: torch.dtype, load: LoadOptions
+) -> tuple[Any, Any]:
+    from freesegdiff.classify import load_clip
+
+    return load_clip(name, dtype, load)
+
+
+def _pretrained_captioner(
+    name: str, config: CaptionConfig, device: torch.device, dtype: torch.dtype, load: LoadOptions
+) -> Any:
+    from freesegdiff.captioner import Captioner
+
+    return Captioner.from_pretrained(name, config=config, device=device, dtype=dtype, load=load)
+
+
+# Each library's from_pretrained on Hub ids, local folders in the Hub's layouts, or tiny: names.
+PRETRAINED = ModelSource(_pretrained_features, _pretrained_clip, _pretrained_captioner)
 
 
 def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
@@ -119,7 +170,7 @@ class FreeSegDiff:
         self,
         config: PipelineConfig,
         *,
-        features: DiffusionFeatures,
+        features: FeatureExtractor,
         classifier: MaskClassifier,
         captioner: Any | None = None,
     ) -> None:
@@ -139,41 +190,49 @@ class FreeSegDiff:
 
     # ----------------------------------------------------------------------------- building
     @classmethod
-    def from_config(cls, config: PipelineConfig) -> FreeSegDiff:
-        """Load every model the config names (Hub id, local folder or ``tiny:``)."""
-        from freesegdiff.memory import retain_freed_memory, trim_freed_memory
+    def from_config(
+        cls,
+        config: PipelineConfig,
+        *,
+        runtime: RuntimeOptions | None = None,
+        source: ModelSource | None = None,
+    ) -> FreeSegDiff:
+        """Build the pipeline of ``config``: check its settings, get its models, build the stages.
 
+        Args:
+            runtime: speed and memory tuning (:mod:`freesegdiff.runtime`), e.g.
+                ``RuntimeOptions.fast()``; None (default) leaves the process and the models
+                as they are. The command line switches it on.
+            source: where the networks come from; None: :data:`PRETRAINED`, each library's
+                ``from_pretrained`` on the names of ``config.models`` (Hub id, folder or
+                ``tiny:``). ``freesegdiff bench`` passes random weights in real architectures.
+        """
         device, dtype = check_settings(config)  # before any model loads
-        retain_freed_memory()  # before loading: weights get their own mappings (lower peak)
+        source = source or PRETRAINED
+        if runtime is not None:
+            tune_process(runtime)  # before loading: weights get their own mappings
         models = config.models
         load = LoadOptions.of(models)
-        features = DiffusionFeatures.from_pretrained(
-            models.diffusion,
-            config=config.features,
-            device=device,
-            dtype=dtype,
-            offline=load.offline,
-            revision=load.revision,
-            cache_dir=load.cache_dir,
-        )
+        features = source.features(models.diffusion, config.features, device, dtype, load, runtime)
         features.release_unused()  # the VAE decoder and the UNet's tail are never run
-        classifier = MaskClassifier.from_pretrained(
-            models.clip,
-            device=device,
-            dtype=dtype,
-            template=config.classify.label_template,
-            batch_size=config.classify.batch_size,
-            image_processing=config.classify.image_processing,
-            load=load,
+        if runtime is not None:
+            after_loading(runtime)  # give the freed modules' memory back before the next model
+        clip, processor = source.clip(models.clip, device, dtype, load)
+        classify = config.classify
+        classifier = MaskClassifier(
+            clip,
+            processor,
+            device,
+            dtype,
+            template=classify.label_template,
+            batch_size=classify.batch_size,
+            image_processing=classify.image_processing,
         )
         captioner = None
         if models.captioner:
-            from freesegdiff.captioner import Captioner
-
-            captioner = Captioner.from_pretrained(
-                models.captioner, config=config.caption, device=device, dtype=dtype, load=load
-            )
-        trim_freed_memory()  # copies left behind by dtype and layout conversions
+            captioner = source.captioner(models.captioner, config.caption, device, dtype, load)
+        if runtime is not None:
+            after_loading(runtime)  # copies left behind by dtype and layout conversions
         return cls(config, features=features, classifier=classifier, captioner=captioner)
 
     @classmethod
@@ -328,18 +387,9 @@ class FreeSegDiff:
         self.features.release_text_encoder()
 
     def _text_embedder(self) -> TextEmbedder:
-        """The SD text-encoder embedder that matches entities to classes (built on first use)."""
-        if "text_encoder" in self.features.released:
-            raise ConfigError(
-                "this pipeline freed its text encoder for open-vocabulary runs "
-                "(release_text_encoder), so it cannot match the caption against class names; "
-                "build it again, or set vocabulary.prune_with_caption to false (--no-prune)"
-            )
-        from freesegdiff.vocabulary import text_embedder
-
-        return text_embedder(
-            self.features.tokenizer, self.features.text_encoder, self.device, self.dtype
-        )
+        """The embedder that matches entities to classes: the feature stage's text encoder."""
+        embedder: TextEmbedder = self.features.text_embedder()
+        return embedder
 
     def segment_arrays(
         self,

@@ -26,28 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from freesegdiff.config import PipelineConfig, set_by_path
-from freesegdiff.devices import resolve_device, resolve_dtype
+from freesegdiff.config import CaptionConfig, FeatureConfig, PipelineConfig, set_by_path
 from freesegdiff.errors import ConfigError
-from freesegdiff.pipeline import FreeSegDiff
-from freesegdiff.runtime import RuntimeOptions, after_loading, tune_models, tune_process
-from freesegdiff.timing import StageTimer
+from freesegdiff.hub import LoadOptions
+from freesegdiff.pipeline import FreeSegDiff, ModelSource
+from freesegdiff.runtime import RuntimeOptions, after_loading
+from freesegdiff.timing import STAGES, StageTimer
 
 logger = logging.getLogger(__name__)
 
-# Stages in pipeline order, as the pipeline's StageTimer names them.
-STAGES: tuple[str, ...] = (
-    "io",
-    "caption",
-    "entities",
-    "vae",
-    "unet",
-    "features",
-    "clustering",
-    "clip",
-    "refinement",
-    "composition",
-)
 EXAMPLES = ("cat.jpg", "coffee.jpg", "astronaut.jpg")
 
 
@@ -189,66 +176,64 @@ def _is_tiny(config: PipelineConfig) -> bool:
 
 
 def build_pipeline(config: PipelineConfig, runtime: RuntimeOptions | None = None) -> FreeSegDiff:
-    """The pipeline of ``config``: its own ``tiny:`` models, or for Hub names the real
-    architectures with random weights (:mod:`freesegdiff.bench.models`), built in memory.
+    """The pipeline of ``config``, built by :meth:`FreeSegDiff.from_config` like every other:
+    its own ``tiny:`` models, or for Hub names the real architectures with random weights
+    (:func:`random_weight_models`), built in memory. ``runtime``: the speed and memory tuning
+    (None: none)."""
+    source = None if _is_tiny(config) else random_weight_models(config.seed or 0)
+    return FreeSegDiff.from_config(config, runtime=runtime, source=source)
 
-    ``runtime``: the speed and memory tuning of the VAE and UNet (None: none). The process
-    allocator is the caller's (:func:`~freesegdiff.runtime.tune_process` before this,
-    :func:`~freesegdiff.runtime.after_loading` after).
-    """
-    if _is_tiny(config):
-        pipe = FreeSegDiff.from_config(config)
-        if runtime is not None:
-            tune_models(pipe.features, runtime)
-        return pipe
+
+def random_weight_models(seed: int = 0) -> ModelSource:
+    """A :class:`~freesegdiff.pipeline.ModelSource` of the shipped published architectures
+    (:mod:`freesegdiff.bench.models`) with random weights: true shapes, FLOPs and memory."""
     from freesegdiff.bench.models import (
         ScriptedCaptioner,
         build_captioner,
         build_clip,
         build_stable_diffusion,
     )
-    from freesegdiff.classify import MaskClassifier
     from freesegdiff.features import DiffusionFeatures
 
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    models = config.models
-    parts = build_stable_diffusion(
-        models.diffusion,
-        dtype,
-        device,
-        seed=config.seed or 0,
+    def features(
+        name: str,
+        config: FeatureConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        load: LoadOptions,
+        runtime: RuntimeOptions | None,
+    ) -> DiffusionFeatures:
         # built in the layout the runtime wants: no copy, no holes in the heap
-        channels_last=runtime is not None and runtime.uses_channels_last(device, dtype),
-    )
-    features = DiffusionFeatures(
-        parts.vae,
-        parts.unet,
-        parts.text_encoder,
-        parts.tokenizer,
-        parts.scheduler,
-        config.features,
-        device,
-        dtype,
-        runtime=runtime,
-    )
-    features.release_unused()
-    if runtime is not None:
-        after_loading(runtime)  # the freed VAE decoder and UNet tail: give the memory back now
-    clip, clip_processor = build_clip(models.clip, dtype, device)
-    classifier = MaskClassifier(
-        clip,
-        clip_processor,
-        device,
-        dtype,
-        template=config.classify.label_template,
-        batch_size=config.classify.batch_size,
-    )
-    captioner = None
-    if models.captioner:
-        model, processor = build_captioner(models.captioner, dtype, device)
-        captioner = ScriptedCaptioner(model, processor, config=config.caption)
-    return FreeSegDiff(config, features=features, classifier=classifier, captioner=captioner)
+        channels_last = runtime is not None and runtime.uses_channels_last(device, dtype)
+        parts = build_stable_diffusion(name, dtype, device, seed=seed, channels_last=channels_last)
+        return DiffusionFeatures(
+            parts.vae,
+            parts.unet,
+            parts.text_encoder,
+            parts.tokenizer,
+            parts.scheduler,
+            config,
+            device,
+            dtype,
+            runtime=runtime,
+        )
+
+    def clip(
+        name: str, device: torch.device, dtype: torch.dtype, load: LoadOptions
+    ) -> tuple[Any, Any]:
+        return build_clip(name, dtype, device)
+
+    def captioner(
+        name: str,
+        config: CaptionConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        load: LoadOptions,
+    ) -> ScriptedCaptioner:
+        model, processor = build_captioner(name, dtype, device)
+        return ScriptedCaptioner(model, processor, config=config)
+
+    return ModelSource(features, clip, captioner)
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -347,9 +332,11 @@ def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[
     from PIL import Image
 
     from freesegdiff.devices import image_generators
-    from freesegdiff.features import images_to_tensor
+    from freesegdiff.features import DiffusionFeatures, images_to_tensor
 
     features, classifier, device, config = pipe.features, pipe.classifier, pipe.device, pipe.config
+    if not isinstance(features, DiffusionFeatures):
+        raise ConfigError("the model floor times the Stable Diffusion feature stage's models only")
     forwards: dict[str, Callable[[], object]] = {}
     if pipe.captioner is not None:
         captioner = pipe.captioner
@@ -416,10 +403,8 @@ def run_bench(settings: BenchSettings) -> BenchReport:
     config = bench_config(settings)
     load_before = _load_average()  # other processes compete for the cores: say how busy
     runtime = settings.runtime
-    if runtime is not None:
-        tune_process(runtime)  # before the models
     began = time.perf_counter()
-    pipe = build_pipeline(config, runtime)
+    pipe = build_pipeline(config, runtime)  # tunes the process first when runtime is given
     if pipe.captioner is not None:
         pipe.release_text_encoder()  # open vocabulary: only the empty prompt is ever embedded
     if runtime is not None:
