@@ -249,3 +249,25 @@ def test_releasing_the_text_encoder_keeps_open_vocabulary_results(
     unpruned = FreeSegDiff.from_config(set_by_path(config, "vocabulary.prune_with_caption", False))
     unpruned.release_text_encoder()
     assert unpruned(photos["chelsea"], classes=["cat", "sofa"]).candidates == ["cat", "sofa"]
+
+
+def test_a_reader_error_of_any_kind_is_reported_and_never_hangs(pipe, photos, monkeypatch):
+    """Regression: an exception other than ours (Pillow's DecompressionBombError, say) killed the
+    reader thread and the run waited for it forever."""
+    import freesegdiff.pipeline as pipeline_module
+
+    real = pipeline_module.load_image
+
+    def load(item):
+        if isinstance(item, str) and item == "bomb.png":
+            from PIL import Image as PILImage
+
+            raise PILImage.DecompressionBombError("Image size (200000000 pixels) exceeds limit")
+        return real(item)
+
+    monkeypatch.setattr(pipeline_module, "load_image", load)
+    outcomes = list(pipe.iter_segment_with_images([photos["chelsea"], "bomb.png"]))
+    assert [name for name, _, _ in outcomes] == ["image-0", "bomb.png"]
+    assert isinstance(outcomes[1][1], ImageReadError) and outcomes[1][2] is None
+    assert "DecompressionBombError" in str(outcomes[1][1])
+    assert outcomes[0][2] is not None and outcomes[0][2].shape == photos["chelsea"].shape

