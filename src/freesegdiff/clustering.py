@@ -49,8 +49,8 @@ def _squared_distances(
     """``(N, C)`` x ``(K, C)`` -> ``(N, K)`` squared Euclidean distances (clamped at 0).
 
     ``points_sq`` / ``centers_sq``: their squared norms if already known. Lloyd's iterations
-    reuse the points' norms instead of recomputing them, which was a third of every
-    iteration's memory traffic at ``(1024, 6400)``; the values are the same either way.
+    reuse the points' norms instead of recomputing them (less memory traffic per iteration;
+    measured in benchmarks/RESULTS.md); the values are the same either way.
     """
     cross = points @ centers.T
     if points_sq is None:
@@ -100,9 +100,9 @@ def kmeans_plusplus(
 def _cluster_sums(points: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """``(N, C)`` points, ``(N,)`` labels in ``[0, k)`` -> ``(k, C)`` sum of each cluster.
 
-    On the CPU one ``index_add_`` pass (3x faster than ``one_hot.T @ points`` at (1024, 6400),
-    K = 4, and deterministic there); elsewhere the matrix product, whose sums do not depend on
-    the order atomic additions land in.
+    On the CPU one ``index_add_`` pass (faster than ``one_hot.T @ points``, see
+    benchmarks/RESULTS.md, and deterministic there); elsewhere the matrix product, whose sums
+    do not depend on the order atomic additions land in.
     """
     if points.device.type == "cpu":
         return points.new_zeros(k, points.shape[1]).index_add_(0, labels, points)
@@ -170,10 +170,10 @@ def kmeans(
     count = points.shape[0]
     if not 1 <= k <= count:
         raise ConfigError(f"k-means needs 1 <= k <= number of points ({count}), got k={k}")
-    # Row-major: the (1024, 6400) transposed view of a feature map makes every product in the
-    # iterations ~20x slower; one copy up front costs a few milliseconds.
+    # Row-major: the transposed view of a feature map makes every product in the iterations
+    # much slower than one copy up front (benchmarks/RESULTS.md).
     points = points.float().contiguous()
-    # the mean per-feature variance, as points.var(0, unbiased=False).mean() but 8x faster
+    # the mean per-feature variance, as points.var(0, unbiased=False).mean() but faster
     absolute_tol = tol * float((points - points.mean(0)).square_().mean())
     points_sq = _squared_norms(points)  # (N,), shared by the seeding and every iteration
     if init is not None:

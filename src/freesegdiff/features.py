@@ -540,8 +540,8 @@ class DiffusionFeatures:
         All of them, except in reduced precision on the CPU: there oneDNN picks its bfloat16
         convolution kernels by batch size, so a batch would round differently from single
         images (~1 % of the features, enough to move k-means boundaries). One image at a time
-        keeps a batched run identical to single-image runs, for about 3 % of VAE and UNet speed
-        (the captioner and CLIP still batch). A correctness rule (a result must not depend on
+        keeps a batched run identical to single-image runs, at a small cost in VAE and UNet
+        speed (benchmarks/RESULTS.md; the captioner and CLIP still batch). A correctness rule (a result must not depend on
         the batch it was computed in), not a speed trick: it holds with or without a runtime.
         """
         return 1 if self.device.type == "cpu" and self.dtype != torch.float32 else max(count, 1)
