@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from freesegdiff import timing
 from freesegdiff.config import FeatureConfig
-from freesegdiff.devices import image_generators, randn_per_image
+from freesegdiff.devices import frozen, image_generators, randn_per_image
 from freesegdiff.errors import ConfigError
 from freesegdiff.hub import LoadOptions, load_pretrained
 from freesegdiff.image_io import image_tensor
@@ -135,13 +135,6 @@ def images_to_tensor(
             )
         batch.append(pixels)
     return torch.cat(batch).clamp(0, 255) / 127.5 - 1.0
-
-
-def _frozen(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Move a model to ``device``/``dtype`` (only if needed), in eval mode without gradients."""
-    if getattr(module, "dtype", dtype) != dtype:
-        module = module.to(dtype=dtype)
-    return module.to(device=device).eval().requires_grad_(False)
 
 
 def _refuse_call(module: torch.nn.Module, *_: Any) -> None:
@@ -255,9 +248,9 @@ class DiffusionFeatures:
         self.config = config
         self.device = device
         self.dtype = dtype
-        self.vae = _frozen(vae, device, dtype)
-        self.unet = _frozen(unet, device, dtype)
-        self.text_encoder = _frozen(text_encoder, device, dtype)
+        self.vae = frozen(vae, device, dtype)
+        self.unet = frozen(unet, device, dtype)
+        self.text_encoder = frozen(text_encoder, device, dtype)
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.runtime = runtime
@@ -541,7 +534,8 @@ class DiffusionFeatures:
         convolution kernels by batch size, so a batch would round differently from single
         images (~1 % of the features, enough to move k-means boundaries). One image at a time
         keeps a batched run identical to single-image runs, at a small cost in VAE and UNet
-        speed (benchmarks/RESULTS.md; the captioner and CLIP still batch). A correctness rule (a result must not depend on
-        the batch it was computed in), not a speed trick: it holds with or without a runtime.
+        speed (benchmarks/RESULTS.md; the captioner and CLIP still batch). A correctness rule
+        (a result must not depend on the batch it was computed in), not a speed trick: it holds
+        with or without a runtime.
         """
         return 1 if self.device.type == "cpu" and self.dtype != torch.float32 else max(count, 1)
