@@ -52,31 +52,3 @@ def test_trim_is_safe_everywhere():
     assert memory.return_freed_memory() in (True, False)
     if not sys.platform.startswith("linux"):
         assert memory._libc() is None
-
-
-class RecordingLibc:
-    """Stands in for glibc: records every allocator call instead of making it."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[int, ...]]] = []
-
-    def mallopt(self, *args: int) -> int:
-        self.calls.append(("mallopt", args))
-        return 1
-
-    def malloc_trim(self, *args: int) -> int:
-        self.calls.append(("malloc_trim", args))
-        return 0
-
-
-def test_the_old_entry_points_no_longer_touch_the_allocator(monkeypatch):
-    """``retain_freed_memory``/``trim_freed_memory`` are kept only so that older callers import:
-    the allocator is changed through freesegdiff.runtime alone."""
-    libc = RecordingLibc()
-    monkeypatch.setattr(memory, "_libc", lambda: libc)
-    memory.retain_freed_memory()
-    assert memory.trim_freed_memory() is False
-    assert libc.calls == []
-    memory.fix_trim_threshold()  # the recorder does see the real switches
-    memory.return_freed_memory()
-    assert [name for name, _ in libc.calls] == ["mallopt", "malloc_trim"]

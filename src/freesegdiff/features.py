@@ -11,7 +11,8 @@ last of them (later blocks would only cost time). Every map is resized bilinearl
 
 The models run as diffusers releases them. Speed and memory tuning (in-place ResNet forwards,
 channels-last, heap buffers) lives in :mod:`freesegdiff.runtime` and is used only when a
-``runtime`` is given (:class:`FeatureRuntime`); it never changes a value.
+``runtime`` is given (:class:`FeatureRuntime`); it changes no float32 value (channels-last,
+used in bfloat16 on the CPU, rounds bfloat16 differently: see that module).
 """
 
 from __future__ import annotations
@@ -172,8 +173,8 @@ def _release_modules(model: torch.nn.Module, entered: set[str]) -> list[str]:
 class FeatureRuntime(Protocol):
     """The speed and memory tuning a :class:`DiffusionFeatures` may be given as ``runtime``.
 
-    :class:`freesegdiff.runtime.RuntimeOptions` is one. It may change how the models run
-    (layouts, buffers, allocation), never what they compute.
+    :class:`freesegdiff.runtime.RuntimeOptions` is one. It changes how the models run (layouts,
+    buffers, allocation), not what they compute (up to the rounding of another layout).
     """
 
     def tune_models(self, features: DiffusionFeatures) -> None:
@@ -230,7 +231,7 @@ class DiffusionFeatures:
     Build it with :meth:`from_pretrained`, or from already loaded diffusers/transformers modules.
     Calling it on a batch of images returns ``(B, C, feature_size, feature_size)`` float32.
     ``runtime``: speed and memory tuning (:class:`FeatureRuntime`); None runs the modules as
-    diffusers releases them with the default allocation, giving the same features.
+    diffusers releases them with the default allocation: the same float32 features.
     """
 
     def __init__(

@@ -94,21 +94,3 @@ def large_buffers_from_heap() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-
-
-def retain_freed_memory() -> None:
-    """Does nothing; kept so that older callers still import.
-
-    It used to be called by ``FreeSegDiff.from_config`` for the whole process. The allocator is
-    now changed only when asked: :func:`freesegdiff.runtime.tune_process` (the real switch is
-    :func:`fix_trim_threshold`).
-    """
-
-
-def trim_freed_memory() -> bool:
-    """Does nothing and returns False; kept so that older callers still import.
-
-    The allocator is now changed only when asked: :func:`freesegdiff.runtime.after_loading`
-    (the real call is :func:`return_freed_memory`).
-    """
-    return False

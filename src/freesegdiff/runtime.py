@@ -1,9 +1,12 @@
 """Speed and memory tuning, all of it, switched on explicitly.
 
-Nothing here changes a value the pipeline computes: with every trick off the diffusers modules
-run as released and the process allocator is left as the application set it, only slower and
-with a higher peak on the CPU. What each trick gains was measured; the figures are in
-``benchmarks/RESULTS.md`` ("Runtime tuning"), not here.
+With every trick off the diffusers modules run as released and the process allocator is left as
+the application set it: the same float32 values, only slower and with a higher peak on the CPU.
+Every trick is bit-exact except channels-last, whose convolution kernels accumulate in another
+order: in bfloat16 on the CPU (the only place :meth:`RuntimeOptions.fast` uses it) the features
+move by about as much as bfloat16 itself moves them from float32 (tests/test_runtime.py). What
+each trick gains was measured; the figures are in ``benchmarks/RESULTS.md`` ("Runtime tuning"),
+not here.
 
 The tricks (fields of :class:`RuntimeOptions`):
 
