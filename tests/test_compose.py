@@ -26,3 +26,25 @@ def test_bad_ids_are_rejected():
         compose_label_map(np.ones((1, 2, 2), bool), [0])
     with pytest.raises(ValueError, match="got 1 masks but 2 ids"):
         compose_label_map(np.ones((1, 2, 2), bool), [1, 2])
+
+
+def test_resize_composition_is_nearest_neighbour_with_areas_recounted():
+    from freesegdiff.compose import Composition, resize_composition
+    from freesegdiff.result import Segment
+
+    small = np.array([[0, 1, 1], [2, 2, 0]], dtype=np.int32)
+    segments = [
+        Segment(
+            id=i, label=f"l{i}", score=0.5, area=int((small == i).sum()), mask=small == i, cluster=i
+        )
+        for i in (1, 2)
+    ]
+    big = resize_composition(Composition(small, segments), (4, 6))
+    assert np.array_equal(big.label_map, np.kron(small, np.ones((2, 2), np.int32)))  # by hand
+    assert [(s.id, s.area, s.label) for s in big.segments] == [(1, 8, "l1"), (2, 8, "l2")]
+    assert all(np.array_equal(s.mask, big.label_map == s.id) for s in big.segments)
+    same = Composition(small, segments)
+    assert resize_composition(same, (2, 3)) is same
+    # A non-integer factor: each output pixel takes the label under its centre.
+    odd = resize_composition(Composition(small, segments), (3, 4))
+    assert np.array_equal(odd.label_map, small[[0, 1, 1]][:, [0, 1, 1, 2]])

@@ -82,3 +82,75 @@ def test_folders_are_expanded_sorted_and_recursively(tmp_path):
     assert found == ["a.jpg", "b/c.JPEG", "b/z.png"]
     with pytest.raises(ImageReadError, match="does not exist"):
         list(iter_image_files([tmp_path / "nope"]))
+
+
+# ---------------------------------------------------------------------------- size limits
+def fake_png_header(path, width: int, height: int) -> None:
+    """A valid 8x8 PNG whose IHDR claims ``width`` x ``height`` (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    Image.new("L", (8, 8), 128).save(path)
+    data = bytearray(path.read_bytes())
+    start = 8 + 4 + 4  # signature, IHDR length, "IHDR"
+    data[start : start + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : start + 13]))  # over "IHDR" and its 13 bytes
+    data[start + 13 : start + 17] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+
+
+def test_a_bomb_header_is_refused_before_decoding(tmp_path):
+    from freesegdiff.errors import ImageTooLargeError
+
+    path = tmp_path / "bomb.png"
+    fake_png_header(path, 30000, 30000)  # 900 Mpx claimed: Pillow itself would refuse to open it
+    with pytest.raises(ImageTooLargeError, match=r"30000x30000 = 900\.0 Mpx.*100\.0 Mpx"):
+        load_image(path)
+    # Downscaling does not decode it either: above 4 x the limit for a format without drafts.
+    with pytest.raises(ImageTooLargeError, match="too large to decode"):
+        load_image(path, oversize="downscale")
+    # Within a raised limit it is decoded, and its missing data is a read error, not a crash.
+    fake_png_header(path, 3000, 3000)
+    with pytest.raises(ImageReadError):
+        load_image(path, max_pixels=None)
+
+
+def test_a_real_image_above_the_limit_is_refused_or_downscaled(tmp_path, photos):
+    from freesegdiff.errors import ImageTooLargeError
+
+    image = photos["coffee"]  # 600 x 400
+    for name in ("coffee.png", "coffee.jpg"):
+        path = tmp_path / name
+        Image.fromarray(image).save(path, quality=95)
+        with pytest.raises(ImageTooLargeError, match=r"600x400 = 0\.2 Mpx"):
+            load_image(path, max_pixels=60_000)
+        small = load_image(path, max_pixels=60_000, oversize="downscale")
+        assert small.shape == (200, 300, 3)  # 300 x 200 = 60,000 pixels, aspect ratio kept
+        assert small.dtype == np.uint8 and small.flags.c_contiguous
+        # Close to an independent downscale of the whole picture (JPEG draft mode decodes at
+        # half size first, so the two differ by the JPEG's rounding only).
+        reference = np.asarray(Image.fromarray(image).resize((300, 200), Image.Resampling.BOX))
+        assert np.abs(small.astype(int) - reference).mean() < 4
+    assert load_image(image, max_pixels=60_000, oversize="downscale").shape == (200, 300, 3)
+    with pytest.raises(ImageTooLargeError, match="the array"):
+        load_image(image, max_pixels=60_000)
+    assert load_image(image, max_pixels=None).shape == image.shape
+
+
+def test_pillow_own_bomb_limit_is_replaced_by_ours(tmp_path, photos, monkeypatch):
+    """Pillow raises from inside Image.open above twice its MAX_IMAGE_PIXELS: our limit rules."""
+    path = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 135,300 pixels > 2 x 1000
+    assert np.array_equal(load_image(path), photos["chelsea"])
+    assert Image.MAX_IMAGE_PIXELS == 1000  # lifted only while opening
+
+
+def test_fit_longest_side():
+    from freesegdiff.image_io import fit_longest_side
+
+    image = np.zeros((2000, 3000, 3), np.uint8)
+    assert fit_longest_side(image, 2048).shape == (1365, 2048, 3)
+    assert fit_longest_side(image, 3000) is image
+    assert fit_longest_side(image, None) is image
+    assert fit_longest_side(np.zeros((1, 5000, 3), np.uint8), 100).shape == (1, 100, 3)

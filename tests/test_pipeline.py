@@ -258,12 +258,12 @@ def test_a_reader_error_of_any_kind_is_reported_and_never_hangs(pipe, photos, mo
 
     real = pipeline_module.load_image
 
-    def load(item):
+    def load(item, **limits):
         if isinstance(item, str) and item == "bomb.png":
             from PIL import Image as PILImage
 
             raise PILImage.DecompressionBombError("Image size (200000000 pixels) exceeds limit")
-        return real(item)
+        return real(item, **limits)
 
     monkeypatch.setattr(pipeline_module, "load_image", load)
     outcomes = list(pipe.iter_segment_with_images([photos["chelsea"], "bomb.png"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,4 +83,31 @@ def compose(
                 id=label_id, label=texts[label_id - 1], score=score, area=area, mask=mask, cluster=k
             )
         )
+    return Composition(label_map, segments)
+
+
+def nearest_indices(source: int, target: int) -> np.ndarray:
+    """For each of ``target`` output positions, the index of the ``source`` cell its centre
+    falls in: ``floor((i + 0.5) * source / target)``, ``(target,)`` int64."""
+    return np.minimum(((np.arange(target) + 0.5) * source / target).astype(np.int64), source - 1)
+
+
+def resize_composition(composition: Composition, shape: tuple[int, int]) -> Composition:
+    """The composition brought to ``shape`` ``(H, W)``: nearest-neighbour label map (each
+    pixel takes the label under its centre), segments' masks and areas recounted there.
+
+    Returns ``composition`` itself when it already has that shape. A segment whose pixels all
+    vanish in the resize (possible only when upsampling does not happen: a downscale) is dropped.
+    """
+    if composition.label_map.shape == tuple(shape):
+        return composition
+    rows = nearest_indices(composition.label_map.shape[0], shape[0])
+    cols = nearest_indices(composition.label_map.shape[1], shape[1])
+    label_map = composition.label_map[rows[:, None], cols[None, :]]
+    segments = []
+    for segment in composition.segments:
+        mask = label_map == segment.id
+        area = int(mask.sum())
+        if area:
+            segments.append(dataclasses.replace(segment, mask=mask, area=area))
     return Composition(label_map, segments)

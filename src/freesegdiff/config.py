@@ -24,6 +24,9 @@ VOC19_NAMES: tuple[str, ...] = (
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 
+# Default of limits.max_pixels: an image of more pixels is refused (or downscaled) unread.
+DEFAULT_MAX_PIXELS = 100_000_000
+
 # The five 16x16 cross-attention layers of SD 1.x for a 512x512 input (docs/method.md, step 7).
 PAPER_LAYERS: tuple[str, ...] = (
     "down_blocks.2.attentions.0",
@@ -179,6 +182,23 @@ class RefineConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds that keep any input within memory and time (docs/method.md, "limits").
+
+    They change no output on images within them (every benchmark image is): ``paper`` keeps them.
+    """
+
+    # An image of more pixels (width x height, as its header says) is refused before it is
+    # decoded, or downscaled to fit with ``oversize="downscale"``. None: no limit.
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    oversize: Literal["refuse", "downscale"] = "refuse"
+    # Longest side at which cluster maps are upsampled, CLIP masks, refinement and composition
+    # work; larger images are worked on at this size and the label map is resized back
+    # (nearest) to the image's size. None: always at full resolution.
+    working_size: int | None = 2048
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Everything a :class:`freesegdiff.FreeSegDiff` needs."""
 
@@ -190,6 +210,7 @@ class PipelineConfig:
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     device: str = "cpu"
     dtype: str = "float32"  # "float32", "bfloat16", "float16" or "auto"
     seed: int | None = 0  # latent sampling, noise and k-means; None: not reproducible

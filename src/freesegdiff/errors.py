@@ -15,6 +15,10 @@ class ImageReadError(FreeSegDiffError, OSError):
     """An image file is missing, unreadable or of a kind we cannot turn into RGB."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image has more pixels than the configured limit (``limits.max_pixels``)."""
+
+
 class ModelUnavailableError(FreeSegDiffError, OSError):
     """A model's weights could not be found locally nor fetched from the Hub."""
 

@@ -7,11 +7,20 @@ Documented conversions (no silent surprises):
   float values are taken as [0, 1] (or [0, 255] when any value exceeds 1) and clipped.
 - Alpha (RGBA, LA, PA, transparent palettes) is composited over white.
 - Palette, CMYK, YCbCr, LAB and HSV images are converted to RGB.
+
+Size limit: an image of more than ``max_pixels`` pixels (its header's width x height, read
+before anything is decoded) is refused with :class:`~freesegdiff.errors.ImageTooLargeError`,
+or with ``oversize="downscale"`` decoded at a reduced size where the format allows it (JPEG's
+draft mode) and resized (PIL's Lanczos) to fit. This limit replaces Pillow's decompression-bomb
+check, whose error would otherwise escape as a foreign exception.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,12 +28,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from freesegdiff.errors import ImageReadError
+from freesegdiff.config import DEFAULT_MAX_PIXELS
+from freesegdiff.errors import ImageReadError, ImageTooLargeError
 
 if TYPE_CHECKING:
     import torch
 
 ImageInput = str | Path | Image.Image | np.ndarray
+
+# With oversize="downscale", a format that cannot be decoded at a reduced size (all but JPEG) is
+# decoded whole first: allowed up to this many times max_pixels (3 bytes a pixel), refused above.
+DOWNSCALE_DECODE_FACTOR = 4
+_pillow_limit_lock = threading.Lock()
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -66,10 +81,45 @@ def _from_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-def _from_pil(image: Image.Image) -> np.ndarray:
-    """PIL image of any mode -> (H, W, 3) uint8, EXIF orientation applied."""
+def _fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest size of the same aspect ratio with at most ``max_pixels`` pixels."""
+    scale = math.sqrt(max_pixels / (width * height))
+    fitted = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    while fitted[0] * fitted[1] > max_pixels:  # floating-point rounding
+        fitted = max(1, fitted[0] - 1), max(1, fitted[1] - 1)
+    return fitted
+
+
+def _check_size(width: int, height: int, max_pixels: int | None, oversize: str, what: str) -> bool:
+    """Whether the image must be downscaled; raises when it is to be refused."""
+    if max_pixels is None or width * height <= max_pixels:
+        return False
+    if oversize not in ("refuse", "downscale"):
+        raise ValueError(f'oversize must be "refuse" or "downscale", got {oversize!r}')
+    if oversize == "refuse":
+        raise ImageTooLargeError(
+            f"{what} is {width}x{height} = {width * height / 1e6:.1f} Mpx, above the limit of "
+            f"{max_pixels / 1e6:.1f} Mpx (limits.max_pixels); raise the limit "
+            "(--max-pixels) or downscale such images (--oversize downscale)"
+        )
+    return True
+
+
+def _from_pil(
+    image: Image.Image, max_pixels: int | None = None, oversize: str = "refuse", what: str = ""
+) -> np.ndarray:
+    """PIL image of any mode -> (H, W, 3) uint8, EXIF orientation applied, within the limit."""
     with contextlib.suppress(Exception):  # a broken EXIF block must not lose the picture
         image = ImageOps.exif_transpose(image)
+    if _check_size(*image.size, max_pixels, oversize, what or "the image"):
+        assert max_pixels is not None
+        if image.mode not in ("RGB", "RGBA", "L", "LA", "I", "F"):
+            modes = {"1": "L", "P": "RGBA" if "transparency" in image.info else "RGB"}
+            image = image.convert(modes.get(image.mode, "RGBA" if "A" in image.mode else "RGB"))
+        # Box-reduce by whole factors first, then Lanczos over the last factor of <= 2: fast
+        # on huge images, and as sharp as Lanczos alone to the eye.
+        size = _fit_size(*image.size, max_pixels)
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
     mode = image.mode
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -89,35 +139,110 @@ def _from_pil(image: Image.Image) -> np.ndarray:
     return _from_array(np.asarray(image.convert("RGB")))
 
 
-def load_image(source: ImageInput) -> np.ndarray:
+def load_image(
+    source: ImageInput,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    oversize: str = "refuse",
+) -> np.ndarray:
     """Read one image as an RGB array.
 
     Args:
         source: a file path, a PIL image, or an array (see the module docstring for dtypes).
+        max_pixels: most pixels (width x height) an image may have; None: no limit.
+        oversize: ``"refuse"`` an image above ``max_pixels`` (:class:`ImageTooLargeError`,
+            before a file is decoded) or ``"downscale"`` it to fit (aspect ratio kept).
 
     Returns:
         ``(H, W, 3)`` ``uint8`` array.
 
     Raises:
-        ImageReadError: the file is missing or not an image, or the array has an unusable shape.
+        ImageReadError: the file is missing or not an image, the array has an unusable shape,
+            or (:class:`ImageTooLargeError`) the image is above ``max_pixels`` and refused.
     """
     if isinstance(source, np.ndarray):
-        return _from_array(source)
+        pixels = _from_array(source)
+        if _check_size(pixels.shape[1], pixels.shape[0], max_pixels, oversize, "the array"):
+            return _from_pil(Image.fromarray(pixels), max_pixels, oversize)
+        return pixels
     if isinstance(source, Image.Image):
-        return _from_pil(source)
+        return _from_pil(source, max_pixels, oversize)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise ImageReadError(f"image file {str(path)!r} does not exist")
+        what = repr(str(path))
         try:
-            with Image.open(path) as image:
+            with _open_unbounded(path) as image:
+                if _check_size(*image.size, max_pixels, oversize, what):
+                    assert max_pixels is not None
+                    _prepare_downscale(image, max_pixels, what)
                 image.load()
-                return _from_pil(image)
+                return _from_pil(image, max_pixels, oversize, what)
+        except ImageReadError:
+            raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise ImageReadError(f"cannot read {str(path)!r} as an image: {error}") from error
+            raise ImageReadError(f"cannot read {what} as an image: {error}") from error
+        except MemoryError as error:
+            raise ImageReadError(f"not enough memory to decode {what}") from error
     raise ImageReadError(
         f"cannot use a {type(source).__name__} as an image; give a path, a PIL image or an array"
     )
+
+
+def _open_unbounded(path: Path) -> Image.Image:
+    """``Image.open`` (the header only) without Pillow's own pixel limit: ours replaces it.
+
+    Pillow warns above 89 Mpx and raises above twice that, from inside ``open``; the limit is
+    lifted (under a lock, as it is process-wide) only for a file that Pillow would refuse.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError:
+            with _pillow_limit_lock:
+                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    return Image.open(path)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
+
+
+def _prepare_downscale(image: Image.Image, max_pixels: int, what: str) -> None:
+    """Before decoding an image above the limit: decode JPEG at a reduced scale (draft mode);
+    refuse other formats whose full decode would exceed ``DOWNSCALE_DECODE_FACTOR`` times it."""
+    width, height = image.size
+    if image.format == "JPEG":
+        image.draft(image.mode, _fit_size(width, height, max_pixels))
+        width, height = image.size
+    if width * height > DOWNSCALE_DECODE_FACTOR * max_pixels:
+        raise ImageTooLargeError(
+            f"{what} is {width}x{height} = {width * height / 1e6:.1f} Mpx: too large to decode "
+            f"for downscaling (at most {DOWNSCALE_DECODE_FACTOR} x limits.max_pixels = "
+            f"{DOWNSCALE_DECODE_FACTOR * max_pixels / 1e6:.1f} Mpx, as {image.format or 'this'}"
+            " files cannot be decoded at a reduced size); raise --max-pixels if memory allows"
+        )
+
+
+def fit_longest_side(image: np.ndarray, side: int | None) -> np.ndarray:
+    """The image resized (PIL bilinear, aspect ratio kept) so its longest side is ``side``.
+
+    Args:
+        image: ``(H, W, 3)`` uint8.
+        side: the bound in pixels; None, or an image already within it, returns ``image``
+            itself (no copy).
+
+    Returns:
+        ``(h, w, 3)`` uint8 with ``max(h, w) == side`` (each side at least 1), or ``image``.
+    """
+    height, width = image.shape[:2]
+    if side is None or max(height, width) <= side:
+        return image
+    scale = side / max(height, width)
+    size = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(resized)
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -130,18 +255,79 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)
 
 
-def iter_image_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
+def iter_image_files(
+    inputs: Iterable[str | Path],
+    *,
+    exclude: Iterable[str | Path] = (),
+    errors: dict[str, str] | None = None,
+) -> Iterator[Path]:
     """Expand files and folders (searched recursively, sorted) into image file paths.
 
+    A file input is taken as given. A folder is searched for names ending in one of
+    :data:`IMAGE_SUFFIXES` (any case), in sorted order (each folder's names sorted, subfolders
+    walked where they sort: the order of the sorted paths), following links to folders but never
+    into the same folder twice. Skipped: the folders in ``exclude`` (such as an output folder
+    inside an input folder, so a run never reads its own outputs) and hidden ``.tmp`` files (an
+    unfinished write, see :mod:`freesegdiff.atomic`).
+
+    Args:
+        inputs: image files and folders.
+        exclude: folders not to search (compared as the same folder on disk, however named).
+        errors: where to record the folders that cannot be read, ``{folder: reason}``; the walk
+            goes on without them. None: such a folder raises :class:`ImageReadError`.
+
     Raises:
-        ImageReadError: an input path does not exist.
+        ImageReadError: an input path does not exist, or (without ``errors``) a folder under an
+            input cannot be listed.
     """
+    import os
+
+    def folder_key(folder: Path) -> tuple[int, int] | None:
+        try:
+            status = folder.stat()
+        except OSError:
+            return None
+        return status.st_dev, status.st_ino
+
+    skipped = {key for key in (folder_key(Path(folder)) for folder in exclude) if key}
+    seen: set[tuple[int, int]] = set()
+
+    def walk(folder: Path) -> Iterator[Path]:
+        key = folder_key(folder)
+        if key is not None and (key in skipped or key in seen):
+            return
+        if key is not None:
+            seen.add(key)
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda item: item.name)
+        except OSError as error:
+            reason = (
+                f"cannot read the folder: {error.strerror or error}; fix its permissions "
+                "(e.g. chmod u+rx) or leave it out"
+            )
+            if errors is None:
+                raise ImageReadError(f"{str(folder)!r}: {reason}") from error
+            errors[str(folder)] = reason
+            return
+        for item in entries:
+            child = folder / item.name
+            try:
+                is_folder = item.is_dir()  # follows links; a broken link is neither
+                is_file = not is_folder and item.is_file()
+            except OSError:
+                continue
+            if is_folder:
+                yield from walk(child)
+            elif item.name.startswith(".") and item.name.endswith(".tmp"):
+                continue  # a write in progress or left by a killed run: never an input
+            elif is_file and Path(item.name).suffix.lower() in IMAGE_SUFFIXES:
+                yield child
+
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES:
-                    yield child
+            yield from walk(path)
         elif path.exists():
             yield path
         else:

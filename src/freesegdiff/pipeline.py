@@ -13,6 +13,7 @@ step  stage                  file
 10-11 naming                 ``classify.py``   (:class:`~freesegdiff.classify.MaskNamer`)
 12    refinement             ``refine/``       (:class:`~freesegdiff.refine.Refiner`)
 13    composition            ``compose.py``    (:func:`~freesegdiff.compose.compose`)
+14    back to the image size ``compose.py``    (:func:`~freesegdiff.compose.resize_composition`)
 ====  =====================  ======================================================
 """
 
@@ -32,7 +33,7 @@ import torch
 from freesegdiff import timing
 from freesegdiff.classify import MaskClassifier, MaskNamer, Naming
 from freesegdiff.clustering import Clusterer
-from freesegdiff.compose import Composition, compose
+from freesegdiff.compose import Composition, compose, resize_composition
 from freesegdiff.config import CaptionConfig, FeatureConfig, PipelineConfig, set_by_path
 from freesegdiff.devices import resolve_device, resolve_dtype
 from freesegdiff.entities import EntityExtractor
@@ -44,7 +45,7 @@ from freesegdiff.errors import (
 )
 from freesegdiff.features import DiffusionFeatures, FeatureExtractor
 from freesegdiff.hub import LoadOptions
-from freesegdiff.image_io import ImageInput, load_image
+from freesegdiff.image_io import ImageInput, fit_longest_side, load_image
 from freesegdiff.refine import Refiner
 from freesegdiff.result import BACKGROUND, SegmentationResult
 from freesegdiff.runtime import RuntimeOptions, after_loading, tune_process
@@ -304,7 +305,7 @@ class FreeSegDiff:
             chunk = items[start : start + step]
             timer = StageTimer(self.device)
             with timer(timing.IO):
-                arrays = [load_image(item) for item in chunk]
+                arrays = [self._load(item) for item in chunk]
             results.extend(
                 self.segment_arrays(arrays, [_source_name(i) for i in chunk], names, timer)
             )
@@ -345,7 +346,7 @@ class FreeSegDiff:
                     timer = StageTimer()
                     try:
                         with timer(timing.IO):
-                            array = load_image(item)
+                            array = self._load(item)
                         loaded.put((name, array, timer.seconds[timing.IO]))
                     except FreeSegDiffError as error:
                         loaded.put((name, error, 0.0))
@@ -401,6 +402,11 @@ class FreeSegDiff:
             [array for _, array, _ in batch], [name for name, _, _ in batch], classes, timer
         )
 
+    def _load(self, item: ImageInput) -> np.ndarray:
+        """One image as ``(H, W, 3)`` uint8, within ``limits.max_pixels`` (docs/method.md)."""
+        limits = self.config.limits
+        return load_image(item, max_pixels=limits.max_pixels, oversize=limits.oversize)
+
     # ------------------------------------------------------------------------------ stages
     def release_text_encoder(self) -> None:
         """Free the SD text encoder (0.25 GB in bfloat16) for runs without class lists.
@@ -442,24 +448,27 @@ class FreeSegDiff:
             vocabularies = [self.vocabulary(caption, classes) for caption in captions]
         # 3-7. diffusion features: (B, C, F, F)
         features = self.features(images, seed=self.config.seed, timer=timer)
-        # 8. class-agnostic masks: one (H, W) cluster map per image
+        # Steps 8-13 work at most at the working size (limits.working_size); steps 1-7
+        # resize the images themselves, from the full-size pixels.
+        work = [fit_longest_side(image, self.config.limits.working_size) for image in images]
+        # 8. class-agnostic masks: one (h, w) cluster map per image, at the working size
         with timer(timing.CLUSTERING):
             cluster_maps = [
                 self.clusterer(features[index], len(vocabulary.candidates), image.shape[:2])
-                for index, (image, vocabulary) in enumerate(zip(images, vocabularies, strict=True))
+                for index, (image, vocabulary) in enumerate(zip(work, vocabularies, strict=True))
             ]
         # 10, 11. CLIP scores of every cluster, and the assignment of label texts
         with timer(timing.CLIP):
-            namings = self.namer(images, cluster_maps, vocabularies)
+            namings = self.namer(work, cluster_maps, vocabularies)
         shared = timer.split(len(images))
         results = []
-        for index, (image, naming) in enumerate(zip(images, namings, strict=True)):
+        for index, (image, naming) in enumerate(zip(work, namings, strict=True)):
             image_timer = StageTimer(self.device)
-            coarse = naming.masks.cpu().numpy()  # (K, H, W) bool
+            coarse = naming.masks.cpu().numpy()  # (K, h, w) bool
             # 12. refinement of the kept clusters' masks
             with image_timer(timing.REFINEMENT):
                 refined_kept = self.refiner(image, coarse[naming.kept])
-            # 13. composition
+            # 13. composition; 14. the label map at the image's size
             with image_timer(timing.COMPOSITION):
                 composition = compose(
                     refined_kept,
@@ -469,12 +478,13 @@ class FreeSegDiff:
                     naming.scores,
                     image.shape[:2],
                 )
+                composition = resize_composition(composition, images[index].shape[:2])
             refined = np.zeros_like(coarse)
             refined[naming.kept] = refined_kept
             timings = {**shared, **image_timer.seconds}
             results.append(
                 _result(
-                    image,
+                    images[index],
                     sources[index],
                     captions[index],
                     vocabularies[index],
