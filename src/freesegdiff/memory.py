@@ -11,7 +11,8 @@ themselves do not:
   tensor of that size costs a page fault per 4 KB page each time it is made; the SD VAE encoder
   at 512x512 makes dozens of 32 and 64 MB activations per image. Inside
   :func:`large_buffers_from_heap` they come from the heap instead, where the next image finds
-  them already mapped.
+  them already mapped. (glibc 2.36's aligned allocation, which torch uses, may grow the heap a
+  few times before freed blocks fit the next request: the first images can still fault.)
 """
 
 from __future__ import annotations

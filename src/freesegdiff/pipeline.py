@@ -159,6 +159,11 @@ def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
         raise ConfigError(f"features.timestep must be >= 0, got {features.timestep}")
     if not features.layers and not features.resolutions:
         raise ConfigError("features.layers is empty: name at least one attention layer")
+    limits = config.limits
+    for name in ("max_pixels", "working_size"):
+        value = getattr(limits, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"limits.{name} must be at least 1 or null (no limit), got {value}")
     return device, dtype
 
 

@@ -40,10 +40,12 @@ class SegmentationResult:
         entities: the label texts extracted from the caption, in order of first mention.
         vocabulary: the label texts CLIP chose from; id ``i + 1`` is ``vocabulary[i]``.
         candidates: the subset of ``vocabulary`` allowed to claim masks (closed-vocabulary pruning).
-        cluster_map: ``(H, W)`` int32 cluster index of every pixel (class-agnostic masks).
+        cluster_map: ``(h, w)`` int32 cluster index of every pixel (class-agnostic masks), at
+            the working size: ``(H, W)`` unless the image's longest side is above
+            ``limits.working_size`` (docs/method.md, step 14), as are both mask stacks below.
         scores: ``(len(vocabulary), K)`` float32 CLIP probabilities, label x cluster.
         cluster_labels: per cluster, the vocabulary index it was assigned, or -1 (background).
-        coarse_masks: ``(K, H, W)`` bool cluster masks before refinement (kept clusters only are
+        coarse_masks: ``(K, h, w)`` bool cluster masks before refinement (kept clusters only are
             meaningful), and ``refined_masks`` the same after refinement.
         timings: seconds spent per stage for this image (batched stages split evenly).
         source: the file path or a name for the image; ``image_size`` is ``(width, height)``.

@@ -30,6 +30,18 @@ SHORTCUTS: dict[str, tuple[str, Any, str]] = {
     "--refine": ("refine.method", str, "crf (default), pamr or none"),
     "--crf-backend": ("refine.backend", str, "pydensecrf (released) or torch (any device)"),
     "--crf-iterations": ("refine.iterations", int, "mean-field iterations (10)"),
+    "--max-pixels": (
+        "limits.max_pixels",
+        int,
+        "most pixels an image may have; above it refused unread, or see --oversize (100000000)",
+    ),
+    "--oversize": ("limits.oversize", str, "refuse (default) or downscale images above the limit"),
+    "--working-size": (
+        "limits.working_size",
+        int,
+        "longest side at which masks, CLIP and the CRF work; larger images are worked on at "
+        "this size and the label map resized back (2048)",
+    ),
 }
 
 
