@@ -65,3 +65,21 @@ def test_overlay_rejects_an_image_of_another_size(
     _, result = two_segment_result
     with pytest.raises(ValueError, match="60x40"):
         render_overlay(np.zeros((10, 10, 3), dtype=np.uint8), result)
+
+
+def test_a_large_photo_is_drawn_at_max_side_with_its_labels_nearest(
+    two_segment_result: tuple[np.ndarray, SegmentationResult],
+) -> None:
+    import dataclasses
+
+    image, result = two_segment_result  # 60 x 40
+    big_image = np.kron(image, np.ones((5, 5, 1), np.uint8))  # 300 x 200, flat 5x5 blocks
+    big = dataclasses.replace(
+        result, label_map=np.kron(result.label_map, np.ones((5, 5), np.int32))
+    )
+    drawn = np.asarray(render_overlay(big_image, big, legend=False, border_width=1, max_side=60))
+    small = np.asarray(render_overlay(image, result, legend=False, border_width=1))
+    assert drawn.shape == (40, 60, 3)
+    assert np.array_equal(drawn, small)  # each 5x5 block back to its pixel: the same picture
+    full = render_overlay(big_image, big, legend=False, max_side=None)
+    assert full.size == (300, 200)

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from freesegdiff.image_io import load_image
+from freesegdiff.compose import nearest_indices
+from freesegdiff.image_io import fit_longest_side, load_image
 from freesegdiff.result import SegmentationResult
 from freesegdiff.visualize.colors import Color, colors_for, hashed_color
 
@@ -17,6 +18,9 @@ FontType = Any  # ImageFont.FreeTypeFont or ImageFont.ImageFont
 LEGEND_BACKGROUND: Color = (255, 255, 255)
 LEGEND_TEXT: Color = (20, 20, 20)
 MAX_NAME_CHARS = 40
+# Longest side an overlay is drawn at: a picture for the eye, not the label map (which keeps
+# the image's size). A 6000 x 4000 photo at full size took 1.3 GB and 12 s to draw.
+MAX_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ def render_overlay(
     border_width: int | None = None,
     legend: bool = True,
     font_size: int | None = None,
+    max_side: int | None = MAX_SIDE,
 ) -> Image.Image:
     """The photo with segments tinted in their label colours, outlined, and a legend beside it.
 
@@ -173,6 +178,8 @@ def render_overlay(
         border_width: outline thickness in pixels; default ``max(2, min(H, W) // 150)``.
         legend: add a legend panel on the right (one ``"name score"`` row per segment).
         font_size: legend text height in pixels; default ``clip(H // 32, 12, 48)``.
+        max_side: a larger photo is drawn with its longest side at ``max_side`` (photo PIL
+            bilinear, labels nearest); ``W, H`` below are then that size. None: full size.
 
     Returns:
         RGB image of ``(W + legend width, max(H, legend height))``; the photo at the top left.
@@ -190,6 +197,11 @@ def render_overlay(
         )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    pixels = fit_longest_side(pixels, max_side)
+    if pixels.shape[:2] != label_map.shape:
+        rows = nearest_indices(label_map.shape[0], pixels.shape[0])
+        cols = nearest_indices(label_map.shape[1], pixels.shape[1])
+        label_map = label_map[rows[:, None], cols[None, :]]
     height, width = label_map.shape
     table = label_colors(result)
     painted = tint(pixels, label_map, table, alpha)
@@ -198,7 +210,7 @@ def render_overlay(
     if border_width > 0:
         border = segment_borders(label_map, border_width)
         painted[border] = table[label_map[border]]
-    canvas = Image.fromarray(painted, mode="RGB")
+    canvas = Image.fromarray(painted)  # (H, W, 3) uint8: RGB
     if not legend:
         return canvas
     if font_size is None:
