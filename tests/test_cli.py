@@ -68,14 +68,14 @@ def test_segment_a_folder_with_a_broken_image(photo_folder, photos, tmp_path, ca
     # ... and the three others were all written
     check_image_outputs(out, "chelsea", photos["chelsea"].shape)
     check_image_outputs(out, "astronaut", photos["astronaut"].shape)
-    gray = check_image_outputs(out, "coffee_gray", photos["coffee"].shape)
+    gray = check_image_outputs(out, "more/coffee_gray", photos["coffee"].shape)  # mirrored
     assert gray["image"].endswith("coffee_gray.png")
     assert not (out / "broken.png").exists()
-    for stem in ("chelsea", "astronaut", "coffee_gray"):
+    for stem in ("chelsea", "astronaut", "more/coffee_gray"):
         assert (out / f"{stem}_explain.png").is_file()
     assert (out / "index.html").is_file() and "chelsea_overlay" in (out / "index.html").read_text()
     coco = json.loads((out / "coco_results.json").read_text())
-    assert {entry["image_id"] for entry in coco} <= {"chelsea", "astronaut", "coffee_gray"}
+    assert {entry["image_id"] for entry in coco} <= {"chelsea", "astronaut", "more/coffee_gray"}
 
 
 def test_fixed_classes_name_the_segments(photos, tmp_path):
@@ -117,12 +117,19 @@ def test_user_errors_give_messages_not_tracebacks(photos, tmp_path, capsys, monk
     missing = str(tmp_path / "no-model-here")
     assert main(["segment", str(photo), "-o", out, "--diffusion-model", missing]) == 2
     assert "does not exist" in capsys.readouterr().err
+    absent = ["--diffusion-model", missing, "--clip-model", missing + "-clip", "--offline"]
+    assert main(["segment", str(photo), "-o", out, *absent]) == 2
+    error = capsys.readouterr().err  # all three in one message, before any loading
+    assert "3 models cannot be loaded" in error and "Traceback" not in error
+    assert f"the CLIP model '{missing}-clip' (--clip-model): the folder does not exist" in error
+    assert "the captioner model 'Salesforce/blip-image-captioning-base'" in error
     assert main(["segment", str(tmp_path / "nope.png"), "-o", out, "--preset", "tiny"]) == 1
     assert "does not exist" in capsys.readouterr().err
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     assert main(["segment", str(photo), "-o", out, "--preset", "paper", "--offline"]) == 2
     error = capsys.readouterr().err
-    assert "could not load the Stable Diffusion model 'CompVis/stable-diffusion-v1-4'" in error
+    assert "the Stable Diffusion model 'CompVis/stable-diffusion-v1-4'" in error
+    assert "hf download CompVis/stable-diffusion-v1-4 && hf download openai/clip-vit" in error
     assert "--preset tiny" in error
     assert (
         main(["segment", str(photo), "-o", out, "--preset", "tiny", "--set", "clustering.kk=3"])
@@ -200,6 +207,9 @@ def test_config_file_merges_over_the_preset_section_by_section(tmp_path):
         (["--set", "clustering.k=abc"], "clustering.k must be an integer, got 'abc'"),
         (["--set", "refine.gt_prob=1.5"], "refine.gt_prob must be in (0, 1)"),
         (["--crf-backend", "cuda"], "refine.backend must be one of"),
+        (["--max-pixels", "0"], "limits.max_pixels must be at least 1 or null"),
+        (["--working-size", "-5"], "limits.working_size must be at least 1 or null"),
+        (["--oversize", "crop"], "limits.oversize must be one of 'refuse', 'downscale'"),
     ],
 )
 def test_invalid_settings_exit_2_before_any_model_loads(photos, tmp_path, capsys, options, message):
@@ -212,3 +222,27 @@ def test_invalid_settings_exit_2_before_any_model_loads(photos, tmp_path, capsys
     assert code == 2
     assert message in error and "Traceback" not in error
     assert "does not exist" not in error  # no model was looked for
+
+
+def test_segment_help_documents_resume_and_robustness(capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in (
+        "--resume",
+        "--explain-timings",
+        "failures.json",
+        ".tmp",
+        "x.jpg.png",
+        "130 interrupted",
+        "checked writable before any model loads",
+    ):
+        assert words in text, words
+
+
+def test_explain_timings_needs_explain(photos, tmp_path, capsys):
+    photo = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(photo)
+    out = str(tmp_path / "out")
+    assert main(["segment", str(photo), "-o", out, "--preset", "tiny", "--explain-timings"]) == 2
+    assert "add --explain" in capsys.readouterr().err

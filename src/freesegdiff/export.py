@@ -138,12 +138,16 @@ class CocoResults:
         ]
 
     def write(self, folder: str | Path, name: str = COCO_RESULTS_NAME) -> Path:
-        """Write the entries as a JSON list to ``<folder>/<name>``; return the path."""
+        """Write the entries as a JSON list to ``<folder>/<name>``; return the path.
+
+        Written atomically (:mod:`freesegdiff.atomic`): a killed run leaves the previous file or
+        the complete new one, never a part.
+        """
+        from freesegdiff.atomic import write_text
+
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / name
-        path.write_text(json.dumps(self.entries()), encoding="utf-8")
-        return path
+        return write_text(out / name, json.dumps(self.entries()))
 
 
 def coco_results(

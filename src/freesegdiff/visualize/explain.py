@@ -1,6 +1,8 @@
 """The explain figure: every stage of one image, read top to bottom.
 
-1. what the captioner said, the entities, the vocabulary CLIP chose from, warnings, timings;
+1. what the captioner said, the entities, the vocabulary CLIP chose from, warnings (and, with
+   ``timings=True``, the seconds per stage: off by default, so the same result always gives the
+   same PNG bytes);
 2. the photo and the cluster map (all K k-means clusters, before naming);
 3. the label x cluster CLIP score matrix as a heat map, the kept assignments boxed;
 4. the kept masks before and after refinement;
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from freesegdiff.atomic import save_with
 from freesegdiff.extras import require
 from freesegdiff.image_io import load_image
 from freesegdiff.result import SegmentationResult
@@ -71,8 +74,8 @@ def heatmap_rows(result: SegmentationResult, limit: int = MAX_HEATMAP_ROWS) -> l
     return sorted(order[:limit])
 
 
-def _text_block(result: SegmentationResult) -> str:
-    """The caption, entities, vocabulary, warnings and timings as wrapped lines."""
+def _text_block(result: SegmentationResult, timings: bool = True) -> str:
+    """The caption, entities, vocabulary, warnings and (with ``timings``) timings, wrapped."""
     lines = []
     if result.source:
         lines.append(f"image: {result.source}")
@@ -85,7 +88,7 @@ def _text_block(result: SegmentationResult) -> str:
         lines.append("candidates: " + (", ".join(result.candidates) or "(none)"))
     for warning in result.warnings:
         lines.append(f"warning: {warning}")
-    if result.timings:
+    if timings and result.timings:
         total = sum(result.timings.values())
         stages = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.timings.items())
         lines.append(f"timings: {stages} (total {total:.2f}s)")
@@ -209,7 +212,7 @@ def _heatmap(axes: Axes, result: SegmentationResult, colors: np.ndarray) -> None
     colorbar.ax.tick_params(labelsize=7)
 
 
-def explain_figure(image: Any, result: SegmentationResult) -> Figure:
+def explain_figure(image: Any, result: SegmentationResult, *, timings: bool = False) -> Figure:
     """Build the explain figure (see the module docstring) as a matplotlib Figure.
 
     Args:
@@ -217,6 +220,8 @@ def explain_figure(image: Any, result: SegmentationResult) -> Figure:
             same size as ``result.label_map``.
         result: the segmentation, with its intermediate fields (``cluster_map``, ``scores``,
             ``cluster_labels``, ``coarse_masks``, ``refined_masks``).
+        timings: also print the seconds per stage (``result.timings``) in the text block. Off by
+            default: timings differ from run to run, so the figure would too.
 
     Returns:
         A :class:`matplotlib.figure.Figure` 12 inches wide, on an Agg canvas (not managed by
@@ -238,7 +243,7 @@ def explain_figure(image: Any, result: SegmentationResult) -> Figure:
     colors = cluster_colors(max(k, 1))
     overlay = np.asarray(render_overlay(pixels, result))
 
-    text = _text_block(result)
+    text = _text_block(result, timings=timings)
     text_height = 0.2 * (text.count("\n") + 1) + 0.3
     half = FIGURE_WIDTH / 2 - 1.2  # width of a picture in a two-picture row, legend beside it
     pair_height = min(half * height / width, 6.0) + 0.5
@@ -281,22 +286,40 @@ def explain_figure(image: Any, result: SegmentationResult) -> Figure:
     return figure
 
 
-def render_explain(image: Any, result: SegmentationResult, dpi: int = 100) -> Image.Image:
-    """The explain figure as an RGB PIL image (``1200 * dpi / 100`` pixels wide)."""
-    figure = explain_figure(image, result)
+def render_explain(
+    image: Any, result: SegmentationResult, dpi: int = 100, *, timings: bool = False
+) -> Image.Image:
+    """The explain figure as an RGB PIL image (``1200 * dpi / 100`` pixels wide).
+
+    ``timings``: print the seconds per stage too (see :func:`explain_figure`).
+    """
+    figure = explain_figure(image, result, timings=timings)
     figure.set_dpi(dpi)
     canvas = figure.canvas
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())  # type: ignore[attr-defined]
-    return Image.fromarray(rgba[..., :3].copy(), mode="RGB")
+    return Image.fromarray(np.ascontiguousarray(rgba[..., :3]))  # (H, W, 3) uint8: "RGB"
 
 
 def write_explain(
-    result: SegmentationResult, image: Any, folder: str | Path, stem: str, dpi: int = 100
+    result: SegmentationResult,
+    image: Any,
+    folder: str | Path,
+    stem: str,
+    dpi: int = 100,
+    *,
+    timings: bool = False,
 ) -> Path:
-    """Write ``<folder>/<stem>_explain.png``; return its path (the folder is created if missing)."""
+    """Write ``<folder>/<stem>_explain.png``; return its path (the folder is created if missing).
+
+    The PNG is written atomically (:mod:`freesegdiff.atomic`) and holds no date, so the same
+    result and image give the same bytes; ``timings=True`` prints the seconds per stage in it
+    (which then differ from run to run).
+    """
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stem}{EXPLAIN_SUFFIX}"
-    explain_figure(image, result).savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    figure = explain_figure(image, result, timings=timings)
+    return save_with(
+        path, lambda handle: figure.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
+    )

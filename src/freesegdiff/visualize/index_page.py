@@ -9,7 +9,9 @@ The page is built from what is in the folder, so it can be (re)written after any
 - ``coco_results.json`` is linked at the top when present.
 
 Thumbnails are JPEG files under ``<folder>/thumbnails/`` so a folder of large photos opens fast.
-Every name written into the page is HTML-escaped and every link URL-quoted.
+Every name written into the page is HTML-escaped and every link URL-quoted. The page and the
+thumbnails are written atomically (:mod:`freesegdiff.atomic`), and the same folder always gives
+the same bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
+from freesegdiff.atomic import save_image, write_text
 from freesegdiff.export import COCO_RESULTS_NAME
 from freesegdiff.outputs import EXPLAIN_SUFFIX, OVERLAY_SUFFIX
 
@@ -77,7 +80,7 @@ def make_thumbnail(source: Path, target: Path, size: int) -> bool:
         with Image.open(source) as image:
             image.thumbnail((size, size))
             target.parent.mkdir(parents=True, exist_ok=True)
-            image.convert("RGB").save(target, quality=85)
+            save_image(image.convert("RGB"), target, "JPEG", quality=85)
     except OSError as error:
         log.warning("cannot make a thumbnail of %s: %s", source, error)
         return False
@@ -209,5 +212,4 @@ def write_index_page(
     cards = collect_cards(root, failures, thumbnail_size)
     coco = COCO_RESULTS_NAME if (root / COCO_RESULTS_NAME).is_file() else None
     path = root / INDEX_NAME
-    path.write_text(render_index_html(cards, title, coco), encoding="utf-8")
-    return path
+    return write_text(path, render_index_html(cards, title, coco))
