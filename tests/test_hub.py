@@ -43,3 +43,28 @@ def test_tiny_names_build_a_local_folder_once(monkeypatch, tmp_path):
     assert resolve_source("tiny:clip") == folder
     with pytest.raises(ModelUnavailableError, match="unknown tiny model 'tiny:huge'"):
         resolve_source("tiny:huge")
+
+
+def test_missing_models_are_found_together_without_loading(tmp_path, monkeypatch):
+    from freesegdiff.config import ModelConfig
+    from freesegdiff.errors import ModelUnavailableError
+    from freesegdiff.hub import check_models_available, missing_models
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_text("{}")
+    models = ModelConfig(
+        diffusion=str(empty), clip=str(clip), captioner="Salesforce/blip-x", offline=True
+    )
+    found = missing_models(models)
+    assert [(what, why) for what, _, _, why in found] == [
+        ("Stable Diffusion", "the folder has no model_index.json"),
+        ("captioner", "not in the HF cache and the Hub is switched off"),
+    ]
+    with pytest.raises(ModelUnavailableError, match="2 models cannot be loaded") as caught:
+        check_models_available(models)
+    assert "`hf download Salesforce/blip-x`" in str(caught.value)
+    check_models_available(ModelConfig(diffusion="tiny:sd", clip=str(clip), captioner=None))

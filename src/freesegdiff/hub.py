@@ -147,3 +147,80 @@ def load_pretrained(
         if not missing:
             raise
         raise ModelUnavailableError(unavailable_message(what, name, flag, error)) from error
+
+
+# (what, setting, option, the file a model's folder or Hub repository always holds)
+MODEL_ROLES: tuple[tuple[str, str, str, str], ...] = (
+    ("Stable Diffusion", "diffusion", "--diffusion-model", "model_index.json"),
+    ("CLIP", "clip", "--clip-model", "config.json"),
+    ("captioner", "captioner", "--captioner-model", "config.json"),
+)
+
+
+def missing_models(models: Any) -> list[tuple[str, str, str, str]]:
+    """The models of a :class:`~freesegdiff.config.ModelConfig` that cannot be loaded, found
+    without loading any: ``(what, name, option, reason)`` each.
+
+    A ``tiny:`` name is always available; a folder must exist and hold its layout's index file
+    (``model_index.json`` for diffusers, ``config.json`` for transformers); a Hub id counts as
+    missing only when the Hub is not to be used (offline, or unreachable) and the HF cache lacks
+    it. A reachable Hub is not asked here: loading downloads what is missing.
+    """
+    load = LoadOptions.of(models)
+    found: list[tuple[str, str, str, str]] = []
+    for what, setting, flag, marker in MODEL_ROLES:
+        name = getattr(models, setting)
+        if not name or name.startswith(TINY_PREFIX):
+            continue
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (path / marker).is_file():
+                found.append((what, name, flag, f"the folder has no {marker}"))
+            continue
+        try:
+            resolve_source(name)
+        except ModelUnavailableError:
+            found.append((what, name, flag, "the folder does not exist"))
+            continue
+        if not (hub_offline(load.offline) or not hub_reachable()):
+            continue
+        if not _in_cache(name, marker, load):
+            where = "switched off" if hub_offline(load.offline) else "not reachable"
+            found.append((what, name, flag, f"not in the HF cache and the Hub is {where}"))
+    return found
+
+
+def _in_cache(name: str, marker: str, load: LoadOptions) -> bool:
+    """Whether the HF cache holds ``marker`` of the Hub repository ``name``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(
+            name, marker, cache_dir=load.cache_dir, revision=load.revision
+        )
+    except ValueError:  # not a valid repository id: loading will say so
+        return True
+    return isinstance(cached, str)
+
+
+def check_models_available(models: Any) -> None:
+    """Raise one :class:`ModelUnavailableError` naming every model that cannot be loaded
+    (:func:`missing_models`), with the ways out, before any model loads."""
+    found = missing_models(models)
+    if not found:
+        return
+    lines = [f"  - the {what} model {name!r} ({flag}): {why}" for what, name, flag, why in found]
+    downloads = " && ".join(f"hf download {name}" for _, name, _, why in found if "HF cache" in why)
+    raise ModelUnavailableError(
+        f"{len(found)} model{'s' if len(found) > 1 else ''} cannot be loaded:\n"
+        + "\n".join(lines)
+        + "\nWays out:"
+        + (
+            f"\n  - download where the Hub is reachable: `{downloads}` (into the HF cache, "
+            "which HF_HOME moves), then run again;"
+            if downloads
+            else ""
+        )
+        + "\n  - or point the options above at local folders in the Hub's layouts;"
+        + "\n  - or try the pipeline with `--preset tiny` (random tiny models, no download)."
+    )

@@ -44,7 +44,7 @@ from freesegdiff.errors import (
     ImageReadError,
 )
 from freesegdiff.features import DiffusionFeatures, FeatureExtractor
-from freesegdiff.hub import LoadOptions
+from freesegdiff.hub import LoadOptions, check_models_available
 from freesegdiff.image_io import ImageInput, fit_longest_side, load_image
 from freesegdiff.refine import Refiner
 from freesegdiff.result import BACKGROUND, SegmentationResult
@@ -221,6 +221,8 @@ class FreeSegDiff:
                 ``tiny:``). ``freesegdiff bench`` passes random weights in real architectures.
         """
         device, dtype = check_settings(config)  # before any model loads
+        if source is None or source is PRETRAINED:
+            check_models_available(config.models)  # every missing model in one message
         source = source or PRETRAINED
         if runtime is not None:
             tune_process(runtime)  # before loading: weights get their own mappings
