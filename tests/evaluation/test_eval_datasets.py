@@ -106,9 +106,13 @@ def test_label_values_the_dataset_does_not_define_are_errors(tmp_path):
     stem = written.image_ids[1]
     city = stem.split("_")[0]
     path = tmp_path / "cityscapes" / "gtFine" / "val" / city / f"{stem}_gtFine_labelTrainIds.png"
-    Image.fromarray(np.full((30, 40), 19, dtype=np.uint8), mode="L").save(path)
-    with pytest.raises(DatasetError, match=r"label values \[19\]"):
-        list(open_dataset("cityscapes", tmp_path))
+    Image.fromarray(np.full((30, 40), 19, dtype=np.uint8)).save(path)
+    good, bad = list(open_dataset("cityscapes", tmp_path))  # the bad one loses only itself
+    assert good.error is None
+    np.testing.assert_array_equal(good.label_map, written.labels[good.image_id])
+    assert isinstance(bad.error, DatasetError)
+    assert "label values [19]" in str(bad.error) and str(path) in str(bad.error)
+    assert bad.label_map.shape == (0, 0)
 
 
 def test_every_dataset_ships_its_class_names():

@@ -10,6 +10,8 @@ from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DATASETS
 from freesegdiff.evaluation.metrics import PROTOCOLS
 
+SHOWN_FAILURES = 20  # failed images listed with their reason in the summary (all: results.json)
+
 
 def add_parser(subparsers: Any) -> None:
     """Register ``eval``."""
@@ -20,7 +22,9 @@ def add_parser(subparsers: Any) -> None:
             "Segment a benchmark's validation split and score it. Writes OUTPUT/results.json "
             "(dataset, protocol, settings, images, miou, per_class_iou, pixel_accuracy, "
             "mean_accuracy, seconds_per_image; IoUs in percent, null for a class that never "
-            "occurs), OUTPUT/results.md (per-class table) and OUTPUT/confusion.png. Every "
+            "occurs; failed: image id -> reason, unscored: the failed images whose ground truth "
+            "is unusable, e.g. not the size of its image), OUTPUT/results.md (per-class table) "
+            "and OUTPUT/confusion.png. A bad file fails its image only, and the run goes on. Every "
             "prediction is kept as OUTPUT/predictions/<image id>.png (palette PNG of class ids), "
             "so an interrupted run resumes and a finished one is re-scored without the models."
         ),
@@ -78,7 +82,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate; return 0, or 1 when some image failed (it is scored as unpredicted)."""
+    """Evaluate; return 0, or 1 when some image failed (listed with its reason; scored as
+    unpredicted, or left out of the scores when its ground truth is unusable)."""
     from freesegdiff.evaluation.classnames import label_texts
     from freesegdiff.evaluation.datasets import DatasetError, open_dataset
     from freesegdiff.evaluation.grounding import NO_CLASS, Grounder
@@ -155,6 +160,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"{report.predicted} predicted now, {report.cached} from the cache")
     print(f"results: {args.output}/results.json, results.md, confusion.png")
     if report.failed:
-        print(f"{len(report.failed)} images failed (scored as unpredicted): see results.json")
+        unscored = set(report.unscored)
+        print(
+            f"{len(report.failed)} images failed ({len(report.failed) - len(unscored)} scored as "
+            f"unpredicted, {len(unscored)} not scored: unusable ground truth):"
+        )
+        for image_id, reason in list(report.failed.items())[:SHOWN_FAILURES]:
+            print(f"  {image_id}{' (not scored)' if image_id in unscored else ''}: {reason}")
+        if len(report.failed) > SHOWN_FAILURES:
+            print(f"  ... and {len(report.failed) - SHOWN_FAILURES} more: see results.json")
         return 1
     return 0

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -61,11 +62,17 @@ class DatasetError(FreeSegDiffError, OSError):
 
 @dataclass
 class Sample:
-    """One validation image and its ground truth."""
+    """One validation image and its ground truth.
+
+    ``error`` is set when the ground truth cannot be used (unreadable, values the dataset does
+    not define, or not the size of its image); ``label_map`` is then empty, ``(0, 0)``, and the
+    evaluation reports the image instead of scoring it.
+    """
 
     image_id: str  # unique in the split; the prediction cache's file stem
     image_path: Path
     label_map: np.ndarray  # (H, W) uint8 dataset class ids, 255 void
+    error: DatasetError | None = None
 
 
 class SegmentationDataset(Protocol):
@@ -130,15 +137,18 @@ def read_label_png(path: Path, table: np.ndarray, rgb_palette: bool = False) -> 
         ``(H, W)`` uint8 class ids, 255 void.
 
     Raises:
-        DatasetError: unreadable file, unexpected mode, or a value the table forbids.
+        DatasetError: unreadable file (a decompression bomb too), unexpected mode, or a value
+            the table forbids.
     """
     try:
         with Image.open(path) as image:
             image.load()
             mode = image.mode
             raw = np.asarray(image)
-    except OSError as error:
-        raise DatasetError(f"cannot read the label file {str(path)!r}: {error}") from error
+    except Exception as error:  # any decoding failure is this file's problem, not the run's
+        raise DatasetError(
+            f"cannot read the label file {str(path)!r}: {type(error).__name__}: {error}"
+        ) from error
     if mode == "RGB" and rgb_palette:
         raw = _decode_rgb(raw, path)
     elif mode not in ("P", "L") and not (mode.startswith("I") and raw.max(initial=0) <= 255):
@@ -169,6 +179,49 @@ def _decode_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
         )
     indices = np.array([index_of[int(u)] for u in unique], dtype=np.uint8)
     return indices[inverse].reshape(flat.shape)
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` that an image file's header states (no pixel is decoded).
+
+    None when the header cannot be read, a decompression bomb included: reading the image
+    then fails in the pipeline, which reports it for that image.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:
+        return None
+
+
+def checked_sample(
+    image_id: str, image_path: Path, ground_truth: str, read: Callable[[], np.ndarray]
+) -> Sample:
+    """A :class:`Sample` whose ground truth was read by ``read`` and fits its image.
+
+    Args:
+        image_id: the sample's id.
+        image_path: its image file.
+        ground_truth: where the ground truth comes from, for messages (a file path).
+        read: reads the ``(H, W)`` label map; may raise :class:`DatasetError`.
+
+    Returns:
+        The sample; with ``error`` set (naming both files and both sizes) when the ground truth
+        is unreadable or its size differs from the size the image file's header states.
+    """
+    try:
+        label_map = read()
+    except DatasetError as error:
+        return Sample(image_id, image_path, np.zeros((0, 0), dtype=np.uint8), error)
+    size = header_size(image_path)
+    label_size = (label_map.shape[1], label_map.shape[0])
+    if size is not None and size != label_size:
+        mismatch = DatasetError(
+            f"the ground truth {ground_truth!r} is {label_size[0]}x{label_size[1]} but its image "
+            f"{str(image_path)!r} is {size[0]}x{size[1]} (width x height)"
+        )
+        return Sample(image_id, image_path, np.zeros((0, 0), dtype=np.uint8), mismatch)
+    return Sample(image_id, image_path, label_map)
 
 
 # ------------------------------------------------------------------------------ readers
@@ -244,10 +297,11 @@ class LabelFileDataset:
             for suffix, special in self._tables.items():
                 if entry.label_path.name.endswith(suffix):
                     table = special
-            yield Sample(
-                image_id=entry.image_id,
-                image_path=entry.image_path,
-                label_map=read_label_png(entry.label_path, table, self._rgb_palette),
+            yield checked_sample(
+                entry.image_id,
+                entry.image_path,
+                str(entry.label_path),
+                partial(read_label_png, entry.label_path, table, self._rgb_palette),
             )
 
 
@@ -390,6 +444,7 @@ class CocoInstancesDataset:
 
         self.classes = load_class_names("coco-object")
         annotations = folder / "annotations" / "instances_val2017.json"
+        self._annotations = str(annotations)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             try:
                 self._coco = COCO(str(annotations))
@@ -445,7 +500,16 @@ class CocoInstancesDataset:
         for image_id in self._image_ids:
             info = self._coco.loadImgs([image_id])[0]
             path = self._images / info["file_name"]
-            yield Sample(image_id=path.stem, image_path=path, label_map=self.label_map(image_id))
+            where = f"{self._annotations} (image id {image_id})"
+            yield checked_sample(path.stem, path, where, partial(self._read, image_id, where))
+
+    def _read(self, image_id: int, where: str) -> np.ndarray:
+        try:
+            return self.label_map(image_id)
+        except Exception as error:  # a malformed annotation loses its image only
+            raise DatasetError(
+                f"cannot rasterise {where}: {type(error).__name__}: {error}"
+            ) from error
 
 
 def open_ade150(root: Path) -> LabelFileDataset:

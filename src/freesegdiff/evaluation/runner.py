@@ -13,8 +13,13 @@ Output folder::
 A prediction is written as soon as it is made, so an interrupted run resumes where it stopped
 and a finished one is re-scored (another ``--protocol`` too) without loading any model. Cached
 predictions made with other settings are refused rather than mixed in. An image whose
-prediction fails is scored as if nothing was predicted (every pixel unlabelled), listed under
-``failed`` in ``results.json``, and not cached, so the next run tries it again.
+prediction fails (unreadable image, a decompression bomb, a pipeline error, a prediction of the
+wrong size) is scored as if nothing was predicted (every pixel unlabelled), listed under
+``failed`` in ``results.json``, and not cached, so the next run tries it again. An image whose
+ground truth is unusable (unreadable, or not the size of its image: both files and sizes are
+named) cannot be scored: it is listed under ``failed`` and ``unscored`` and left out of the
+scores. A cached prediction that cannot be scored (unreadable, wrong size, wrong values) is
+predicted again. Either way the run goes on.
 """
 
 from __future__ import annotations
@@ -69,32 +74,32 @@ class PredictionCache:
     def path(self, image_id: str) -> Path:
         return self.folder / f"{image_id}.png"
 
-    def load(self, image_id: str, shape: tuple[int, ...]) -> np.ndarray | None:
-        """The cached ``(H, W)`` uint8 map; None if missing or not of the ground truth's shape."""
+    def load(
+        self, image_id: str, shape: tuple[int, ...], num_classes: int | None = None
+    ) -> np.ndarray | None:
+        """The cached ``(H, W)`` uint8 map; None (logged: it is predicted again) if missing,
+        unreadable, not of the ground truth's ``shape`` or, given ``num_classes``, holding a
+        value that is neither a class id nor 255."""
         path = self.path(image_id)
         if not path.is_file():
             return None
         try:
             with Image.open(path) as image:
                 prediction = np.asarray(image)
-        except OSError:
-            logger.warning("unreadable cached prediction %s: predicting it again", path)
+        except Exception as error:  # a decompression bomb too: never the run's end
+            logger.warning("unreadable cached prediction %s (%s): predicting it again", path, error)
             return None
-        if prediction.shape != tuple(shape):
-            logger.warning(
-                "cached prediction %s is %s, the ground truth %s: predicting it again",
-                path,
-                prediction.shape,
-                tuple(shape),
-            )
+        problem = prediction_problem(prediction, shape, num_classes)
+        if problem is not None:
+            logger.warning("cached prediction %s: %s; predicting it again", path, problem)
             return None
         return prediction
 
     def save(self, image_id: str, prediction: np.ndarray) -> None:
         path = self.path(image_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        image = Image.fromarray(np.asarray(prediction, dtype=np.uint8), mode="P")
-        image.putpalette(self._palette)
+        image = Image.fromarray(np.asarray(prediction, dtype=np.uint8))  # mode L
+        image.putpalette(self._palette)  # L -> P, the pixel values kept
         partial = path.with_name(f".{path.name}.partial")
         image.save(partial, format="PNG")
         os.replace(partial, path)  # a reader never sees half a file
@@ -153,6 +158,35 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
     return [] if old == new else [f"{where}: {old!r} then, {new!r} now"]
 
 
+def prediction_problem(
+    prediction: Any, shape: tuple[int, ...], num_classes: int | None = None
+) -> str | None:
+    """Why ``prediction`` cannot be scored against a ground truth of ``shape``, or None.
+
+    Args:
+        prediction: a class-id map.
+        shape: ``(H, W)`` of the ground truth.
+        num_classes: when given, every value must be below it or be 255 (no class).
+    """
+    prediction = np.asarray(prediction)
+    if prediction.shape != tuple(shape):
+        return f"the prediction is {_size(prediction.shape)}, the ground truth {_size(shape)}"
+    if not np.issubdtype(prediction.dtype, np.integer):
+        return f"the prediction holds {prediction.dtype} values, not class ids"
+    if num_classes is not None:
+        bad = np.unique(prediction[(prediction >= num_classes) & (prediction != NO_CLASS)])
+        if bad.size or (prediction < 0).any():
+            return f"the prediction holds values outside 0..{num_classes - 1} and {NO_CLASS}"
+    return None
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    """``(H, W[, C])`` -> ``"WxH"`` (``"WxHxC"``), as image sizes are written."""
+    if len(shape) < 2:
+        return str(tuple(shape))
+    return "x".join(str(n) for n in (shape[1], shape[0], *shape[2:]))
+
+
 @dataclass
 class EvaluationReport:
     """What :func:`evaluate` found; ``to_json`` is ``results.json``."""
@@ -168,6 +202,9 @@ class EvaluationReport:
     cached: int  # read from the cache
     seconds_per_image: float | None
     failed: dict[str, str] = field(default_factory=dict)  # image id -> error
+    # the failed images left out of the scores: their ground truth is unusable (the others
+    # failed to predict and are scored as unpredicted)
+    unscored: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -192,6 +229,7 @@ class EvaluationReport:
             "predicted_now": self.predicted,
             "from_cache": self.cached,
             "failed": self.failed,
+            "unscored": self.unscored,
             **self.extra,
         }
 
@@ -237,19 +275,35 @@ def evaluate(
     total = len(dataset) if limit is None else min(limit, len(dataset))
     evaluator = Evaluator(len(dataset.classes), protocol, dataset.background_id)
     bar = _progress_bar(total, dataset.name, enabled=progress)
+    num_classes = len(dataset.classes)
     missing: set[str] = set()
     evaluated: list[str] = []
+    failed: dict[str, str] = {}
+    unscored: list[str] = []
     cached = 0
+
+    def unusable(sample: Sample) -> bool:
+        """Report a sample whose ground truth is unusable; it is left out of the scores."""
+        if sample.error is None:
+            return False
+        if sample.image_id not in failed:
+            failed[sample.image_id] = str(sample.error)
+            unscored.append(sample.image_id)
+            logger.warning("image %s not scored: %s", sample.image_id, sample.error)
+        return True
+
     for sample in islice(dataset, total):  # pass 1: what the cache already holds
         evaluated.append(sample.image_id)
-        prediction = cache.load(sample.image_id, sample.label_map.shape)
+        if unusable(sample):
+            _advance(bar, evaluator)
+            continue
+        prediction = cache.load(sample.image_id, sample.label_map.shape, num_classes)
         if prediction is None:
             missing.add(sample.image_id)
             continue
-        _score(evaluator, sample, prediction, cache.path(sample.image_id))
+        evaluator.update(sample.label_map, prediction)
         cached += 1
         _advance(bar, evaluator)
-    failed: dict[str, str] = {}
     predicted = 0
     if missing:  # pass 2: predict the rest, caching each as it comes
         if make_predictor is None:
@@ -258,8 +312,13 @@ def evaluate(
                 "no predictor was given"
             )
         predict = make_predictor()
-        pending = (s for s in islice(dataset, total) if s.image_id in missing)
+        # (a file changed since pass 1 may have become unusable: reported, not predicted)
+        pending = (s for s in islice(dataset, total) if s.image_id in missing and not unusable(s))
         for sample, outcome, seconds in predict(pending):
+            if not isinstance(outcome, Exception):
+                problem = prediction_problem(outcome, sample.label_map.shape, num_classes)
+                if problem is not None:
+                    outcome = DatasetError(f"cannot score image {sample.image_id}: {problem}")
             if isinstance(outcome, Exception):
                 failed[sample.image_id] = str(outcome)
                 logger.warning("image %s failed: %s", sample.image_id, outcome)
@@ -269,7 +328,7 @@ def evaluate(
                 if seconds is not None:
                     cache.record_seconds(sample.image_id, seconds)
                 predicted += 1
-            _score(evaluator, sample, outcome, None)
+            evaluator.update(sample.label_map, outcome)
             _advance(bar, evaluator)
     if bar is not None:
         bar.close()
@@ -287,6 +346,7 @@ def evaluate(
         cached=cached,
         seconds_per_image=float(np.mean(model_seconds)) if model_seconds else None,
         failed=failed,
+        unscored=unscored,
         extra={"dataset_source": dataset.source},
     )
     write_report(report, output)
@@ -296,16 +356,6 @@ def evaluate(
 def _nothing_predicted(sample: Sample, background_id: int | None) -> np.ndarray:
     fill = NO_CLASS if background_id is None else background_id
     return np.full(sample.label_map.shape, fill, dtype=np.uint8)
-
-
-def _score(evaluator: Evaluator, sample: Sample, prediction: np.ndarray, path: Path | None) -> None:
-    try:
-        evaluator.update(sample.label_map, prediction)
-    except ValueError as error:
-        where = f"the cached prediction {str(path)!r}" if path else f"image {sample.image_id}"
-        raise DatasetError(
-            f"cannot score {where}: {error}; delete it to predict it again"
-        ) from error
 
 
 def _progress_bar(total: int, name: str, enabled: bool) -> Any:
@@ -381,9 +431,14 @@ def render_markdown(report: EvaluationReport) -> str:
             f"| {index} | {name} | {_percent(scores.per_class_iou[index])} | "
             f"{_percent(scores.per_class_accuracy[index])} | {int(scores.gt_pixels[index])} |"
         )
-    if report.failed:
-        lines += ["", f"{len(report.failed)} images failed and were scored as unpredicted:", ""]
-        lines += [f"- `{image_id}`: {error}" for image_id, error in report.failed.items()]
+    unscored = set(report.unscored)
+    unpredicted = {i: e for i, e in report.failed.items() if i not in unscored}
+    if unpredicted:
+        lines += ["", f"{len(unpredicted)} images failed and were scored as unpredicted:", ""]
+        lines += [f"- `{image_id}`: {error}" for image_id, error in unpredicted.items()]
+    if unscored:
+        lines += ["", f"{len(unscored)} images have an unusable ground truth (not scored):", ""]
+        lines += [f"- `{image_id}`: {report.failed[image_id]}" for image_id in report.unscored]
     lines += ["", "IoU and accuracy in percent; `-`: the class never occurs (no IoU).", ""]
     return "\n".join(lines)
 
@@ -447,7 +502,8 @@ def pipeline_predictor(pipe: Any, grounder: Any, classes: list[str] | None) -> P
 
     Images go through ``pipe.iter_segment`` (batched, read ahead, a failing image loses only
     itself); each result becomes a class-id map at the ground truth's size. Model seconds are
-    the sum of the result's stage timings.
+    the sum of the result's stage timings. A result of another size than the ground truth
+    (an image whose EXIF orientation turns it) is an error for that image, never resized.
     """
     from collections import deque
 
@@ -465,6 +521,10 @@ def pipeline_predictor(pipe: Any, grounder: Any, classes: list[str] | None) -> P
             now = time.perf_counter()
             if isinstance(outcome, Exception):
                 yield sample, outcome, None
+            elif np.shape(outcome.label_map) != sample.label_map.shape:
+                # the image as read (EXIF orientation applied) is not its ground truth's size
+                problem = prediction_problem(outcome.label_map, sample.label_map.shape)
+                yield sample, DatasetError(f"image {sample.image_id}: {problem}"), None
             else:
                 seconds = sum(outcome.timings.values()) if outcome.timings else now - started
                 yield sample, grounder(outcome, size=sample.label_map.shape), seconds
