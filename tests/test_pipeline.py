@@ -271,3 +271,42 @@ def test_a_reader_error_of_any_kind_is_reported_and_never_hangs(pipe, photos, mo
     assert isinstance(outcomes[1][1], ImageReadError) and outcomes[1][2] is None
     assert "DecompressionBombError" in str(outcomes[1][1])
     assert outcomes[0][2] is not None and outcomes[0][2].shape == photos["chelsea"].shape
+
+
+def test_an_image_above_the_working_size_is_worked_on_smaller_and_mapped_back(
+    pipe, photos, tmp_path
+):
+    """limits.working_size: steps 8-13 at a longest side of 200, the label map at 451 x 300."""
+    config = set_by_path(pipe.config, "limits.working_size", 200)
+    small = FreeSegDiff(
+        config, features=pipe.features, classifier=pipe.classifier, captioner=pipe.captioner
+    )
+    image = photos["chelsea"]  # 451 x 300
+    result = small(image)
+    assert result.label_map.shape == (300, 451) and result.image_size == (451, 300)
+    assert result.cluster_map.shape == (133, 200) and result.refined_masks.shape[1:] == (133, 200)
+    # By hand: paint the refined masks of the kept clusters at 200 x 133, then give each of the
+    # 451 x 300 pixels the label under its centre.
+    work = np.zeros((133, 200), np.int32)
+    for k, label in enumerate(result.cluster_labels):
+        if label >= 0:
+            work[result.refined_masks[k] & (work == 0)] = label + 1
+    rows = np.floor((np.arange(300) + 0.5) * 133 / 300).astype(int)
+    cols = np.floor((np.arange(451) + 0.5) * 200 / 451).astype(int)
+    assert np.array_equal(result.label_map, work[rows][:, cols])
+    assert sum(s.area for s in result.segments) + result.background_area == 300 * 451
+    from freesegdiff.outputs import write_outputs
+
+    written = write_outputs(result, image, tmp_path, explain=True)  # masks drawn at 200 x 133
+    assert Image.open(written["overlay"]).height == 300  # the overlay at the image's size
+    assert Image.open(written["explain"]).width > 1000  # drawn, masks and all
+    # Within the bound nothing changes: the same image with the default bound (2048).
+    assert np.array_equal(
+        pipe(image).label_map,
+        FreeSegDiff(
+            set_by_path(pipe.config, "limits.working_size", 451),
+            features=pipe.features,
+            classifier=pipe.classifier,
+            captioner=pipe.captioner,
+        )(image).label_map,
+    )

@@ -24,7 +24,7 @@ from PIL import Image
 
 from freesegdiff.atomic import save_with
 from freesegdiff.extras import require
-from freesegdiff.image_io import load_image
+from freesegdiff.image_io import fit_longest_side, load_image
 from freesegdiff.result import SegmentationResult
 from freesegdiff.visualize.cluster_map import cluster_palette
 from freesegdiff.visualize.colors import color_for
@@ -239,6 +239,9 @@ def explain_figure(image: Any, result: SegmentationResult, *, timings: bool = Fa
             f"{width}x{height}; pass the image that was segmented"
         )
     cluster_map = np.asarray(result.cluster_map)
+    # The masks are at the working size (limits.working_size): the image as the pipeline
+    # shrank it for them (the same function, so the same size) is what they are drawn over.
+    work_pixels = fit_longest_side(pixels, max(cluster_map.shape)) if cluster_map.size else pixels
     k = max(len(result.cluster_labels), int(cluster_map.max(initial=-1)) + 1)
     colors = cluster_colors(max(k, 1))
     overlay = np.asarray(render_overlay(pixels, result))
@@ -278,7 +281,7 @@ def explain_figure(image: Any, result: SegmentationResult, *, timings: bool = Fa
         ]
     ):
         axes = figure.add_subplot(grid[3, column])
-        picture, handles = _mask_composite(pixels, np.asarray(masks), result)
+        picture, handles = _mask_composite(work_pixels, np.asarray(masks), result)
         _picture(axes, picture, title)
         _legend(axes, handles)
 
