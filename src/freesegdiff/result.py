@@ -82,7 +82,7 @@ class SegmentationResult:
             {
                 "score": float(segment.score),
                 "label": segment.label,
-                "mask": Image.fromarray(segment.mask.astype(np.uint8) * 255, mode="L"),
+                "mask": Image.fromarray(segment.mask.astype(np.uint8) * 255),
             }
             for segment in self.segments
         ]

@@ -57,4 +57,4 @@ def render_cluster_map(cluster_map: np.ndarray) -> Image.Image:
     k = int(indices.max(initial=-1)) + 1
     table = np.concatenate([cluster_palette(k), np.zeros((1, 3), dtype=np.uint8)])
     picture = table[np.where(indices >= 0, indices, k)]  # (H, W) -> (H, W, 3)
-    return Image.fromarray(picture, mode="RGB")
+    return Image.fromarray(np.ascontiguousarray(picture, dtype=np.uint8))  # (H, W, 3): RGB
