@@ -54,3 +54,27 @@ def tiny_blip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-blip")
     build_blip(folder, seed=0)
     return folder
+
+
+# ------------------------------------------------------------------ optional test dependencies
+# The plain install (the README's first command, plus pytest and hypothesis: see .ci/run) has
+# none of the [test] extra's packages. A test that uses one of these fixtures is skipped, with
+# the package named, when its package is missing; tests that import an optional package
+# themselves use ``pytest.importorskip``.
+FIXTURE_NEEDS: dict[str, str] = {"photos": "skimage"}  # fixture -> module it needs
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests whose fixtures need a package that is not installed."""
+    import importlib.util
+
+    missing = {
+        fixture: module
+        for fixture, module in FIXTURE_NEEDS.items()
+        if importlib.util.find_spec(module) is None
+    }
+    for item in items:
+        for fixture in sorted(set(getattr(item, "fixturenames", ())) & set(missing)):
+            module = missing[fixture]
+            reason = f'the {fixture!r} fixture needs {module} (pip install -e ".[test]")'
+            item.add_marker(pytest.mark.skip(reason=reason))

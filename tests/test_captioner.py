@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from skimage import data
 
 from freesegdiff.captioner import Captioner, _strip
 from freesegdiff.config import CaptionConfig
@@ -25,6 +24,7 @@ BUILDERS = {"blip": build_blip, "blip2": build_blip2}
 @pytest.fixture(scope="module")
 def photos() -> list[np.ndarray]:
     """Three real photos of different sizes: a cat, an astronaut, a coffee cup."""
+    data = pytest.importorskip("skimage.data", reason='the photos need scikit-image (".[test]")')
     return [data.chelsea(), data.astronaut(), data.coffee()]
 
 
@@ -132,6 +132,7 @@ def test_empty_batch(folder: Path) -> None:
 
 
 def test_bad_image_is_refused(folder: Path) -> None:
+    data = pytest.importorskip("skimage.data", reason='the photos need scikit-image (".[test]")')
     with pytest.raises(ImageReadError, match="image 1 must be an \\(H, W, 3\\) uint8"):
         load(folder).caption([data.chelsea(), data.camera()])  # camera() is grayscale
 
