@@ -199,16 +199,11 @@ def test_load_image_on_random_files(
     except ImageReadError:
         assert not intact, f"an intact {mode} {file_format} file was refused"
         return
-    # the one known misreading (see the xfail below); every other intact file keeps its size
-    la_bug = mode == "LA" and height in CHANNEL_MARKERS and image.shape[:2] == (width, 2)
-    check_rgb(image, (height, width) if intact and not la_bug else None)
+    check_rgb(image, (height, width) if intact else None)  # every intact file keeps its size
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: image_io reads a PIL image's (H, W, 2) LA pixels through the array "
-    "channel-first guess, so an LA image 1, 3 or 4 pixels high comes out (W, 2, 3)",
-)
+# Regression (found by the property above): PIL's (H, W, 2) LA pixels went through the array
+# channel-first guess, so an LA image 1, 3 or 4 pixels high came out (W, 2, 3).
 @pytest.mark.parametrize("height", CHANNEL_MARKERS)
 def test_la_images_of_any_height_keep_their_size(scratch: Path, height: int) -> None:
     Image.frombytes("LA", (5, height), bytes(10 * height)).save(scratch, format="PNG")

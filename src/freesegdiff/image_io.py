@@ -60,9 +60,18 @@ def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
-def _from_array(array: np.ndarray) -> np.ndarray:
-    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array of any numeric dtype -> (H, W, 3) uint8."""
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+def _from_array(array: np.ndarray, channels_last: bool = False) -> np.ndarray:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array of any numeric dtype -> (H, W, 3) uint8.
+
+    A (C, H, W) array is recognised unless ``channels_last`` says the layout is known (PIL's
+    pixels always are: an LA image 3 pixels high is (3, W, 2), not channel-first).
+    """
+    if (
+        not channels_last
+        and array.ndim == 3
+        and array.shape[0] in (1, 3, 4)
+        and array.shape[-1] not in (1, 3, 4)
+    ):
         array = np.moveaxis(array, 0, -1)  # (C, H, W) -> (H, W, C)
     if array.ndim == 2:
         array = array[:, :, None]
@@ -130,13 +139,14 @@ def _from_pil(
     elif mode == "PA":
         image = image.convert("RGBA")
     if image.mode in ("RGB", "RGBA", "L", "LA"):
-        return _from_array(np.asarray(image))
+        return _from_array(np.asarray(image), channels_last=True)
     if image.mode.startswith(("I", "F")):
         values = np.asarray(image)
         if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
             values = values.astype(np.float64) / 257.0  # 16-bit -> 8-bit
-        return _from_array(_scale_to_uint8(values) if values.dtype.kind == "f" else values)
-    return _from_array(np.asarray(image.convert("RGB")))
+        pixels = _scale_to_uint8(values) if values.dtype.kind == "f" else values
+        return _from_array(pixels, channels_last=True)
+    return _from_array(np.asarray(image.convert("RGB")), channels_last=True)
 
 
 def load_image(
