@@ -46,6 +46,8 @@ def check_image_outputs(out, stem, photo_shape):
 
 
 def test_segment_a_folder_with_a_broken_image(photo_folder, photos, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--explain needs the [viz] extra")
+    pytest.importorskip("pycocotools", reason="--format coco-rle needs the [eval] extra")
     out = tmp_path / "out"
     code = main(
         [

@@ -44,6 +44,7 @@ def photo_dir(tmp_path_factory, photos) -> Path:
 @pytest.fixture(scope="module")
 def reference(photo_dir, tmp_path_factory) -> Path:
     """An uninterrupted run over ``photo_dir`` (PNG + COCO): what every other run must equal."""
+    pytest.importorskip("pycocotools", reason="COCO output needs pycocotools (the [eval] extra)")
     out = tmp_path_factory.mktemp("reference") / "out"
     assert main(["segment", str(photo_dir), "-o", str(out), *TINY, "--format", "png,coco-rle"]) == 0
     return out
