@@ -150,6 +150,7 @@ def test_lattice_filter_approximates_the_gaussian_kernel() -> None:
     assert kernel.diagonal().min() > 0.5  # the self term is kept, as pydensecrf keeps it
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_torch_crf_on_cuda_matches_the_cpu(photos: dict[str, np.ndarray]) -> None:
     photo = photos["astronaut"]

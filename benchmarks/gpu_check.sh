@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU check of issue 11, in one go (under 8 minutes on one H100/H200-class GPU):
+#   1. an environment: the machine's own CUDA torch (system site packages) when it has one,
+#      else torch from the package index; freesegdiff and its test runner on top;
+#   2. the CUDA-marked tests (pytest -m cuda);
+#   3. `freesegdiff bench` on CUDA in float16 at batch sizes 1, 8 and 32 (real-architecture
+#      random weights: true shapes, FLOPs and memory), each writing its JSON figures.
+# Everything lands in $OUT (default benchmarks/results/gpu): nvidia-smi.txt, cuda-tests.txt,
+# bench-cuda-float16-b{1,8,32}.json and .txt. Usage: bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+start=$(date +%s)
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || { echo "no nvidia-smi: is this a GPU machine?"; exit 2; }
+
+venv=.venv-gpu
+[ -x "$venv/bin/python" ] || python3 -m venv --system-site-packages "$venv"
+py="$venv/bin/python"
+if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  "$py" -m pip install -q "torch>=2.1,<3" || { echo "no CUDA torch here and none installable"; exit 2; }
+fi
+# Where no package index can be reached, the machine's own packages must do (--no-deps).
+"$py" -m pip install -q -e ".[crf-reference]" pytest hypothesis scikit-image \
+  || "$py" -m pip install -q --no-deps --no-build-isolation -e .
+"$py" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))" \
+  | tee -a "$OUT/nvidia-smi.txt"
+
+timeout 180 "$py" -m pytest -q -m cuda tests 2>&1 | tee "$OUT/cuda-tests.txt" || true
+
+for batch in 1 8 32; do
+  images=$(( batch < 8 ? 8 : batch * 2 ))  # two full batches at 8 and 32, eight images at 1
+  timeout 150 "$venv/bin/freesegdiff" bench --device cuda --dtype float16 \
+    --batch-size "$batch" --images "$images" --json "$OUT/bench-cuda-float16-b$batch.json" \
+    2>&1 | tee "$OUT/bench-cuda-float16-b$batch.txt" || true
+done
+echo "gpu_check: $(( $(date +%s) - start )) s; figures in $OUT"
