@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
+import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from freesegdiff.demo import app
 from freesegdiff.demo.app import (
+    DemoLimits,
+    RequestFolders,
     annotations_for,
     bundled_examples,
+    ensure_port_free,
     parse_class_box,
+    read_photo,
     run_segmentation,
     timing_rows,
 )
-from freesegdiff.errors import ConfigError
+from freesegdiff.errors import ConfigError, ImageReadError, ImageTooLargeError
 from freesegdiff.result import Segment, SegmentationResult
 
 
@@ -118,27 +127,231 @@ def test_build_demo_lays_out_the_components() -> None:
     assert {"photo", "classes", "segment", "annotated", "clusters", "timings"} <= ids
 
 
-def test_demo_command_parses_and_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_command_parses_and_launches_with_the_limits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("gradio", reason="the web demo needs gradio")
     from freesegdiff.cli import build_parser
     from freesegdiff.commands import demo as demo_command
 
     args = build_parser().parse_args(
-        ["demo", "--preset", "tiny", "--host", "0.0.0.0", "--port", "7999"]
+        [
+            *("demo", "--preset", "tiny", "--host", "127.0.0.1", "--port", str(_free_port())),
+            *("--max-upload-mb", "2", "--queue-size", "5", "--cache-minutes", "10"),
+        ]
     )
     assert args.run is demo_command.run
-    assert (args.preset, args.host, args.port) == ("tiny", "0.0.0.0", 7999)
+    assert (args.preset, args.host) == ("tiny", "127.0.0.1")
 
-    launched: dict[str, Any] = {}
+    calls: dict[str, Any] = {}
 
     class FakeApp:
         def queue(self, **kwargs: Any) -> FakeApp:
+            calls["queue"] = kwargs
             return self
 
-        def launch(self, **kwargs: Any) -> None:
-            launched.update(kwargs)
+        def launch(self, **kwargs: Any) -> tuple[None, str, None]:
+            calls["launch"] = kwargs
+            return None, "http://127.0.0.1:1/", None
+
+        def block_thread(self) -> None:
+            calls["blocked"] = True
+
+        def close(self, verbose: bool = True) -> None:
+            calls["closed"] = True
+
+    def fake_build_demo(pipe: Any, **kwargs: Any) -> FakeApp:
+        calls["build"] = kwargs
+        return FakeApp()
 
     monkeypatch.setattr(demo_command, "pipeline_from_args", lambda a: StandInPipe())
-    monkeypatch.setattr("freesegdiff.demo.app.build_demo", lambda pipe, examples: FakeApp())
-    monkeypatch.setattr("freesegdiff.demo.app.import_gradio", lambda: None)  # runs without it
+    monkeypatch.setattr("freesegdiff.demo.app.build_demo", fake_build_demo)
     assert demo_command.run(argparse.Namespace(**vars(args))) == 0
-    assert launched["server_name"] == "0.0.0.0" and launched["server_port"] == 7999
+    assert calls["queue"] == {"default_concurrency_limit": 1, "max_size": 5}
+    launch = calls["launch"]
+    assert launch["server_name"] == "127.0.0.1" and launch["server_port"] == args.port
+    assert launch["max_file_size"] == 2 * 1024 * 1024
+    assert launch["state_session_capacity"] == 64 and launch["share"] is False
+    limits = calls["build"]["limits"]
+    assert limits.max_pixels == 40_000_000  # the demo's own default, below the pipeline's
+    assert (limits.cache_age_seconds, limits.cache_check_seconds) == (600, 60)
+    assert calls["blocked"] and calls["closed"]
+    assert not calls["build"]["folders"].root.exists()  # removed when the server stopped
+
+
+def test_max_pixels_given_on_the_command_line_is_the_demos_limit() -> None:
+    from freesegdiff.cli import build_parser
+    from freesegdiff.commands.common import config_from_args
+    from freesegdiff.commands.demo import demo_limits
+
+    args = build_parser().parse_args(["demo", "--preset", "tiny", "--max-pixels", "90000000"])
+    assert demo_limits(args, config_from_args(args)).max_pixels == 90_000_000
+    args = build_parser().parse_args(
+        ["demo", "--preset", "tiny", "--set", "limits.max_pixels=1000000"]
+    )
+    assert demo_limits(args, config_from_args(args)).max_pixels == 1_000_000  # the smaller
+    args = build_parser().parse_args(["demo", "--preset", "tiny", "--oversize", "downscale"])
+    assert demo_limits(args, config_from_args(args)).oversize == "downscale"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_photos_above_the_limits_are_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(big)
+    limits = DemoLimits(max_upload_bytes=big.stat().st_size - 1, max_pixels=None)
+    with pytest.raises(ImageTooLargeError, match=r"big.png is 0.0 MB, above this demo's upload"):
+        read_photo({"path": str(big), "orig_name": "big.png"}, limits)
+
+    def no_decoding(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the photo was decoded")
+
+    monkeypatch.setattr(app, "load_image", no_decoding)
+    with pytest.raises(
+        ImageTooLargeError, match=r"300x200 = 0.06 Mpx, above this demo's limit of 0.02 Mpx: "
+    ):
+        read_photo(big, DemoLimits(max_pixels=20_000))
+    monkeypatch.undo()
+    # A header of 30000x30000 (900 Mpx, beyond Pillow's own limit) costs nothing to refuse.
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(30_000, 30_000))
+    with pytest.raises(ImageTooLargeError, match="too many pixels for this demo"):
+        read_photo({"path": str(bomb), "orig_name": "bomb.png"}, DemoLimits())
+    # Within the limits, or downscaled to fit them
+    assert read_photo(str(big), DemoLimits()).shape == (200, 300, 3)
+    small = read_photo(big, DemoLimits(max_pixels=20_000, oversize="downscale"))
+    assert small.shape[0] * small.shape[1] <= 20_000
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A valid 8x8 PNG whose IHDR claims ``width`` x ``height`` (a decompression bomb's header)."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    start = 8 + 4 + 4  # signature, IHDR length, "IHDR"
+    data[start : start + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : start + 13]))  # over "IHDR" and its 13 bytes
+    data[start + 13 : start + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_a_file_that_is_no_photo_is_named_in_the_message(tmp_path: Path) -> None:
+    text = tmp_path / "abc123.png"
+    text.write_text("not a picture")
+    with pytest.raises(ImageReadError, match=r"^notes.png is not a picture this demo can read"):
+        read_photo({"path": str(text), "orig_name": "notes.png"})
+    with pytest.raises(ImageReadError, match="did not arrive"):
+        read_photo({"path": str(tmp_path / "gone.png"), "orig_name": "gone.png"})
+    with pytest.raises(ConfigError, match="upload one or pick an example"):
+        read_photo({"path": None})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"queue_size": 0}, "queue_size must be at least 1, got 0 (pass --queue-size 1"),
+        ({"max_upload_bytes": 0}, "upload limit must be positive"),
+        ({"max_pixels": -1}, "pixel limit must be positive"),
+        ({"oversize": "crop"}, 'oversize must be "refuse" or "downscale"'),
+        ({"cache_age_seconds": 0}, "cache_age_seconds must be at least 1"),
+    ],
+)
+def test_limits_that_cannot_work_are_refused(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        DemoLimits(**changes)
+
+
+def test_request_folders_keep_only_the_last_ones(tmp_path: Path) -> None:
+    folders = RequestFolders(keep=2, root=tmp_path / "requests")
+    made = []
+    for _ in range(5):
+        made.append(folders.new())
+        (made[-1] / "segmentation.png").write_bytes(b"x")  # a request's files
+    assert folders.folders() == made[-2:]
+    assert sorted(p.name for p in folders.root.iterdir()) == [p.name for p in made[-2:]]
+    folders.close()
+    assert not folders.root.exists()
+    with pytest.raises(ConfigError, match="at least 1"):
+        RequestFolders(keep=0)
+
+
+def test_a_busy_port_is_found_before_anything_loads() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(
+            ConfigError,
+            match=rf"^port {port} on 127.0.0.1 is in use: pass --port another or stop the other",
+        ):
+            ensure_port_free("127.0.0.1", port)
+    ensure_port_free("127.0.0.1", _free_port())  # free: no error
+    with pytest.raises(ConfigError, match="between 1 and 65535"):
+        ensure_port_free("127.0.0.1", 70000)
+
+
+def test_the_handler_answers_user_errors_with_a_message_and_one_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gr = pytest.importorskip("gradio", reason="the web demo needs gradio")
+    from freesegdiff.demo.app import build_demo
+
+    limits = DemoLimits(max_pixels=1_000, keep_requests=2)
+    folders = RequestFolders(keep=2, root=tmp_path / "requests")
+    demo = build_demo(StandInPipe(), examples=[], limits=limits, folders=folders)
+    (event,) = [fn for fn in demo.fns.values() if fn.api_name == "segment"]
+    assert event.preprocess is False  # the handler checks the upload before it is decoded
+    assert demo.delete_cache == (limits.cache_check_seconds, limits.cache_age_seconds)
+    photo, small = tmp_path / "photo.png", tmp_path / "small.png"
+    Image.new("RGB", (40, 30)).save(photo)  # 1200 pixels, above the limit
+    Image.new("RGB", (20, 30)).save(small)
+    cases = [
+        ((None, ""), "no photo yet"),
+        (({"path": str(photo), "orig_name": "photo.png"}, ""), "above this demo's limit"),
+        (({"path": str(photo), "orig_name": "photo.png"}, " , "), "holds no class name"),
+    ]
+    for inputs, message in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), pytest.raises(gr.Error, match=message) as caught:
+            event.fn(*inputs)
+        assert caught.value.print_exception is False  # Gradio prints no traceback
+        assert [record.getMessage() for record in caplog.records] == [
+            f"demo request refused: {caught.value.message}"
+        ]
+        assert all(record.exc_info is None for record in caplog.records)
+
+    outputs = event.fn({"path": str(small), "orig_name": "small.png"}, "cat")
+    assert outputs[0]["__type__"] == "update"  # not a new component: see build_demo
+    assert set(outputs[0]["color_map"]) == {"cat 0.88", "small bird 0.50"}
+    assert [Path(path).name for path in outputs[5]] == [
+        "segmentation.png",
+        "segmentation_overlay.png",
+        "segmentation.json",
+    ]
+    assert all(Path(path).parent.parent == folders.root for path in outputs[5])
+
+
+def test_an_unexpected_failure_is_logged_with_its_traceback_and_told_briefly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gr = pytest.importorskip("gradio", reason="the web demo needs gradio")
+    from freesegdiff.demo.app import build_demo
+
+    def broken(image: Any, classes: Any = None) -> SegmentationResult:
+        raise RuntimeError("boom")
+
+    demo = build_demo(broken, examples=[], folders=RequestFolders(root=tmp_path / "r"))
+    (event,) = [fn for fn in demo.fns.values() if fn.api_name == "segment"]
+    with caplog.at_level(logging.WARNING), pytest.raises(gr.Error, match="RuntimeError"):
+        event.fn(np.zeros((8, 8, 3), dtype=np.uint8), "")
+    assert [record.exc_info is not None for record in caplog.records] == [True]

@@ -72,22 +72,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served_demo() -> Iterator[tuple[str, RecordingPipe]]:
-    from freesegdiff.demo.app import build_demo
+    from freesegdiff.demo.app import serve_demo
     from freesegdiff.pipeline import FreeSegDiff
 
     pipe = RecordingPipe(FreeSegDiff.from_preset("tiny", device="cpu"))
-    demo = build_demo(pipe)
-    _, url, _ = demo.queue(default_concurrency_limit=1).launch(
-        server_name="127.0.0.1",
-        server_port=_free_port(),
-        prevent_thread_lock=True,
-        quiet=True,
-        show_error=True,
-    )
+    # As `freesegdiff demo` serves it: every limit of DemoLimits applied.
+    server = serve_demo(pipe, host="127.0.0.1", port=_free_port(), block=False)
     try:
-        yield url, pipe
+        yield server.url, pipe
     finally:
-        demo.close()
+        server.close()
 
 
 def _only_localhost(route: Any) -> None:
