@@ -32,8 +32,8 @@ if not Path("/proc/self/statm").is_file():
     pytest.skip("the load test reads its RSS from /proc (Linux)", allow_module_level=True)
 
 CLIENTS = 8
-WARM_UP_S = 5.0
-LOAD_S = 16.0
+WARM_UP_S = 8.0  # long enough for the allocator and thread pools to settle
+LOAD_S = 14.0
 LIMITS = DemoLimits(
     queue_size=2,  # 1 running + 2 waiting < 8 clients: refusals are certain
     keep_requests=3,
