@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from freesegdiff import __version__
 from freesegdiff.commands import COMMANDS
 from freesegdiff.errors import ConfigError, FreeSegDiffError, ModelUnavailableError
+from freesegdiff.extras import MissingExtraError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code.
 
     0: all done; 1: some work failed (the command says which); 2: a usage or set-up error
-    (a setting that cannot work, a missing model), reported before any work; 130: Ctrl-C.
+    (a setting that cannot work, a missing model or extra), reported before any work; 130: Ctrl-C.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.run(args)
         return code
-    except (ConfigError, ModelUnavailableError) as error:  # usage or set-up: nothing ran
+    except (ConfigError, ModelUnavailableError, MissingExtraError) as error:  # nothing ran
         print(f"freesegdiff {args.command}: error: {error}", file=sys.stderr)
         return 2
     except FreeSegDiffError as error:
