@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.heavy
+
 RUN = """
 import resource, sys
 from freesegdiff.cli import main

@@ -375,6 +375,7 @@ def _count(folder: Path, pattern: str) -> int:
         return 0
 
 
+@pytest.mark.heavy
 def test_sigkill_at_any_moment_leaves_complete_files_and_resume_finishes(
     photo_dir, reference, tmp_path
 ):
