@@ -92,6 +92,16 @@ def nearest_indices(source: int, target: int) -> np.ndarray:
     return np.minimum(((np.arange(target) + 0.5) * source / target).astype(np.int64), source - 1)
 
 
+def resize_label_map(label_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``(h, w)`` labels -> ``(H, W)`` = ``shape``, nearest neighbour: each pixel takes the
+    label under its centre (:func:`nearest_indices`); ``label_map`` itself if already that size."""
+    if label_map.shape == tuple(shape):
+        return label_map
+    rows = nearest_indices(label_map.shape[0], shape[0])
+    cols = nearest_indices(label_map.shape[1], shape[1])
+    return label_map[rows[:, None], cols[None, :]]
+
+
 def resize_composition(composition: Composition, shape: tuple[int, int]) -> Composition:
     """The composition brought to ``shape`` ``(H, W)``: nearest-neighbour label map (each
     pixel takes the label under its centre), segments' masks and areas recounted there.
@@ -101,9 +111,7 @@ def resize_composition(composition: Composition, shape: tuple[int, int]) -> Comp
     """
     if composition.label_map.shape == tuple(shape):
         return composition
-    rows = nearest_indices(composition.label_map.shape[0], shape[0])
-    cols = nearest_indices(composition.label_map.shape[1], shape[1])
-    label_map = composition.label_map[rows[:, None], cols[None, :]]
+    label_map = resize_label_map(composition.label_map, shape)
     segments = []
     for segment in composition.segments:
         mask = label_map == segment.id

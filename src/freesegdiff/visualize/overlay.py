@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from freesegdiff.compose import nearest_indices
+from freesegdiff.compose import resize_label_map
 from freesegdiff.image_io import fit_longest_side, load_image
 from freesegdiff.result import SegmentationResult
 from freesegdiff.visualize.colors import Color, colors_for, hashed_color
@@ -198,10 +198,7 @@ def render_overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     pixels = fit_longest_side(pixels, max_side)
-    if pixels.shape[:2] != label_map.shape:
-        rows = nearest_indices(label_map.shape[0], pixels.shape[0])
-        cols = nearest_indices(label_map.shape[1], pixels.shape[1])
-        label_map = label_map[rows[:, None], cols[None, :]]
+    label_map = resize_label_map(label_map, pixels.shape[:2])
     height, width = label_map.shape
     table = label_colors(result)
     painted = tint(pixels, label_map, table, alpha)
