@@ -1,7 +1,7 @@
 """A 6000 x 4000 photo against VOC-sized ones, `paper` preset, real-architecture random weights.
 
 The target of issue 10: within 1.5 GB above the models' own memory and within 3x the time of a
-VOC-sized photo. One process, models built once (freesegdiff.bench.runner.random_weight_models),
+VOC-sized photo. One process, models loaded once (freesegdiff.bench.runner.build_pipeline),
 tuned as `segment` tunes them: two VOC-sized photos (the first warms up), then the huge one at
 each working size given. The photos are decoded arrays (no JPEG decoding: +0.3 s at 24 Mpx).
 
@@ -37,15 +37,14 @@ def main() -> None:
 
     from skimage import data
 
-    from freesegdiff.bench.runner import random_weight_models
+    from freesegdiff.bench.runner import build_pipeline
     from freesegdiff.config import set_by_path
-    from freesegdiff.pipeline import FreeSegDiff
     from freesegdiff.presets import load_preset
     from freesegdiff.runtime import RuntimeOptions
 
     config = set_by_path(load_preset("paper"), "dtype", args.dtype)
     runtime = RuntimeOptions.fast()
-    pipe = FreeSegDiff.from_config(config, runtime=runtime, source=random_weight_models())
+    pipe = build_pipeline(config, runtime)  # the Hub-layout folders, as `bench` loads them
     pipe.release_text_encoder()
     photo = Image.fromarray(data.astronaut())
     voc = np.asarray(photo.resize((500, 375), Image.Resampling.BICUBIC))

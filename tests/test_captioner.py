@@ -175,3 +175,43 @@ def test_prompt_is_cut_as_lavis_cuts_it() -> None:
     assert _strip(" A Picture of two dogs ", "a picture of ") == "two dogs"
     assert _strip("a cat on a sofa", None) == "a cat on a sofa"
     assert _strip("something else", "a picture of ") == "something else"  # nothing to cut
+
+
+def test_beam_search_shares_the_image_and_batches_the_beams(
+    folder: Path, photos: list[np.ndarray]
+) -> None:
+    """3 beams do not cost 3 decodes: the vision encoder runs once per batch, one decoder call
+    per step advances all 3 x 3 beams, and after the first step each call feeds one new token
+    per beam (the key/value cache holds the rest)."""
+    captioner = load(folder, num_beams=3, max_new_tokens=6, min_new_tokens=6)
+    model = captioner.model
+    vision_calls: list[int] = []
+    decoder_calls: list[tuple[int, int]] = []
+    decoder = model.text_decoder if captioner.kind == "blip" else model.language_model
+
+    def on_vision(_module: object, args: tuple, kwargs: dict) -> None:
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        vision_calls.append(int(pixels.shape[0]))
+
+    def on_decoder(_module: object, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:  # BLIP-2's first step gives the prompt as embeddings
+            embeds = kwargs["inputs_embeds"]
+            decoder_calls.append((int(embeds.shape[0]), int(embeds.shape[1])))
+        else:
+            decoder_calls.append((int(ids.shape[0]), int(ids.shape[1])))
+
+    handles = [
+        model.vision_model.register_forward_pre_hook(on_vision, with_kwargs=True),
+        decoder.register_forward_pre_hook(on_decoder, with_kwargs=True),
+    ]
+    try:
+        token_ids = captioner.generate(captioner.inputs(photos))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert vision_calls == [3]  # once, for the three images, not per beam
+    assert len(decoder_calls) == 6  # one call per generated token
+    assert all(batch == 9 for batch, _ in decoder_calls)  # 3 images x 3 beams per call
+    assert all(length == 1 for _, length in decoder_calls[1:])  # cached keys and values
+    assert token_ids.shape[0] == 3

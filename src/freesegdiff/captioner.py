@@ -9,7 +9,7 @@ caption a whole list of images with one batched ``generate`` call.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -19,8 +19,10 @@ from freesegdiff.config import CaptionConfig
 from freesegdiff.devices import frozen
 from freesegdiff.errors import ConfigError, ImageReadError
 from freesegdiff.hub import LoadOptions, load_pretrained
+from freesegdiff.weights import load_model
 
 CaptionerKind = Literal["blip", "blip2"]
+CaptionerT = TypeVar("CaptionerT", bound="Captioner")
 
 # transformers ``model_type`` -> our name for it. Anything else is refused up front.
 _KINDS: dict[str, CaptionerKind] = {"blip": "blip", "blip-2": "blip2"}
@@ -86,15 +88,15 @@ class Captioner:
 
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[CaptionerT],
         name: str,
         *,
         config: CaptionConfig,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         load: LoadOptions | None = None,
-    ) -> Captioner:
-        """Load a BLIP or BLIP-2 captioner.
+    ) -> CaptionerT:
+        """Load a BLIP or BLIP-2 captioner (an instance of ``cls``).
 
         Args:
             name: a Hub id (``Salesforce/blip-image-captioning-base``), a local folder in the
@@ -122,9 +124,10 @@ class Captioner:
         if model_type not in _KINDS:
             raise ConfigError(_unsupported_message(model_type, name))
         model_class, processor_class = _model_classes(_KINDS[model_type])
-        model = load_pretrained(model_class.from_pretrained, name, dtype=dtype, **options)
+        # the weights straight into dtype on device (freesegdiff.weights)
+        model = load_model(model_class.from_pretrained, name, dtype=dtype, device=device, **options)
         processor = load_pretrained(processor_class.from_pretrained, name, **options)
-        return cls(model.to(device), processor, config=config)
+        return cls(model, processor, config=config)
 
     @property
     def kind(self) -> CaptionerKind:
@@ -162,21 +165,43 @@ class Captioner:
         Raises:
             ImageReadError: an image is not an ``(H, W, 3)`` ``uint8`` array.
         """
-        pictures = [_check_image(image, index) for index, image in enumerate(images)]
-        if not pictures:
+        if not images:
             return []
+        token_ids = self.generate(self.inputs(images))
+        texts = self.processor.batch_decode(token_ids, skip_special_tokens=True)
+        prompt = self.config.prompt
+        return [_strip(text, prompt if self.config.strip_prompt else None) for text in texts]
+
+    def inputs(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        """The processor's model inputs for ``N`` images, on the model's device: pixels
+        ``(N, 3, S, S)`` in the model's dtype and, with a prompt, its token ids and mask ``(N, L)``.
+
+        Raises:
+            ImageReadError: an image is not an ``(H, W, 3)`` ``uint8`` array.
+        """
+        pictures = [_check_image(image, index) for index, image in enumerate(images)]
         prompt = self.config.prompt
         text = None if prompt is None else [prompt] * len(pictures)
         inputs = self.processor(images=pictures, text=text, return_tensors="pt")
         inputs = {key: value.to(self.device) for key, value in inputs.items()}
-        # (N, 3, S, S) pixels in the model's dtype; token ids and masks stay integer.
+        # pixels in the model's dtype; token ids and masks stay integer
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def generate(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One batched ``generate`` call with the configured decoding (:meth:`inputs` gives the
+        inputs): ``(N, L)`` token ids, the prompt's (if any) followed by the generated ones.
+
+        Beam search shares the work across beams as transformers runs it: the vision encoder
+        runs once per image, its output is repeated per beam, the decoder keeps its key/value
+        cache, and one decoder step advances every beam of every image (tests/test_captioner.py
+        counts the calls).
+        """
         with torch.inference_mode():
-            token_ids = self.model.generate(
+            token_ids: torch.Tensor = self.model.generate(
                 **inputs, num_beams=self.config.num_beams, **self.length_arguments()
-            )  # (N, L): prompt tokens (if any) followed by the generated ones
-        texts = self.processor.batch_decode(token_ids, skip_special_tokens=True)
-        return [_strip(text, prompt if self.config.strip_prompt else None) for text in texts]
+            )
+        return token_ids
 
     def length_arguments(self) -> dict[str, int]:
         """The length keywords for ``generate`` (docs/method.md, step 1).

@@ -42,13 +42,19 @@ def _edge(size: Any, key: str) -> int | None:
 
 
 def load_clip(
-    name: str, dtype: torch.dtype = torch.float32, load: LoadOptions | None = None
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    load: LoadOptions | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[Any, Any]:
-    """``(CLIPModel, CLIPProcessor)`` from a Hub id, a folder or ``tiny:clip``."""
+    """``(CLIPModel, CLIPProcessor)`` from a Hub id, a folder or ``tiny:clip``, the weights
+    straight into ``dtype`` on ``device`` (:func:`freesegdiff.weights.load_model`)."""
     from transformers import CLIPModel, CLIPProcessor
 
+    from freesegdiff.weights import load_model
+
     options: dict[str, Any] = {"what": "CLIP", "flag": "--clip-model", "load": load}
-    model = load_pretrained(CLIPModel.from_pretrained, name, dtype=dtype, **options)
+    model = load_model(CLIPModel.from_pretrained, name, dtype=dtype, device=device, **options)
     processor = load_pretrained(CLIPProcessor.from_pretrained, name, **options)
     return model, processor
 

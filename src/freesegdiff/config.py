@@ -47,6 +47,9 @@ class ModelConfig:
     revision: str | None = None  # Hub revision for every model
     cache_dir: str | None = None  # HF cache folder; None: the HF default
     offline: bool = False  # never reach the Hub (HF_HUB_OFFLINE=1 does the same)
+    # weight files of a variant, e.g. "fp16" (the Hub's *.fp16.safetensors, half the download
+    # and disk); None: the full-precision files, as the released script loads them
+    variant: str | None = None
 
 
 @dataclass(frozen=True)

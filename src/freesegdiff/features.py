@@ -286,7 +286,8 @@ class DiffusionFeatures:
         load: LoadOptions | None = None,
         runtime: FeatureRuntime | None = None,
     ) -> DiffusionFeatures:
-        """Load the four components of a diffusers Stable Diffusion (no safety checker).
+        """Load the four components of a diffusers Stable Diffusion (no safety checker), the
+        weights straight into ``dtype`` on ``device`` (:func:`freesegdiff.weights.load_model`).
 
         ``name``: a Hub id, a local folder with ``model_index.json``, or ``tiny:stable-diffusion``.
         ``load``: how to fetch the weights (offline, revision, cache folder).
@@ -295,20 +296,28 @@ class DiffusionFeatures:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from freesegdiff.weights import load_model
+
         options: dict[str, Any] = {"what": "Stable Diffusion", "flag": "--diffusion-model"}
         options["load"] = load
-        vae = load_pretrained(
-            AutoencoderKL.from_pretrained, name, subfolder="vae", torch_dtype=dtype, **options
+        weights: dict[str, Any] = {"dtype": dtype, "device": device, **options}
+        # diffusers names its dtype argument torch_dtype, transformers 5 dtype
+        vae = load_model(
+            AutoencoderKL.from_pretrained,
+            name,
+            subfolder="vae",
+            dtype_keyword="torch_dtype",
+            **weights,
         )
-        unet = load_pretrained(
+        unet = load_model(
             UNet2DConditionModel.from_pretrained,
             name,
             subfolder="unet",
-            torch_dtype=dtype,
-            **options,
+            dtype_keyword="torch_dtype",
+            **weights,
         )
-        text_encoder = load_pretrained(
-            CLIPTextModel.from_pretrained, name, subfolder="text_encoder", dtype=dtype, **options
+        text_encoder = load_model(
+            CLIPTextModel.from_pretrained, name, subfolder="text_encoder", **weights
         )
         tokenizer = load_pretrained(
             CLIPTokenizer.from_pretrained, name, subfolder="tokenizer", **options

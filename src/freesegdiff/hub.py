@@ -32,11 +32,17 @@ class LoadOptions:
     offline: bool = False  # never contact the Hub (HF_HUB_OFFLINE=1 does the same)
     revision: str | None = None  # Hub revision (ignored for local folders)
     cache_dir: str | None = None  # HF cache folder; None: the HF default
+    variant: str | None = None  # weight files of this variant ("fp16": *.fp16.safetensors)
 
     @classmethod
     def of(cls, models: Any) -> LoadOptions:
         """The options of a :class:`~freesegdiff.config.ModelConfig`."""
-        return cls(offline=models.offline, revision=models.revision, cache_dir=models.cache_dir)
+        return cls(
+            offline=models.offline,
+            revision=models.revision,
+            cache_dir=models.cache_dir,
+            variant=models.variant,
+        )
 
 
 def hub_offline(requested: bool = False) -> bool:

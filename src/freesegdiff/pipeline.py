@@ -110,7 +110,7 @@ def _pretrained_clip(
 ) -> tuple[Any, Any]:
     from freesegdiff.classify import load_clip
 
-    return load_clip(name, dtype, load)
+    return load_clip(name, dtype, load, device)
 
 
 def _pretrained_captioner(

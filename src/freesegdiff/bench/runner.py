@@ -1,5 +1,10 @@
 """Running the benchmark: what one machine does per image, stage by stage.
 
+The models are loaded as ``freesegdiff segment`` loads them: ``from_pretrained`` on folders in
+the Hub's layouts, holding the real architectures with random weights in the published files
+(:mod:`freesegdiff.bench.hub_layouts`, written once into a cache), so the load time and the
+memory of loading are the user's.
+
 N photos (the bundled examples, resized to a VOC-like 500x375 and mirrored for variety) are
 written as JPEG files, then each batch is read, segmented and its label maps written back as PNG
 files, the way ``freesegdiff segment`` treats a folder, after one warm-up batch. Every stage the
@@ -26,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from freesegdiff.config import CaptionConfig, FeatureConfig, PipelineConfig, set_by_path
+from freesegdiff.config import CaptionConfig, PipelineConfig, set_by_path
 from freesegdiff.errors import ConfigError
 from freesegdiff.hub import LoadOptions
-from freesegdiff.pipeline import FreeSegDiff, ModelSource
+from freesegdiff.pipeline import PRETRAINED, FreeSegDiff, ModelSource
 from freesegdiff.runtime import RuntimeOptions, after_loading
 from freesegdiff.timing import STAGES, StageTimer
 
@@ -66,7 +71,11 @@ class BenchReport:
         model_floor: forward -> median seconds per image (caption generate, VAE encoder,
             truncated UNet, CLIP image and text towers).
         overhead: share of the total wall-clock time outside every named stage.
-        peak_rss_gb: peak resident memory of the process (model building included), in GB.
+        peak_rss_gb: peak resident memory of the process (loading included), in GB: the
+            steady state of a run.
+        load_seconds: loading the models (``from_pretrained`` on the Hub-layout folders, the
+            unused modules freed), in seconds.
+        load_peak_rss_gb: peak resident memory once the models are loaded, in GB.
         settings: what ran where: preset, dtype, batch size, image size, device, versions.
     """
 
@@ -77,6 +86,8 @@ class BenchReport:
     model_floor: dict[str, float]
     overhead: float
     peak_rss_gb: float
+    load_seconds: float
+    load_peak_rss_gb: float
     settings: dict[str, Any]
     per_image: list[dict[str, float]] = field(default_factory=list)
 
@@ -106,7 +117,8 @@ class BenchReport:
             + ", ".join(f"{name} {seconds:.3f}" for name, seconds in self.model_floor.items())
             + ")",
             f"overhead            {self.overhead:.1%} of the total outside every stage",
-            f"peak resident       {self.peak_rss_gb:.2f} GB",
+            f"peak resident       {self.peak_rss_gb:.2f} GB "
+            f"(loading: {self.load_peak_rss_gb:.2f} GB, {self.load_seconds:.1f} s)",
             f"load average        {self.settings.get('load_average_before')} before the run "
             "(1, 5, 15 min; other processes on these cores slow it down)",
         ]
@@ -175,53 +187,31 @@ def _is_tiny(config: PipelineConfig) -> bool:
     return all(name.startswith("tiny:") for name in names)
 
 
-def build_pipeline(config: PipelineConfig, runtime: RuntimeOptions | None = None) -> FreeSegDiff:
-    """The pipeline of ``config``, built by :meth:`FreeSegDiff.from_config` like every other:
-    its own ``tiny:`` models, or for Hub names the real architectures with random weights
-    (:func:`random_weight_models`), built in memory. ``runtime``: the speed and memory tuning
-    (None: none)."""
-    source = None if _is_tiny(config) else random_weight_models(config.seed or 0)
-    return FreeSegDiff.from_config(config, runtime=runtime, source=source)
+def _hub_names(config: PipelineConfig) -> dict[str, str]:
+    """Setting -> Hub id of every model of ``config`` that is not a ``tiny:`` one."""
+    models = config.models
+    names = {"diffusion": models.diffusion, "clip": models.clip, "captioner": models.captioner}
+    return {key: name for key, name in names.items() if name and not name.startswith("tiny:")}
 
 
-def random_weight_models(seed: int = 0) -> ModelSource:
-    """A :class:`~freesegdiff.pipeline.ModelSource` of the shipped published architectures
-    (:mod:`freesegdiff.bench.models`) with random weights: true shapes, FLOPs and memory."""
-    from freesegdiff.bench.models import (
-        ScriptedCaptioner,
-        build_captioner,
-        build_clip,
-        build_stable_diffusion,
-    )
-    from freesegdiff.features import DiffusionFeatures
+def with_layout_folders(config: PipelineConfig, root: Path | None = None) -> PipelineConfig:
+    """``config`` with every Hub model replaced by its random-weight folder in the Hub layout
+    (:mod:`freesegdiff.bench.hub_layouts`), written first, in a child process, if missing."""
+    from freesegdiff.bench.hub_layouts import ensure_layouts_in_subprocess
 
-    def features(
-        name: str,
-        config: FeatureConfig,
-        device: torch.device,
-        dtype: torch.dtype,
-        load: LoadOptions,
-        runtime: RuntimeOptions | None,
-    ) -> DiffusionFeatures:
-        # built in the layout the runtime wants: no copy, no holes in the heap
-        channels_last = runtime is not None and runtime.uses_channels_last(device, dtype)
-        parts = build_stable_diffusion(name, dtype, device, seed=seed, channels_last=channels_last)
-        return DiffusionFeatures(
-            parts.vae,
-            parts.unet,
-            parts.text_encoder,
-            parts.tokenizer,
-            parts.scheduler,
-            config,
-            device,
-            dtype,
-            runtime=runtime,
-        )
+    names = _hub_names(config)
+    folders = ensure_layouts_in_subprocess(sorted(set(names.values())), root)
+    for key, name in names.items():
+        config = set_by_path(config, f"models.{key}", str(folders[name]))
+    return config
 
-    def clip(
-        name: str, device: torch.device, dtype: torch.dtype, load: LoadOptions
-    ) -> tuple[Any, Any]:
-        return build_clip(name, dtype, device)
+
+def bench_source() -> ModelSource:
+    """Each library's ``from_pretrained``, as ``segment`` loads models (:data:`PRETRAINED`),
+    with the captioner wrapped as a :class:`~freesegdiff.bench.models.ScriptedCaptioner`."""
+    from dataclasses import replace
+
+    from freesegdiff.bench.models import ScriptedCaptioner
 
     def captioner(
         name: str,
@@ -230,10 +220,21 @@ def random_weight_models(seed: int = 0) -> ModelSource:
         dtype: torch.dtype,
         load: LoadOptions,
     ) -> ScriptedCaptioner:
-        model, processor = build_captioner(name, dtype, device)
-        return ScriptedCaptioner(model, processor, config=config)
+        return ScriptedCaptioner.from_pretrained(
+            name, config=config, device=device, dtype=dtype, load=load
+        )
 
-    return ModelSource(features, clip, captioner)
+    return replace(PRETRAINED, captioner=captioner)
+
+
+def build_pipeline(config: PipelineConfig, runtime: RuntimeOptions | None = None) -> FreeSegDiff:
+    """The pipeline of ``config``, built by :meth:`FreeSegDiff.from_config` like every other
+    and loaded by the same ``from_pretrained`` calls (:func:`bench_source`): its own ``tiny:``
+    models, or for Hub names the real architectures with random weights, from the folders
+    :func:`with_layout_folders` writes. ``runtime``: the speed and memory tuning (None: none)."""
+    if not _is_tiny(config):
+        config = with_layout_folders(config)
+    return FreeSegDiff.from_config(config, runtime=runtime, source=bench_source())
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -329,8 +330,6 @@ def model_floor(
 
 def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[[], object]]:
     """Each model's forward pass on this batch's prepared inputs, ready to call."""
-    from PIL import Image
-
     from freesegdiff.devices import image_generators
     from freesegdiff.features import DiffusionFeatures, images_to_tensor
 
@@ -338,22 +337,8 @@ def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[
     if not isinstance(features, DiffusionFeatures):
         raise ConfigError("the model floor times the Stable Diffusion feature stage's models only")
     forwards: dict[str, Callable[[], object]] = {}
-    if pipe.captioner is not None:
-        captioner = pipe.captioner
-        prompt = config.caption.prompt
-        inputs = captioner.processor(
-            images=[Image.fromarray(image) for image in batch],
-            text=None if prompt is None else [prompt] * len(batch),
-            return_tensors="pt",
-        )
-        inputs = {key: value.to(device) for key, value in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(captioner.dtype)
-        forwards["caption"] = partial(  # the pipeline's decoding, exactly (Captioner.caption)
-            captioner.model.generate,
-            **inputs,
-            num_beams=config.caption.num_beams,
-            **captioner.length_arguments(),
-        )
+    if pipe.captioner is not None:  # the pipeline's inputs and decoding, exactly
+        forwards["caption"] = partial(pipe.captioner.generate, pipe.captioner.inputs(batch))
     pixels = images_to_tensor(batch, config.features.image_size, device, config.features.resize)
     vae_input = pixels.to(features.dtype)
     runtime = features.runtime
@@ -401,16 +386,21 @@ def run_bench(settings: BenchSettings) -> BenchReport:
     if min(settings.size) < 16:
         raise ConfigError(f"--size must be at least 16x16, got {settings.size}")
     config = bench_config(settings)
+    hub_names = _hub_names(config)
+    if not _is_tiny(config):  # written once, in a child process: not part of the load
+        config = with_layout_folders(config)
     load_before = _load_average()  # other processes compete for the cores: say how busy
     runtime = settings.runtime
     began = time.perf_counter()
-    pipe = build_pipeline(config, runtime)  # tunes the process first when runtime is given
+    # the user's loading path: each library's from_pretrained on folders in the Hub layouts
+    pipe = FreeSegDiff.from_config(config, runtime=runtime, source=bench_source())
     if pipe.captioner is not None:
         pipe.release_text_encoder()  # open vocabulary: only the empty prompt is ever embedded
     if runtime is not None:
         after_loading(runtime)
-    build_seconds = time.perf_counter() - began
-    logger.info("models built in %.1f s", build_seconds)
+    load_seconds = time.perf_counter() - began
+    load_peak = peak_rss_gb()
+    logger.info("models loaded in %.1f s, peak %.2f GB", load_seconds, load_peak)
     batch_size = settings.batch_size
     images = bench_images(batch_size + settings.images, settings.size)
     with tempfile.TemporaryDirectory(prefix="freesegdiff-bench-") as folder:
@@ -449,7 +439,10 @@ def run_bench(settings: BenchSettings) -> BenchReport:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "caption_tokens": _caption_tokens(config),
-        "build_seconds": round(build_seconds, 2),
+        "models": {
+            key: {"hub_id": name, "folder": getattr(config.models, key)}
+            for key, name in hub_names.items()
+        },
         "wall_seconds": round(wall, 3),
         "load_average_before": load_before,  # 1, 5 and 15 minutes, before the models
         "load_average_after": _load_average(),  # this run's own load included
@@ -463,6 +456,8 @@ def run_bench(settings: BenchSettings) -> BenchReport:
         model_floor=floor,
         overhead=1.0 - named / sum(measured.totals),
         peak_rss_gb=peak_rss_gb(),
+        load_seconds=round(load_seconds, 2),
+        load_peak_rss_gb=round(load_peak, 3),
         settings=run_settings,
         per_image=[
             {**per, "total": total}

@@ -21,6 +21,11 @@ SHORTCUTS: dict[str, tuple[str, Any, str]] = {
     "--clip-model": ("models.clip", str, "CLIP: Hub id or transformers folder"),
     "--revision": ("models.revision", str, "Hub revision for every model"),
     "--cache-dir": ("models.cache_dir", str, "Hugging Face cache folder"),
+    "--variant": (
+        "models.variant",
+        str,
+        "weight files of a variant, e.g. fp16 (*.fp16.safetensors: half the download)",
+    ),
     "--image-size": ("features.image_size", int, "side the image is resized to for SD (512)"),
     "--timestep": ("features.timestep", int, "noise timestep t (paper: 0)"),
     "--feature-size": ("features.feature_size", int, "side of the feature grid (32)"),

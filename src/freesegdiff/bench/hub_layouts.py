@@ -1,0 +1,179 @@
+"""The benchmark's random-weight models, written once in the Hub's folder layouts.
+
+``freesegdiff bench`` loads its models the way ``freesegdiff segment`` loads real ones: each
+library's ``from_pretrained`` on a local folder (:data:`freesegdiff.pipeline.PRETRAINED`), so it
+measures the user's loading path, its time and its memory. The folders are written here from the
+real architectures with random weights (:mod:`freesegdiff.bench.models`), in the files the Hub
+repositories ship:
+
+- ``CompVis/stable-diffusion-v1-4``: ``model_index.json``; ``unet/``, ``vae/`` with
+  ``diffusion_pytorch_model.safetensors`` (float32) and
+  ``diffusion_pytorch_model.fp16.safetensors``;
+  ``text_encoder/`` with ``model.safetensors`` and ``model.fp16.safetensors``; ``tokenizer/``;
+  ``scheduler/scheduler_config.json`` (the safety checker and its feature extractor, which the
+  method never runs, are left out);
+- BLIP base, BLIP-2 and CLIP ViT-B/32: ``config.json``, ``model.safetensors`` (float32; sharded
+  where it is large, as the Hub's BLIP-2), the processor's and tokenizer's files.
+
+Writing takes about a minute for the ``paper`` preset (4.8 GB of files); each folder is written
+in a temporary sibling and renamed into place when complete, so a killed run leaves nothing half
+written, and later runs reuse it. Run :func:`ensure_layouts` in a child process
+(:func:`ensure_layouts_in_subprocess`): building float32 models costs memory that the measuring
+process must not count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from freesegdiff.bench.models import ARCHITECTURES, load_architecture
+from freesegdiff.errors import ConfigError
+
+# Bump when the builders or the layouts change, so stale folders are written again.
+LAYOUT_VERSION = 1
+FP16_VARIANT = "fp16"
+DIFFUSERS_VERSION_KEY = "_diffusers_version"
+
+
+def layouts_root() -> Path:
+    """Where the folders are kept: ``$FREESEGDIFF_CACHE/bench`` (``~/.cache/freesegdiff/bench``)."""
+    root = os.environ.get("FREESEGDIFF_CACHE") or Path.home() / ".cache" / "freesegdiff"
+    return Path(root) / "bench"
+
+
+def layout_folder(name: str, root: Path | None = None, seed: int = 0) -> Path:
+    """The folder of the Hub model ``name`` (e.g. ``CompVis/stable-diffusion-v1-4``)."""
+    if name not in ARCHITECTURES:
+        load_architecture(name)  # raises the ConfigError that lists the known models
+    slug = name.replace("/", "--")
+    return (root or layouts_root()) / f"{slug}-seed{seed}-v{LAYOUT_VERSION}"
+
+
+def ensure_layouts(names: list[str], root: Path | None = None, seed: int = 0) -> dict[str, Path]:
+    """Write the folder of every Hub model in ``names`` that is not written yet; name -> folder."""
+    folders = {}
+    for name in names:
+        target = layout_folder(name, root, seed)
+        if not target.is_dir():
+            _write_atomically(name, target, seed)
+        folders[name] = target
+    return folders
+
+
+def ensure_layouts_in_subprocess(
+    names: list[str], root: Path | None = None, seed: int = 0
+) -> dict[str, Path]:
+    """:func:`ensure_layouts` in a child Python process (this one's memory stays untouched)."""
+    missing = [name for name in names if not layout_folder(name, root, seed).is_dir()]
+    if missing:
+        command = [sys.executable, "-m", "freesegdiff.bench.hub_layouts", "--seed", str(seed)]
+        if root is not None:
+            command += ["--root", str(root)]
+        done = subprocess.run([*command, *missing], check=False)
+        if done.returncode != 0:
+            raise ConfigError(
+                f"writing the benchmark's model folders failed (exit {done.returncode}); "
+                f"the command was: {' '.join(command + missing)}"
+            )
+    return {name: layout_folder(name, root, seed) for name in names}
+
+
+def _write_atomically(name: str, target: Path, seed: int) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write_layout(name, staging, seed)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first; its folder is as good
+            if not target.is_dir():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_layout(name: str, folder: Path, seed: int = 0) -> None:
+    """Write the Hub model ``name`` with random weights into ``folder`` in its Hub layout."""
+    if not ARCHITECTURES.get(name, ".json").endswith(".json"):  # a diffusers folder of parts
+        _write_stable_diffusion(name, folder, seed)
+    elif load_architecture(name).get("model_type") in ("blip", "blip-2"):
+        from freesegdiff.bench.models import build_captioner
+
+        model, processor = build_captioner(name, torch.float32, torch.device("cpu"), seed)
+        _save_transformers(model, processor, folder)
+    else:
+        from freesegdiff.bench.models import build_clip
+
+        model, processor = build_clip(name, torch.float32, torch.device("cpu"), seed)
+        _save_transformers(model, processor, folder)
+
+
+def _save_transformers(model: Any, processor: Any, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+
+
+def _write_stable_diffusion(name: str, folder: Path, seed: int) -> None:
+    import diffusers
+    import transformers
+
+    from freesegdiff.bench.models import build_stable_diffusion
+
+    parts = build_stable_diffusion(name, torch.float32, torch.device("cpu"), seed=seed)
+    for subfolder, model in (
+        ("unet", parts.unet),
+        ("vae", parts.vae),
+        ("text_encoder", parts.text_encoder),
+    ):
+        model.save_pretrained(folder / subfolder, safe_serialization=True)
+        config = (folder / subfolder / "config.json").read_text()
+        model.half().save_pretrained(  # in place: the float32 copy is freed
+            folder / subfolder, safe_serialization=True, variant=FP16_VARIANT
+        )
+        (folder / subfolder / "config.json").write_text(config)  # the float32 files' config
+    del parts.unet, parts.vae, parts.text_encoder
+    parts.tokenizer.save_pretrained(folder / "tokenizer")
+    parts.scheduler.save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        DIFFUSERS_VERSION_KEY: diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", type(parts.scheduler).__name__],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "_transformers_version": transformers.__version__,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m freesegdiff.bench.hub_layouts [--root DIR] [--seed N] NAME...``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="+", help="Hub ids, e.g. CompVis/stable-diffusion-v1-4")
+    parser.add_argument("--root", default=None, help="cache folder (default: layouts_root())")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    root = Path(args.root) if args.root else None
+    for name, folder in ensure_layouts(args.names, root, args.seed).items():
+        print(f"{name}: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
