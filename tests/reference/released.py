@@ -66,6 +66,9 @@ HOOKED_LAYERS = [
     ("up_blocks", 1, 1),
     ("up_blocks", 1, 2),
 ]
+# The weights' dtype: float32 for the tests; benchmarks/bench_side_by_side.py sets bfloat16 before
+# anything loads, to time the released structure with the dtype the package runs in.
+DTYPE = torch.float32
 MAP_SIZE = 32  # every query map is resized to MAP_SIZE x MAP_SIZE before clustering
 # crf.py's dense CRF settings.
 CRF_ITERATIONS = 10
@@ -126,9 +129,11 @@ def _diffusion(folder: str) -> _Diffusion:
     config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
     scheduler_class = getattr(diffusers, config["_class_name"])
     return _Diffusion(
-        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae").float().eval(),
-        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().eval(),
-        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().eval(),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae").to(DTYPE).eval(),
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(DTYPE).eval(),
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+        .to(DTYPE)
+        .eval(),
         tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
         scheduler=scheduler_class.from_pretrained(folder, subfolder="scheduler"),
     )
@@ -138,7 +143,7 @@ def _diffusion(folder: str) -> _Diffusion:
 def _blip(folder: str) -> tuple[Any, Any]:
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    model = BlipForConditionalGeneration.from_pretrained(folder).float().eval()
+    model = BlipForConditionalGeneration.from_pretrained(folder).to(DTYPE).eval()
     return model, BlipProcessor.from_pretrained(folder)
 
 
@@ -146,7 +151,8 @@ def _blip(folder: str) -> tuple[Any, Any]:
 def _clip(folder: str) -> tuple[Any, Any]:
     from transformers import CLIPModel, CLIPProcessor
 
-    return CLIPModel.from_pretrained(folder).float().eval(), CLIPProcessor.from_pretrained(folder)
+    model = CLIPModel.from_pretrained(folder).to(DTYPE).eval()
+    return model, CLIPProcessor.from_pretrained(folder)
 
 
 @lru_cache(maxsize=1)
@@ -162,6 +168,7 @@ def caption_image(image: np.ndarray, blip_folder: str) -> str:
     """BLIPcaptioner.py: LAVIS' BLIP caption (prompted, 3 beams, 10..30 tokens)."""
     model, processor = _blip(blip_folder)
     inputs = processor(images=Image.fromarray(image), text=PROMPT, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(DTYPE)
     tokens = model.generate(**inputs, num_beams=3, max_length=30, min_length=10)
     text = processor.decode(tokens[0], skip_special_tokens=True)
     return str(text[len(PROMPT) :]).strip()
@@ -247,14 +254,14 @@ def query_features(
     """runner.py + attentionHook.py: the attn2 query maps of one UNet pass, (C, 32, 32)."""
     resized = Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())
-    x = pixels.permute(2, 0, 1)[None].float().div(255).mul(2).sub(1)
+    x = pixels.permute(2, 0, 1)[None].float().div(255).mul(2).sub(1).to(DTYPE)
 
     generator = torch.Generator().manual_seed(seed)
     posterior = sd.vae.encode(x).latent_dist
     latent = posterior.sample(generator=generator) * sd.vae.config.scaling_factor
     noise = torch.randn(latent.shape, generator=generator)
     t = torch.tensor([timestep])
-    noisy = sd.scheduler.add_noise(latent, noise, t)
+    noisy = sd.scheduler.add_noise(latent, noise, t).to(DTYPE)
 
     captured: dict[int, torch.Tensor] = {}
     handles = []
@@ -279,7 +286,7 @@ def query_features(
         grid = query.transpose(0, 1).reshape(1, query.shape[1], side, side)
         grid = F.interpolate(grid, size=(MAP_SIZE, MAP_SIZE), mode="bilinear", align_corners=False)
         maps.append(grid[0])
-    return torch.cat(maps, dim=0).numpy().astype(np.float32)
+    return torch.cat(maps, dim=0).float().numpy().astype(np.float32)
 
 
 def kmeans_labels(features: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -303,7 +310,8 @@ def clip_scores(
     for column, cluster_id in enumerate(ids):
         masked = (resized == cluster_id)[:, :, None].astype(np.uint8) * image
         inputs = processor(text=texts, images=masked, return_tensors="pt", padding=True)
-        scores[:, column] = model(**inputs).logits_per_image.softmax(dim=1)[0].numpy()
+        inputs["pixel_values"] = inputs["pixel_values"].to(DTYPE)
+        scores[:, column] = model(**inputs).logits_per_image.softmax(dim=1)[0].float().numpy()
     return scores
 
 
