@@ -269,3 +269,42 @@ def test_the_segment_command_tunes_unless_told_not_to(flags, tmp_path, photos, m
     else:
         assert pipe.features.runtime == RuntimeOptions.fast()
         assert libc.calls[:1] == ["mallopt"] and "malloc_trim" in libc.calls
+
+
+def test_beam_search_without_reordering_the_image_keys_gives_the_same_tokens(
+    tiny_blip_path, photos
+):
+    """``beam_cross_cache``: the same token ids as transformers' own beam search, for several
+    images (beams must never be mixed across images), with the reorder of the cross-attention
+    cache gone (counted: half the index_select calls, the self-attention ones)."""
+    from freesegdiff.captioner import Captioner
+    from freesegdiff.config import CaptionConfig
+
+    config = CaptionConfig(num_beams=3, max_length=14, min_length=14)
+    captioner = Captioner.from_pretrained(str(tiny_blip_path), config=config)
+    inputs = captioner.inputs([photos["chelsea"], photos["astronaut"], photos["coffee"]])
+    reorders: list[int] = []
+    original = torch.Tensor.index_select
+
+    def counting(self, *args, **kwargs):
+        reorders.append(1)
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "index_select", counting)
+        plain = captioner.generate(inputs)
+        plain_reorders = len(reorders)
+        RuntimeOptions.fast().tune_captioner(captioner)
+        reorders.clear()
+        tuned = captioner.generate(inputs)
+    assert torch.equal(tuned, plain)
+    # per step and layer: self-attention keys and values only, not the cross-attention ones too
+    assert plain_reorders > 0 and len(reorders) * 2 == plain_reorders, (
+        len(reorders),
+        plain_reorders,
+    )
+    assert runtime.beam_search_cache(captioner, 3)
+    greedy = Captioner.from_pretrained(
+        str(tiny_blip_path), config=CaptionConfig(num_beams=1, max_length=14)
+    )
+    assert runtime.beam_search_cache(greedy, 3) == {}  # nothing to share without beams

@@ -8,7 +8,7 @@ caption a whole list of images with one batched ``generate`` call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -80,6 +80,9 @@ class Captioner:
         self.model = frozen(model, model.device)
         self.processor = processor
         self.config = config
+        # speed tuning (freesegdiff.runtime.RuntimeOptions.tune_captioner): extra generate
+        # keywords per call that change no token; None: transformers' generate as released
+        self.generate_options: Callable[[Captioner, int], dict[str, Any]] | None = None
         self._kind: CaptionerKind = _KINDS[model_type]
         if self._kind == "blip2" and getattr(processor, "num_query_tokens", None) is None:
             # Older Hub checkpoints lack it in processor_config.json; without it a prompt is
@@ -197,9 +200,14 @@ class Captioner:
         cache, and one decoder step advances every beam of every image (tests/test_captioner.py
         counts the calls).
         """
+        options = (
+            {}
+            if self.generate_options is None
+            else self.generate_options(self, int(inputs["pixel_values"].shape[0]))
+        )
         with torch.inference_mode():
             token_ids: torch.Tensor = self.model.generate(
-                **inputs, num_beams=self.config.num_beams, **self.length_arguments()
+                **inputs, num_beams=self.config.num_beams, **self.length_arguments(), **options
             )
         return token_ids
 

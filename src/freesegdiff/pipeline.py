@@ -246,6 +246,8 @@ class FreeSegDiff:
         captioner = None
         if models.captioner:
             captioner = source.captioner(models.captioner, config.caption, device, dtype, load)
+            if runtime is not None:
+                runtime.tune_captioner(captioner)
         if runtime is not None:
             after_loading(runtime)  # copies left behind by dtype and layout conversions
         return cls(config, features=features, classifier=classifier, captioner=captioner)

@@ -22,6 +22,12 @@ The tricks (fields of :class:`RuntimeOptions`):
   None: where that pays, bfloat16 on the CPU (oneDNN's bfloat16 convolutions).
 - ``heap_buffers``: on the CPU, the VAE encoder's large activations come from the heap rather
   than a fresh ``mmap`` each (:func:`vae_buffers`), except on the first encode at an input shape.
+- ``beam_cross_cache``: BLIP's beam search keeps one cross-attention key/value cache that it
+  does not reorder after every step (:func:`beam_search_cache`). transformers reorders the
+  whole cache by the chosen beams; but beams only ever come from the beams of the same image,
+  whose cross-attention keys and values (of that image's embeddings, repeated per beam) are
+  identical, so that reorder copies 2 x 12 tensors of 577 tokens per step to change nothing.
+  The same tokens bit for bit (tests/test_runtime.py).
 
 Use::
 
@@ -48,6 +54,7 @@ import torch.nn.functional as F
 from freesegdiff import memory
 
 if TYPE_CHECKING:
+    from freesegdiff.captioner import Captioner
     from freesegdiff.features import DiffusionFeatures
 
 # VAE input shapes each tuned DiffusionFeatures has encoded once (see vae_buffers).
@@ -66,6 +73,7 @@ class RuntimeOptions:
     inplace_resnets: bool = True  # ResnetBlock2D forwards that reuse their buffers
     channels_last: bool | None = None  # None: where it pays (bfloat16 on the CPU)
     heap_buffers: bool = True  # VAE activations from the heap on the CPU
+    beam_cross_cache: bool = True  # BLIP beam search without reordering the image's keys
 
     @classmethod
     def fast(cls) -> RuntimeOptions:
@@ -75,13 +83,24 @@ class RuntimeOptions:
     @classmethod
     def off(cls) -> RuntimeOptions:
         """Every trick off: the same as giving no runtime at all."""
-        return cls(allocator=False, inplace_resnets=False, channels_last=False, heap_buffers=False)
+        return cls(
+            allocator=False,
+            inplace_resnets=False,
+            channels_last=False,
+            heap_buffers=False,
+            beam_cross_cache=False,
+        )
 
     def uses_channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether the VAE and UNet are laid out channels-last for ``device`` and ``dtype``."""
         if self.channels_last is None:
             return channels_last_pays(device, dtype)
         return self.channels_last
+
+    def tune_captioner(self, captioner: Captioner) -> None:
+        """Give ``captioner`` the generate options of these settings (``beam_cross_cache``)."""
+        if self.beam_cross_cache:
+            captioner.generate_options = beam_search_cache
 
     # The hook DiffusionFeatures calls (freesegdiff.features.FeatureRuntime).
     def tune_models(self, features: DiffusionFeatures) -> None:
@@ -231,3 +250,29 @@ def use_inplace_resnets(model: torch.nn.Module) -> int:
             module.forward = _inplace_resnet_forward(module)  # type: ignore[method-assign]
             changed += 1
     return changed
+
+
+# ------------------------------------------------------------------------ beam search
+def beam_search_cache(captioner: Captioner, batch: int) -> dict[str, Any]:
+    """Generate keywords for one batch of ``batch`` images: for BLIP with beams, a key/value
+    cache whose cross-attention half is not reordered between steps (``beam_cross_cache``).
+
+    Exact: transformers' beam search picks each image's next beams among that image's beams
+    only, and the cross-attention keys and values of one image are the same for all its beams
+    (computed from its embeddings repeated per beam), so reordering them changes no value.
+    Nothing for BLIP-2 (its OPT decoder has no cross-attention) or greedy decoding.
+    """
+    if captioner.kind != "blip" or captioner.config.num_beams < 2:
+        return {}
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    class _SharedCrossAttentionCache(EncoderDecoderCache):
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.self_attention_cache.reorder_cache(beam_idx)
+
+    config = captioner.model.config.text_config
+    return {
+        "cache": _SharedCrossAttentionCache(
+            DynamicCache(config=config), DynamicCache(config=config)
+        )
+    }
