@@ -29,6 +29,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +56,12 @@ def _folders(preset: str) -> dict[str, str]:
     return {"diffusion": models.diffusion, "clip": models.clip, "captioner": models.captioner}
 
 
+def _save_maps(args: argparse.Namespace, maps: list[np.ndarray]) -> str:
+    """The label maps into ``args.maps`` (.npy), so the parent compares them; returns the path."""
+    np.save(args.maps, np.stack(maps))
+    return str(args.maps)
+
+
 def run_freesegdiff(args: argparse.Namespace) -> dict:
     """The package's side, in this (fresh) process."""
     from freesegdiff.config import set_by_path
@@ -78,7 +85,7 @@ def run_freesegdiff(args: argparse.Namespace) -> dict:
         result = pipe(photo)
         if index:
             seconds.append(time.perf_counter() - began)
-            maps.append(result.label_map.tolist())
+            maps.append(result.label_map)
             captions.append(result.caption)
     return {
         "seconds": seconds,
@@ -86,7 +93,7 @@ def run_freesegdiff(args: argparse.Namespace) -> dict:
         "load_peak_gb": load_peak,
         "peak_gb": _peak_gb(),
         "captions": captions,
-        "maps": maps,
+        "maps": _save_maps(args, maps),
     }
 
 
@@ -118,7 +125,7 @@ def run_released(args: argparse.Namespace) -> dict:
             )
         if index:
             seconds.append(time.perf_counter() - began)
-            maps.append(output.label_map.tolist())
+            maps.append(output.label_map)
             captions.append(output.caption)
     return {
         "seconds": seconds,
@@ -126,12 +133,13 @@ def run_released(args: argparse.Namespace) -> dict:
         "load_peak_gb": load_peak,
         "peak_gb": _peak_gb(),
         "captions": captions,
-        "maps": maps,
+        "maps": _save_maps(args, maps),
     }
 
 
-def _side(name: str, args: argparse.Namespace) -> dict:
+def _side(name: str, args: argparse.Namespace, folder: Path) -> dict:
     command = [sys.executable, __file__, "--side", name, "--images", str(args.images)]
+    command += ["--maps", str(folder / f"{name}.npy")]
     command += ["--dtype", args.dtype, "--preset", args.preset]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -148,6 +156,7 @@ def main() -> None:
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--side", choices=["freesegdiff", "released"], help=argparse.SUPPRESS)
+    parser.add_argument("--maps", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side is not None:  # one side, in a fresh interpreter
         run = run_freesegdiff if args.side == "freesegdiff" else run_released
@@ -155,13 +164,12 @@ def main() -> None:
         return
     _folders(args.preset)  # written once (in a child process), outside both measurements
     sides = {}
-    for name in ("released", "freesegdiff"):
-        print(f"running the {name} side ...", flush=True)
-        sides[name] = _side(name, args)
-    agree = [
-        float(np.mean(np.asarray(a) == np.asarray(b)))
-        for a, b in zip(sides["freesegdiff"]["maps"], sides["released"]["maps"], strict=True)
-    ]
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ("released", "freesegdiff"):
+            print(f"running the {name} side ...", flush=True)
+            sides[name] = _side(name, args, Path(folder))
+        ours, theirs = (np.load(sides[name]["maps"]) for name in ("freesegdiff", "released"))
+    agree = [float(np.mean(a == b)) for a, b in zip(ours, theirs, strict=True)]
     same_captions = sum(
         a == b
         for a, b in zip(

@@ -4,7 +4,8 @@
 #      else torch from the package index; freesegdiff and its test runner on top;
 #   2. the CUDA-marked tests (pytest -m cuda);
 #   3. `freesegdiff bench` on CUDA in float16 at batch sizes 1, 8 and 32 (real-architecture
-#      random weights: true shapes, FLOPs and memory), each writing its JSON figures.
+#      random weights in Hub-layout folders, written once first: true shapes, FLOPs, memory
+#      and loading), each writing its JSON figures.
 # Everything lands in $OUT (default benchmarks/results/gpu): nvidia-smi.txt, cuda-tests.txt,
 # bench-cuda-float16-b{1,8,32}.json and .txt. Usage: bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -29,6 +30,10 @@ fi
   | tee -a "$OUT/nvidia-smi.txt"
 
 timeout 180 "$py" -m pytest -q -m cuda tests 2>&1 | tee "$OUT/cuda-tests.txt" || true
+
+# the bench's random-weight models in their Hub layouts, written once (about a minute, 4.8 GB)
+timeout 240 "$py" -m freesegdiff.bench.hub_layouts CompVis/stable-diffusion-v1-4 \
+  openai/clip-vit-base-patch32 Salesforce/blip-image-captioning-base
 
 for batch in 1 8 32; do
   images=$(( batch < 8 ? 8 : batch * 2 ))  # two full batches at 8 and 32, eight images at 1
