@@ -154,14 +154,15 @@ def test_kmeans_of_a_transposed_feature_map_equals_its_row_major_copy():
 
 # ---------------------------------------- the released k-means (docs/method.md, step 8)
 def test_sklearn_backend_is_the_released_call_with_its_seed():
-    """Point 3: KMeans(n_clusters=4, n_init=10, random_state=seed), label for label."""
+    """Point 3: KMeans(n_clusters=4, n_init=10, random_state=seed) of the installed
+    scikit-learn, label for label."""
     points = blobs(seed=3, centres=5, per=40).astype(np.float32)  # 5 blobs for 4 clusters
     for seed in (0, 1, 7):
         ours = sklearn_kmeans_labels(torch.from_numpy(points), 4, seed=seed)
         theirs = KMeans(n_clusters=4, n_init=10, random_state=seed).fit(points).labels_
         assert ours.tolist() == theirs.tolist()
     features = torch.from_numpy(points).T.reshape(16, 10, 20)  # (C, h, w), as the pipeline
-    cluster_map = cluster_features(features, ClusterConfig(), seed=1)
+    cluster_map = cluster_features(features, ClusterConfig(backend="sklearn"), seed=1)
     expected = KMeans(n_clusters=4, n_init=10, random_state=1).fit(points).labels_
     assert cluster_map.flatten().tolist() == expected.tolist()
 
@@ -174,7 +175,7 @@ def test_ten_restarts_keep_the_lowest_inertia():
     assert len({round(value, 1) for value in singles}) > 1  # the optima differ
     best = KMeans(4, n_init=10, random_state=0).fit(points).inertia_
     assert best <= min(singles) + 1e-3 * best
-    assert ClusterConfig().n_init == 10 and ClusterConfig().backend == "sklearn"
+    assert ClusterConfig().n_init == 10
 
 
 def test_cv2_nearest_indices_equal_opencv():
@@ -214,3 +215,58 @@ def test_nearest_exact_upsampling_is_centred():
     assert upsample_cluster_map(small, 1, 5).tolist() == [[0, 0, 1, 1, 2]]  # floor(i * 0.6)
     with pytest.raises(ConfigError, match=r"clustering\.upsample"):
         upsample_cluster_map(small, 1, 5, "bilinear")
+
+
+# ------------------------- scikit-learn's KMeans re-implemented, draws included (step 8)
+def test_torch_sklearn_1_2_gives_scikit_learn_1_2s_labels_on_real_photos():
+    """``torch-sklearn-1.2`` (the default) against scikit-learn 1.2.2 itself, the version the
+    released script pinned: labels written by tests/golden/make_kmeans_sklearn12.py on patches
+    of five real photos; every K, seed and photo, label for label (cluster numbers included)."""
+    from freesegdiff.clustering import sklearn_kmeans
+    from golden.make_kmeans_sklearn12 import GOLDEN, PHOTOS, photo_patches
+
+    golden = np.load(GOLDEN)
+    checked = 0
+    for name in PHOTOS:
+        points = torch.from_numpy(photo_patches(name))
+        for k in (3, 4):
+            for seed in (0, 1, 2, 3):
+                ours = sklearn_kmeans(points, k, seed=seed, version="1.2").labels
+                assert ours.tolist() == golden[f"{name}-{k}-{seed}"].tolist(), (name, k, seed)
+                checked += 1
+    assert checked == 40
+    assert ClusterConfig().backend == "torch-sklearn-1.2"
+
+
+def test_torch_sklearn_gives_the_installed_scikit_learns_labels_on_real_photos():
+    """``torch-sklearn`` (scikit-learn 1.3+'s draws) against the installed scikit-learn, live."""
+    import sklearn
+
+    from freesegdiff.clustering import sklearn_kmeans
+    from golden.make_kmeans_sklearn12 import photo_patches
+
+    major, minor = (int(part) for part in sklearn.__version__.split(".")[:2])
+    version = "1.2" if (major, minor) < (1, 3) else "1.3"
+    for name in ("chelsea", "coffee", "camera"):
+        points = photo_patches(name)
+        for k, seed in ((3, 0), (4, 1), (6, 2)):
+            theirs = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(points).labels_
+            ours = sklearn_kmeans(torch.from_numpy(points), k, seed=seed, version=version)
+            assert ours.labels.tolist() == theirs.tolist(), (name, k, seed)
+
+
+def test_the_two_draws_differ_and_the_backends_are_wired():
+    """The versions' draws pick other centres (so the released numbers need 1.2's); each
+    backend name runs the implementation it names."""
+    from freesegdiff.clustering import sklearn_kmeans
+    from golden.make_kmeans_sklearn12 import GOLDEN, photo_patches
+
+    golden = np.load(GOLDEN)
+    points = torch.from_numpy(photo_patches("astronaut"))
+    newer = [sklearn_kmeans(points, 4, seed=s, version="1.3").labels for s in range(4)]
+    assert any(a.tolist() != golden[f"astronaut-4-{s}"].tolist() for s, a in enumerate(newer))
+    features = points.T.reshape(points.shape[1], 1, -1)  # (C, 1, N), as the pipeline's maps
+    for backend, version in (("torch-sklearn-1.2", "1.2"), ("torch-sklearn", "1.3")):
+        config = ClusterConfig(backend=backend)  # type: ignore[arg-type]
+        labels = cluster_features(features, config, seed=2).flatten()
+        assert labels.tolist() == sklearn_kmeans(points, 4, seed=2, version=version).labels.tolist()

@@ -83,10 +83,18 @@ def folders(tiny_sd_path: Path, tiny_clip_path: Path, tiny_blip_path: Path) -> d
 def pipe(folders: dict[str, str]) -> Any:
     from freesegdiff import FreeSegDiff
 
+    import sklearn
+
+    # The reference clusters with the installed scikit-learn; the preset re-implements
+    # scikit-learn 1.2 (the released environment's), whose k-means++ draws differ from 1.3 on.
+    # Here the preset takes the installed version's draws, so that the two compute the same
+    # thing; tests/test_clustering.py shows that each set of draws equals its scikit-learn.
+    newer = tuple(int(part) for part in sklearn.__version__.split(".")[:2]) >= (1, 3)
     overrides = {
         "models.diffusion": folders["sd"],
         "models.captioner": folders["blip"],
         "models.clip": folders["clip"],
+        "clustering.backend": "torch-sklearn" if newer else "torch-sklearn-1.2",
     }
     return FreeSegDiff.from_preset("paper", overrides=overrides)
 

@@ -99,9 +99,11 @@ class ClusterConfig:
     """Class-agnostic masks from the features (docs/method.md, step 8)."""
 
     method: Literal["kmeans", "agglomerative"] = "kmeans"
-    # k-means implementation. "sklearn": scikit-learn's KMeans on the CPU with random_state =
-    # seed (the released call); "torch": the same algorithm in torch on the features' device
-    backend: Literal["sklearn", "torch"] = "sklearn"
+    # k-means implementation. "torch-sklearn-1.2": scikit-learn 1.2's KMeans (the released
+    # environment's) in torch on the features' device, its random draws included;
+    # "torch-sklearn": the same with scikit-learn 1.3+'s draws; "sklearn": the installed
+    # scikit-learn's KMeans on the CPU (random_state = seed); "torch": torch's own draws
+    backend: Literal["sklearn", "torch", "torch-sklearn-1.2", "torch-sklearn"] = "torch-sklearn-1.2"
     k: int = 4  # number of clusters
     k_range: tuple[int, int] | None = None  # if set, choose K in [lo, hi] by silhouette
     adaptive_offset: int | None = None  # if set, K = number of candidate labels + offset
