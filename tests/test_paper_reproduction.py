@@ -81,9 +81,9 @@ def folders(tiny_sd_path: Path, tiny_clip_path: Path, tiny_blip_path: Path) -> d
 
 @pytest.fixture(scope="module")
 def pipe(folders: dict[str, str]) -> Any:
-    from freesegdiff import FreeSegDiff
-
     import sklearn
+
+    from freesegdiff import FreeSegDiff
 
     # The reference clusters with the installed scikit-learn; the preset re-implements
     # scikit-learn 1.2 (the released environment's), whose k-means++ draws differ from 1.3 on.
