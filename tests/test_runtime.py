@@ -308,3 +308,52 @@ def test_beam_search_without_reordering_the_image_keys_gives_the_same_tokens(
         str(tiny_blip_path), config=CaptionConfig(num_beams=1, max_length=14)
     )
     assert runtime.beam_search_cache(greedy, 3) == {}  # nothing to share without beams
+
+
+def test_crf_processes_give_the_masks_of_the_serial_crf_and_survive_a_killed_worker(photos):
+    """``crf_processes``: the released CRF of each mask in worker processes, the same masks;
+    killed workers are replaced; a call that fails in a worker is run here and raises here."""
+    pytest.importorskip("pydensecrf")
+    from freesegdiff.refine.densecrf_reference import pydensecrf_refine
+
+    image = np.ascontiguousarray(photos["chelsea"][::2, ::2])
+    height, width = image.shape[:2]
+    masks = np.zeros((3, height, width), dtype=bool)
+    masks[0, : height // 2] = True
+    masks[1, :, : width // 3] = True
+    masks[2, height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = True
+    serial = pydensecrf_refine(image, masks)
+    assert (serial != masks).any()  # the CRF moved the blocky masks
+    pool = runtime.WorkerProcesses(2)
+    try:
+        assert np.array_equal(pydensecrf_refine(image, masks, pool=pool), serial)
+        assert len(pool._workers) == 2
+        killed = {process.pid for process in pool._workers}
+        for process in pool._workers:
+            process.kill()
+            process.wait()
+        assert np.array_equal(pydensecrf_refine(image, masks, pool=pool), serial)
+        assert not killed & {process.pid for process in pool._workers}  # new workers
+        assert pool.map(int, ["1", "2", "3"]) == [1, 2, 3]
+        with pytest.raises(ValueError, match="invalid literal"):
+            pool.map(int, ["1", "x"])  # failed in a worker, run again here: the real error
+        assert pool._broken and pool.map(int, ["4", "5"]) == [4, 5]
+    finally:
+        pool.close()
+
+
+def test_the_refiner_gets_crf_processes_only_for_pydensecrf():
+    from freesegdiff.config import RefineConfig
+    from freesegdiff.refine import Refiner
+
+    released, torch_crf = (
+        Refiner(RefineConfig(backend="pydensecrf")),
+        Refiner(RefineConfig(backend="torch")),
+    )
+    options = RuntimeOptions(crf_processes=2)
+    options.tune_refiner(released)
+    options.tune_refiner(torch_crf)
+    assert isinstance(released.pool, runtime.WorkerProcesses) and torch_crf.pool is None
+    single = Refiner(RefineConfig(backend="pydensecrf"))
+    RuntimeOptions(crf_processes=1).tune_refiner(single)
+    assert single.pool is None

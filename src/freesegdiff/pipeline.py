@@ -250,7 +250,10 @@ class FreeSegDiff:
                 runtime.tune_captioner(captioner)
         if runtime is not None:
             after_loading(runtime)  # copies left behind by dtype and layout conversions
-        return cls(config, features=features, classifier=classifier, captioner=captioner)
+        pipe = cls(config, features=features, classifier=classifier, captioner=captioner)
+        if runtime is not None:
+            runtime.tune_refiner(pipe.refiner)
+        return pipe
 
     @classmethod
     def from_preset(

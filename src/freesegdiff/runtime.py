@@ -28,6 +28,10 @@ The tricks (fields of :class:`RuntimeOptions`):
   whose cross-attention keys and values (of that image's embeddings, repeated per beam) are
   identical, so that reorder copies 2 x 12 tensors of 577 tokens per step to change nothing.
   The same tokens bit for bit (tests/test_runtime.py).
+- ``crf_processes``: the pydensecrf refinement (the released CRF, one per kept mask, in C++ that
+  holds Python's lock) runs its masks side by side in that many worker processes
+  (:class:`WorkerProcesses`, started on first use; each imports numpy and pydensecrf only,
+  about 60 MB). The same calls, so the same masks. None: one per core, at most 8.
 
 Use::
 
@@ -43,8 +47,12 @@ or tune an already built :class:`~freesegdiff.features.DiffusionFeatures` with
 from __future__ import annotations
 
 import contextlib
+import os
+import pickle
+import subprocess
+import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +64,7 @@ from freesegdiff import memory
 if TYPE_CHECKING:
     from freesegdiff.captioner import Captioner
     from freesegdiff.features import DiffusionFeatures
+    from freesegdiff.refine import Refiner
 
 # VAE input shapes each tuned DiffusionFeatures has encoded once (see vae_buffers).
 _encoded_shapes: weakref.WeakKeyDictionary[Any, set[tuple[int, ...]]] = weakref.WeakKeyDictionary()
@@ -74,6 +83,7 @@ class RuntimeOptions:
     channels_last: bool | None = None  # None: where it pays (bfloat16 on the CPU)
     heap_buffers: bool = True  # VAE activations from the heap on the CPU
     beam_cross_cache: bool = True  # BLIP beam search without reordering the image's keys
+    crf_processes: int | None = None  # pydensecrf worker processes; None: one per core (<= 8)
 
     @classmethod
     def fast(cls) -> RuntimeOptions:
@@ -89,6 +99,7 @@ class RuntimeOptions:
             channels_last=False,
             heap_buffers=False,
             beam_cross_cache=False,
+            crf_processes=0,
         )
 
     def uses_channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -101,6 +112,17 @@ class RuntimeOptions:
         """Give ``captioner`` the generate options of these settings (``beam_cross_cache``)."""
         if self.beam_cross_cache:
             captioner.generate_options = beam_search_cache
+
+    def tune_refiner(self, refiner: Refiner) -> None:
+        """Give a pydensecrf ``refiner`` its worker processes (``crf_processes``)."""
+        config = refiner.config
+        if config.method != "crf" or config.backend != "pydensecrf":
+            return
+        processes = self.crf_processes
+        if processes is None:
+            processes = min(os.cpu_count() or 1, 8)
+        if processes > 1:
+            refiner.pool = WorkerProcesses(processes)
 
     # The hook DiffusionFeatures calls (freesegdiff.features.FeatureRuntime).
     def tune_models(self, features: DiffusionFeatures) -> None:
@@ -276,3 +298,107 @@ def beam_search_cache(captioner: Captioner, batch: int) -> dict[str, Any]:
             DynamicCache(config=config), DynamicCache(config=config)
         )
     }
+
+
+# ----------------------------------------------------------------------- worker processes
+class WorkerProcesses:
+    """Worker processes for CPU-bound calls that hold Python's lock (pydensecrf's inference).
+
+    Each worker is ``python -m freesegdiff.workers`` (:mod:`freesegdiff.workers`), started on
+    the first :meth:`map` with this interpreter and this package on its path; it imports only
+    what the calls need (numpy and pydensecrf: about 60 MB each) and never the parent's
+    ``__main__``. Calls go to idle workers one at a time, so a large reply never waits on a
+    large request. Should a worker die or a call fail there, that call and every later one run
+    in this process (a genuine error is raised from here): slower, never lost. POSIX only;
+    elsewhere every call runs in this process.
+    """
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._workers: list[subprocess.Popen[bytes]] = []
+        self._broken = os.name != "posix"
+        weakref.finalize(self, _stop_workers, self._workers)
+
+    def map(self, function: Callable[..., Any], *iterables: Iterable[Any]) -> list[Any]:
+        """``[function(*items) for items in zip(*iterables)]``, in the workers, in order.
+
+        ``function`` must be importable by name (a module-level function)."""
+        calls = list(zip(*iterables, strict=True))
+        if not self._broken and len(calls) > 1:
+            try:
+                return self._run(function, calls)
+            except (OSError, EOFError, pickle.PickleError, _WorkerFailed):
+                self._broken = True
+                self.close()
+        return [function(*arguments) for arguments in calls]
+
+    def _run(self, function: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
+        import select
+
+        self._start()
+        results: list[Any] = [None] * len(calls)
+        waiting = iter(enumerate(calls))
+        busy: dict[int, tuple[subprocess.Popen[bytes], int]] = {}
+
+        def send(worker: subprocess.Popen[bytes]) -> None:
+            item = next(waiting, None)
+            if item is not None:
+                assert worker.stdin is not None and worker.stdout is not None
+                pickle.dump((function, item[1]), worker.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                worker.stdin.flush()
+                busy[worker.stdout.fileno()] = (worker, item[0])
+
+        for worker in self._workers:
+            send(worker)
+        while busy:
+            ready, _, _ = select.select(list(busy), [], [])
+            for descriptor in ready:
+                worker, index = busy.pop(descriptor)
+                assert worker.stdout is not None
+                status, value = pickle.load(worker.stdout)
+                if status != "ok":
+                    raise _WorkerFailed(value)
+                results[index] = value
+                send(worker)
+        return results
+
+    def _start(self) -> None:
+        import freesegdiff
+
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(freesegdiff.__file__)))
+        environment = dict(os.environ)
+        path = environment.get("PYTHONPATH")
+        environment["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
+        self._workers[:] = [worker for worker in self._workers if worker.poll() is None]
+        while len(self._workers) < self.processes:
+            self._workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "freesegdiff.workers"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env=environment,
+                )
+            )
+
+    def close(self) -> None:
+        """Stop the workers (they are started again on the next :meth:`map`)."""
+        _stop_workers(self._workers)
+
+
+class _WorkerFailed(Exception):
+    """A call raised in a worker (it is run again in the parent, to raise it there)."""
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for worker in workers:
+        if worker.stdin is not None:
+            with contextlib.suppress(OSError):
+                worker.stdin.close()  # the worker's input ends: it returns
+    for worker in workers:
+        try:
+            worker.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        if worker.stdout is not None:
+            worker.stdout.close()
+    workers.clear()

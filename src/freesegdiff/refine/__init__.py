@@ -16,12 +16,15 @@ One entry point, :func:`refine_masks`, dispatching on ``RefineConfig.method``:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-import torch
 
 from freesegdiff.config import RefineConfig
 from freesegdiff.errors import ConfigError
-from freesegdiff.image_io import image_tensor
+
+if TYPE_CHECKING:  # torch is imported where a torch backend runs: CRF worker processes
+    import torch  # that import this package for pydensecrf stay light
 
 __all__ = ["Refiner", "refine_masks"]
 
@@ -34,6 +37,7 @@ def refine_masks(
     masks: np.ndarray,
     config: RefineConfig,
     device: str | torch.device = "cpu",
+    pool: Any = None,
 ) -> np.ndarray:
     """Refine binary masks of one image, each independently.
 
@@ -43,6 +47,8 @@ def refine_masks(
         config: which refinement and its settings.
         device: where the torch refinements run ("cpu", "cuda", ...); the pydensecrf backend
             always runs on the CPU.
+        pool: for the pydensecrf backend, worker processes that run the masks' CRFs side by
+            side (:class:`freesegdiff.runtime.WorkerProcesses`); None: one after another here.
 
     Returns:
         (N, H, W) bool refined masks, a new array.
@@ -59,7 +65,11 @@ def refine_masks(
     if config.method == "crf" and config.backend == "pydensecrf":
         from freesegdiff.refine.densecrf_reference import pydensecrf_refine
 
-        return pydensecrf_refine(image, masks, config.crf_params())
+        return pydensecrf_refine(image, masks, config.crf_params(), pool)
+
+    import torch
+
+    from freesegdiff.image_io import image_tensor
 
     device = torch.device(device)
     image_t = image_tensor(image).permute(1, 2, 0).to(device)  # (H, W, 3) uint8, any array
@@ -138,7 +148,9 @@ class Refiner:
         _check_config(config)
         self.config = config
         self.device = device
+        # worker processes for pydensecrf (freesegdiff.runtime.RuntimeOptions.tune_refiner)
+        self.pool: Any = None
 
     def __call__(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` uint8 image, ``(N, H, W)`` bool masks -> ``(N, H, W)`` bool refined."""
-        return refine_masks(image, masks, self.config, self.device)
+        return refine_masks(image, masks, self.config, self.device, self.pool)
