@@ -135,7 +135,9 @@ def test_cli_summary_lists_each_failed_image_with_its_reason(voc, tmp_path, monk
                 label_map = np.zeros((height, width), dtype=np.int32)
                 yield path, SimpleNamespace(label_map=label_map, vocabulary=classes, timings={})
 
-    monkeypatch.setattr("freesegdiff.commands.common.pipeline_from_args", lambda args: Oracle())
+    monkeypatch.setattr(
+        "freesegdiff.commands.common.pipeline_from_args", lambda args, runtime=None: Oracle()
+    )
     out = tmp_path / "out"
     data = ["--dataset", "voc21", "--data-root", str(voc.root), "-o", str(out)]
     code = cli.main(["eval", "--preset", "tiny", "--no-progress", *data])

@@ -73,7 +73,9 @@ def test_perfect_predictions_score_100_in_every_layout(tmp_path, monkeypatch, na
         pytest.importorskip("pycocotools")
     write_synthetic_dataset(name, tmp_path / "data", num_images=2, coco_source=source)
     oracle = OraclePipe(name, tmp_path / "data", mode)
-    monkeypatch.setattr("freesegdiff.commands.common.pipeline_from_args", lambda args: oracle)
+    monkeypatch.setattr(
+        "freesegdiff.commands.common.pipeline_from_args", lambda args, runtime=None: oracle
+    )
     out = tmp_path / "out"
     texts = ["--set", f'vocabulary.dataset_texts="{mode}"']
     data = ["--dataset", name, "--data-root", str(tmp_path / "data"), "-o", str(out), *texts]
@@ -102,9 +104,9 @@ def tiny_pipe():
 
     loaded = {}
 
-    def load(args):
+    def load(args, runtime=None):
         if "pipe" not in loaded:
-            loaded["pipe"] = pipeline_from_args(args)
+            loaded["pipe"] = pipeline_from_args(args, runtime)
         loaded["loads"] = loaded.get("loads", 0) + 1
         return loaded["pipe"]
 
@@ -132,7 +134,7 @@ def test_tiny_pipeline_end_to_end_resume_and_rescore(tmp_path, monkeypatch, tiny
         with Image.open(predictions / f"{image_id}.png") as cached:
             assert cached.mode == "P" and np.asarray(cached).shape == truth.shape
 
-    def no_models(args):
+    def no_models(args, runtime=None):
         raise AssertionError("re-scoring must not load the models")
 
     monkeypatch.setattr("freesegdiff.commands.common.pipeline_from_args", no_models)

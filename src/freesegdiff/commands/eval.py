@@ -77,6 +77,11 @@ def add_parser(subparsers: Any) -> None:
         "--overwrite", action="store_true", help="discard the cached predictions first"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-runtime-tuning",
+        action="store_true",
+        help="run untuned (freesegdiff.runtime, on by default as in segment): slower",
+    )
     add_pipeline_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -119,8 +124,12 @@ def run(args: argparse.Namespace) -> int:
             minilm_embedder,
         )
         from freesegdiff.evaluation.runner import pipeline_predictor
+        from freesegdiff.runtime import RuntimeOptions
 
-        pipe = pipeline_from_args(args)
+        # tuned as segment runs (the same labels: every trick is exact or, channels-last in
+        # bfloat16 on the CPU, within bfloat16's own rounding)
+        runtime = None if args.no_runtime_tuning else RuntimeOptions.fast()
+        pipe = pipeline_from_args(args, runtime)
         matcher = None
         if open_vocabulary:
             minilm = args.text_encoder == "minilm"

@@ -93,8 +93,8 @@ def add_parser(subparsers: Any) -> None:
         "--no-runtime-tuning",
         action="store_true",
         help="run the models untuned (freesegdiff.runtime: allocator, in-place ResNets, "
-        "channels-last, heap buffers): slower; in bfloat16 on the CPU the features round "
-        "slightly differently without channels-last",
+        "channels-last, heap buffers, beam-search cache, CRF worker processes): slower; in "
+        "bfloat16 on the CPU the features round slightly differently without channels-last",
     )
     add_pipeline_arguments(parser)
     parser.set_defaults(run=run)
