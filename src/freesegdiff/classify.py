@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from freesegdiff.devices import frozen
+from freesegdiff.devices import frozen, to_device
 from freesegdiff.errors import ConfigError
 from freesegdiff.hub import LoadOptions, load_pretrained
 from freesegdiff.image_io import image_tensor
@@ -179,7 +179,7 @@ class MaskClassifier:
             pictures = [np.ascontiguousarray(image) * mask for mask in keep]  # (H, W, 3) uint8
             inputs = self.processor.image_processor(images=pictures, return_tensors="pt")
             return inputs["pixel_values"].to(self.device, torch.float32)
-        pixels = image_tensor(image).to(self.device).float()[None]  # (1, 3, H, W)
+        pixels = to_device(image_tensor(image), self.device).float()[None]  # (1, 3, H, W)
         masked = pixels * masks.to(self.device)[:, None].float()  # (K, 3, H, W)
         return self.preprocess(masked)
 

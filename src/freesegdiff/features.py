@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from freesegdiff import timing
 from freesegdiff.config import FeatureConfig
-from freesegdiff.devices import frozen, image_generators, randn_per_image
+from freesegdiff.devices import frozen, image_generators, randn_per_image, to_device
 from freesegdiff.errors import ConfigError
 from freesegdiff.hub import LoadOptions, load_pretrained
 from freesegdiff.image_io import image_tensor
@@ -129,7 +129,7 @@ def images_to_tensor(
 
             picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
             image = np.asarray(picture.resize((size, size), Image.Resampling.BILINEAR))
-        pixels = image_tensor(image).to(device)[None].float()  # (H, W, 3) -> (1, 3, H, W)
+        pixels = to_device(image_tensor(image), device)[None].float()  # (1, 3, H, W)
         if pixels.shape[-2:] != (size, size):
             pixels = F.interpolate(
                 pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True

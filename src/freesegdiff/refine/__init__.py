@@ -69,11 +69,12 @@ def refine_masks(
 
     import torch
 
+    from freesegdiff.devices import to_device
     from freesegdiff.image_io import image_tensor
 
     device = torch.device(device)
-    image_t = image_tensor(image).permute(1, 2, 0).to(device)  # (H, W, 3) uint8, any array
-    masks_t = torch.from_numpy(masks).to(device)
+    image_t = to_device(image_tensor(image), device).permute(1, 2, 0)  # (H, W, 3) uint8
+    masks_t = to_device(torch.from_numpy(masks), device)
     if config.method == "crf":
         from freesegdiff.refine.crf import binary_dense_crf
 
