@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import mmap
 import re
 import sys
@@ -29,7 +30,10 @@ from typing import Any, TypeVar
 
 import torch
 
+from freesegdiff.errors import ModelUnavailableError
 from freesegdiff.hub import LoadOptions, load_pretrained
+
+logger = logging.getLogger(__name__)
 
 ModelT = TypeVar("ModelT")
 
@@ -60,6 +64,8 @@ def load_model(
 
     The checkpoint is loaded in the dtype its files hold (:func:`stored_dtype` of
     ``load.variant``; mapped, not read), then cast tensor by tensor (:func:`cast_in_place`).
+    A model without files of ``load.variant`` (the Hub's CLIP and BLIP have no fp16 files) is
+    loaded from its default files.
 
     Args:
         dtype_keyword: the loader's name for its dtype argument (diffusers: ``torch_dtype``,
@@ -68,10 +74,24 @@ def load_model(
     """
     load = load or LoadOptions()
     options = dict(kwargs)
+    options[dtype_keyword] = stored_dtype(None)
+    model = None
     if load.variant is not None:
-        options["variant"] = load.variant
-    options[dtype_keyword] = stored_dtype(load.variant)
-    model = load_pretrained(loader, name, what=what, flag=flag, load=load, **options)
+        try:
+            model = load_pretrained(
+                loader,
+                name,
+                what=what,
+                flag=flag,
+                load=load,
+                **{**options, "variant": load.variant, dtype_keyword: stored_dtype(load.variant)},
+            )
+        except ModelUnavailableError:  # no files of that variant (CLIP, BLIP): the full ones
+            logger.info(
+                "%s %s has no %s weight files; loading its default files", what, name, load.variant
+            )
+    if model is None:
+        model = load_pretrained(loader, name, what=what, flag=flag, load=load, **options)
     module: Any = model
     cast_in_place(module, dtype, torch.device(device), float32_modules(module, dtype))
     return model
