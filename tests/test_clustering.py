@@ -270,3 +270,46 @@ def test_the_two_draws_differ_and_the_backends_are_wired():
         config = ClusterConfig(backend=backend)  # type: ignore[arg-type]
         labels = cluster_features(features, config, seed=2).flatten()
         assert labels.tolist() == sklearn_kmeans(points, 4, seed=2, version=version).labels.tolist()
+
+
+# ------------------------------------------ normalisation before clustering (issue 12)
+def test_l2_normalisation_gives_unit_vectors_and_keeps_zero_ones():
+    from freesegdiff.clustering import normalize_points
+
+    points = torch.tensor([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]])
+    expected = torch.tensor([[0.6, 0.8], [0.0, 0.0], [-1.0, 0.0]])
+    assert torch.equal(normalize_points(points, "l2"), expected)
+    assert normalize_points(points, "none") is points
+
+
+def test_pca_equals_scikit_learns_pca_up_to_each_components_sign():
+    """On real photo patches: the same projection as ``sklearn.decomposition.PCA``, component
+    by component (a component's sign is a convention), with the largest loading positive."""
+    from sklearn.decomposition import PCA
+
+    from freesegdiff.clustering import normalize_points
+    from golden.make_kmeans_sklearn12 import photo_patches
+
+    points = photo_patches("astronaut")  # (N, 192)
+    ours = normalize_points(torch.from_numpy(points), "pca", pca_dim=8).numpy()
+    theirs = PCA(n_components=8, svd_solver="full").fit_transform(points.astype(np.float64))
+    assert ours.shape == (points.shape[0], 8)
+    for column in range(8):
+        sign = np.sign(np.dot(ours[:, column], theirs[:, column]))
+        np.testing.assert_allclose(ours[:, column], sign * theirs[:, column], atol=1e-4)
+    assert normalize_points(torch.from_numpy(points), "pca", pca_dim=500).shape[1] == 192
+
+
+def test_normalisation_is_checked_and_reaches_the_clustering():
+    from freesegdiff.clustering import Clusterer, normalize_points
+
+    with pytest.raises(ConfigError, match=r"clustering\.normalize"):
+        Clusterer(ClusterConfig(normalize="zscore"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="pca_dim"):
+        Clusterer(ClusterConfig(normalize="pca", pca_dim=0))
+    points = torch.from_numpy(blobs(seed=3, centres=5, per=40).astype(np.float32))
+    features = points.T.reshape(points.shape[1], 10, 20)
+    config = ClusterConfig(normalize="l2", backend="torch-sklearn")
+    expected = KMeans(4, n_init=10, random_state=0).fit(normalize_points(points, "l2").numpy())
+    labels = cluster_features(features, config, seed=0).flatten()
+    assert labels.tolist() == expected.labels_.tolist()

@@ -394,6 +394,35 @@ def choose_k(config: ClusterConfig, candidates: int) -> int | tuple[int, int]:
     return config.k
 
 
+NORMALIZATIONS = ("none", "l2", "pca")
+
+
+def normalize_points(points: torch.Tensor, how: str = "none", pca_dim: int = 64) -> torch.Tensor:
+    """The feature vectors ``(N, C)`` float32 as clustering sees them (``clustering.normalize``).
+
+    ``"none"``: as they are (the released script). ``"l2"``: each vector divided by its
+    Euclidean norm (zero vectors stay zero), so k-means compares directions, as cosine
+    similarity. ``"pca"``: centred and projected on the first ``min(pca_dim, N, C)`` principal
+    components (an SVD of the centred points, in float64): ``(N, D)``, the components ordered by
+    explained variance, each with the sign that makes its largest loading positive (as
+    scikit-learn's ``svd_flip``), so the result is deterministic.
+    """
+    if how == "none":
+        return points
+    if how == "l2":
+        return points / points.norm(dim=1, keepdim=True).clamp_min(torch.finfo(points.dtype).tiny)
+    if how == "pca":
+        if pca_dim < 1:
+            raise ConfigError(f"clustering.pca_dim must be at least 1, got {pca_dim}")
+        centred = (points - points.mean(0)).double()
+        _, _, right = torch.linalg.svd(centred, full_matrices=False)  # (min(N, C), C)
+        components = right[: min(pca_dim, *points.shape)]
+        largest = components.abs().argmax(1)
+        signs = torch.sign(components.gather(1, largest[:, None]))
+        return (centred @ (components * signs).T).float()
+    raise ConfigError(f"unknown clustering.normalize {how!r}; use " + ", ".join(NORMALIZATIONS))
+
+
 def cluster_features(
     features: torch.Tensor,
     config: ClusterConfig,
@@ -412,6 +441,7 @@ def cluster_features(
     """
     channels, height, width = features.shape
     points = features.reshape(channels, height * width).T.float()  # (C, h, w) -> (h*w, C)
+    points = normalize_points(points, config.normalize, config.pca_dim)
     k = choose_k(config, candidates)
     k_range = (k, k) if isinstance(k, int) else k
     k_range = (min(k_range[0], points.shape[0]), min(k_range[1], points.shape[0]))
@@ -546,6 +576,13 @@ class Clusterer:
             raise ConfigError(
                 f"unknown clustering.upsample {config.upsample!r}; use cv2-nearest or nearest-exact"
             )
+        if config.normalize not in NORMALIZATIONS:
+            raise ConfigError(
+                f"unknown clustering.normalize {config.normalize!r}; use "
+                + ", ".join(NORMALIZATIONS)
+            )
+        if config.pca_dim < 1:
+            raise ConfigError(f"clustering.pca_dim must be at least 1, got {config.pca_dim}")
         choose_k(config, 1)  # raises on a K or K range that cannot work
         self.config = config
         self.seed = seed

@@ -113,6 +113,10 @@ class ClusterConfig:
     # cluster map to image size: "cv2-nearest" (OpenCV's INTER_NEAREST, released) or
     # "nearest-exact" (each pixel takes the cell its centre falls in)
     upsample: Literal["cv2-nearest", "nearest-exact"] = "cv2-nearest"
+    # the feature vectors before clustering: "none" (released), "l2" (each vector to unit
+    # length) or "pca" (centred, projected on its first pca_dim principal components)
+    normalize: Literal["none", "l2", "pca"] = "none"
+    pca_dim: int = 64  # components kept by normalize="pca" (at most min(N, C))
 
 
 @dataclass(frozen=True)
