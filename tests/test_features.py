@@ -232,3 +232,24 @@ def test_the_pipeline_releases_what_it_never_runs(tiny_sd_path, tiny_clip_path):
     pipe = FreeSegDiff.from_config(config)
     assert "decoder" in pipe.features.released["vae"]
     assert "up_blocks.3" in pipe.features.released["unet"]
+
+
+def test_several_timesteps_average_or_stack_the_single_timestep_features(tiny_sd_path, photos):
+    """``features.timesteps``: each timestep's features are those of a run at that timestep
+    alone (the same latent sample and noise draw per image), then averaged or concatenated."""
+
+    def build(**settings):
+        config = FeatureConfig(image_size=256, **settings)
+        return DiffusionFeatures.from_pretrained(str(tiny_sd_path), config=config, device=CPU)
+
+    images = [photos["chelsea"], photos["coffee"]]
+    singles = [build(timestep=t)(images, seed=3) for t in (0, 300)]
+    assert not torch.equal(singles[0], singles[1])  # the timestep matters
+    mean = build(timesteps=(0, 300))(images, seed=3)
+    assert torch.equal(mean, torch.stack(singles).mean(0))
+    stacked_extractor = build(timesteps=(0, 300), timestep_combine="concat")
+    stacked = stacked_extractor(images, seed=3)
+    assert torch.equal(stacked, torch.cat(singles, dim=1))
+    assert stacked.shape[1] == stacked_extractor.channels == 2 * singles[0].shape[1]
+    with pytest.raises(ConfigError, match=r"features\.timesteps"):
+        build(timesteps=(0, 5000))

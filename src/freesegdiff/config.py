@@ -88,6 +88,10 @@ class FeatureConfig:
     # "torch": antialiased bilinear in float on the pipeline's device, no rounding
     resize: Literal["pil", "torch"] = "pil"
     timestep: int = 0  # noise level t for add_noise; the paper's code also lists 100, 300, 500
+    # if set, features at each of these timesteps (one UNet pass each, one noise draw per image)
+    # instead of timestep alone, combined by timestep_combine: "mean" or "concat" (channels)
+    timesteps: tuple[int, ...] | None = None
+    timestep_combine: Literal["mean", "concat"] = "mean"
     layers: tuple[str, ...] = PAPER_LAYERS  # attention layers whose attn2.to_q output is taken
     resolutions: tuple[int, ...] | None = None  # if set, every layer at these sizes instead
     feature_size: int = 32  # each map is resized (bilinear) to feature_size x feature_size

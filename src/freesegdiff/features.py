@@ -266,11 +266,15 @@ class DiffusionFeatures:
         self.layers = select_layers(
             self.unet, config.layers, config.resolutions, config.image_size, self.vae_scale
         )
-        if not 0 <= config.timestep < scheduler.config.num_train_timesteps:
-            raise ConfigError(
-                f"features.timestep must be in [0, {scheduler.config.num_train_timesteps - 1}], "
-                f"got {config.timestep}"
-            )
+        for name, value in (
+            ("timestep", config.timestep),
+            *(("timesteps", t) for t in config.timesteps or ()),
+        ):
+            if not 0 <= value < scheduler.config.num_train_timesteps:
+                raise ConfigError(
+                    f"features.{name} must be in [0, {scheduler.config.num_train_timesteps - 1}], "
+                    f"got {value}"
+                )
         self._empty_embedding: torch.Tensor | None = None
         # model -> modules freed by release_unused / release_text_encoder ("": all of it)
         self.released: dict[str, list[str]] = {}
@@ -332,8 +336,13 @@ class DiffusionFeatures:
 
     @property
     def channels(self) -> int:
-        """Channels of the concatenated feature map (for SD 1.x with the paper's layers: 6400)."""
-        return sum(layer.channels for layer in self.layers)
+        """Channels of the concatenated feature map (for SD 1.x with the paper's layers: 6400;
+        times the number of timesteps when they are concatenated)."""
+        per_timestep = sum(layer.channels for layer in self.layers)
+        timesteps = self.config.timesteps
+        if timesteps is not None and self.config.timestep_combine == "concat":
+            return per_timestep * len(timesteps)
+        return per_timestep
 
     def empty_prompt_embedding(self) -> torch.Tensor:
         """The text encoder's ``(1, 77, D)`` embedding of the empty prompt, computed once."""
@@ -397,18 +406,30 @@ class DiffusionFeatures:
         return (latents * self.vae.config.scaling_factor).to(self.dtype)
 
     @torch.inference_mode()
-    def add_noise(self, latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """The scheduler's forward noising of ``latents`` to ``config.timestep``."""
-        noise = randn_per_image(tuple(latents.shape[1:]), generators, self.device)
+    def add_noise(
+        self,
+        latents: torch.Tensor,
+        generators: list[torch.Generator],
+        timestep: int | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The scheduler's forward noising of ``latents`` to ``timestep`` (None:
+        ``config.timestep``); ``noise``: the standard normal draw to use (None: drawn now from
+        each image's generator), ``(B, 4, h, w)`` float32."""
+        if noise is None:
+            noise = randn_per_image(tuple(latents.shape[1:]), generators, self.device)
         timesteps = torch.full(
-            (latents.shape[0],), self.config.timestep, dtype=torch.long, device=self.device
+            (latents.shape[0],),
+            self.config.timestep if timestep is None else timestep,
+            dtype=torch.long,
+            device=self.device,
         )
         noisy = self.scheduler.add_noise(latents.float(), noise, timesteps)
         return noisy.to(self.dtype)
 
     @torch.inference_mode()
     def unet_queries(
-        self, latents: torch.Tensor, stop_early: bool = True
+        self, latents: torch.Tensor, stop_early: bool = True, timestep: int | None = None
     ) -> dict[str, torch.Tensor]:
         """Run the UNet on noisy latents; return each hooked layer's query ``(B, h*w, C)``.
 
@@ -437,9 +458,10 @@ class DiffusionFeatures:
             handles.append(module.register_forward_hook(make_hook(layer.name)))
         batch = latents.shape[0]
         context = self.empty_prompt_embedding().expand(batch, -1, -1)
-        timestep = torch.full((batch,), self.config.timestep, device=self.device)
+        step = self.config.timestep if timestep is None else timestep
+        steps = torch.full((batch,), step, device=self.device)
         try:
-            self.unet(latents, timestep, encoder_hidden_states=context, return_dict=False)
+            self.unet(latents, steps, encoder_hidden_states=context, return_dict=False)
         except _StopForward:
             pass
         finally:
@@ -530,11 +552,29 @@ class DiffusionFeatures:
                     chunk, self.config.image_size, self.device, self.config.resize
                 )
                 latents = self.encode(pixels, chunk_generators)
-            with timer(timing.UNET):
-                noisy = self.add_noise(latents, chunk_generators)
-                queries = self.unet_queries(noisy, stop_early=stop_early)
+            if self.config.timesteps is None:  # one timestep: config.timestep
+                with timer(timing.UNET):
+                    noisy = self.add_noise(latents, chunk_generators)
+                    queries = self.unet_queries(noisy, stop_early=stop_early)
+                with timer(timing.FEATURES):
+                    parts.append(self.assemble(queries))
+                continue
+            # several timesteps: one noise draw per image, noised to each t, one UNet pass each
+            noise = randn_per_image(tuple(latents.shape[1:]), chunk_generators, self.device)
+            maps = []
+            for timestep in self.config.timesteps:
+                with timer(timing.UNET):
+                    noisy = self.add_noise(latents, chunk_generators, timestep, noise)
+                    queries = self.unet_queries(noisy, stop_early, timestep)
+                with timer(timing.FEATURES):
+                    maps.append(self.assemble(queries))
             with timer(timing.FEATURES):
-                parts.append(self.assemble(queries))
+                combined = (
+                    torch.stack(maps).mean(0)
+                    if self.config.timestep_combine == "mean"
+                    else torch.cat(maps, dim=1)
+                )
+                parts.append(combined)
         return torch.cat(parts)
 
     def batch_step(self, count: int) -> int:

@@ -157,6 +157,17 @@ def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
             raise ConfigError(f"features.{name} must be at least 1, got {getattr(features, name)}")
     if features.timestep < 0:
         raise ConfigError(f"features.timestep must be >= 0, got {features.timestep}")
+    if features.timesteps is not None:
+        if not features.timesteps or min(features.timesteps) < 0:
+            raise ConfigError(
+                "features.timesteps must be a non-empty list of timesteps >= 0 (or null), "
+                f"got {list(features.timesteps)}"
+            )
+        if features.timestep_combine not in ("mean", "concat"):
+            raise ConfigError(
+                "features.timestep_combine must be 'mean' or 'concat', "
+                f"got {features.timestep_combine!r}"
+            )
     if not features.layers and not features.resolutions:
         raise ConfigError("features.layers is empty: name at least one attention layer")
     limits = config.limits
