@@ -96,6 +96,11 @@ class FeatureConfig:
     resolutions: tuple[int, ...] | None = None  # if set, every layer at these sizes instead
     feature_size: int = 32  # each map is resized (bilinear) to feature_size x feature_size
     sample_latent: bool = True  # sample the VAE posterior (paper); False: take its mean
+    # what the features are: "queries" (the attn2 query projections, released default),
+    # "attention" (the released attention mode: per head, the queries' scores against the keys
+    # of pooled class-prompt embeddings) or "queries+attention" (attention maps, then queries)
+    kind: Literal["queries", "attention", "queries+attention"] = "queries"
+    attention_classes: tuple[str, ...] | None = None  # class names of "attention"; None: VOC19
 
 
 @dataclass(frozen=True)

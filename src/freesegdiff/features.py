@@ -276,6 +276,14 @@ class DiffusionFeatures:
                     f"got {value}"
                 )
         self._empty_embedding: torch.Tensor | None = None
+        self._class_keys: dict[str, torch.Tensor] | None = None
+        if config.kind not in ("queries", "attention", "queries+attention"):
+            raise ConfigError(
+                "features.kind must be 'queries', 'attention' or 'queries+attention', "
+                f"got {config.kind!r}"
+            )
+        if config.attention_classes is not None and not config.attention_classes:
+            raise ConfigError("features.attention_classes is empty: give class names, or null")
         # model -> modules freed by release_unused / release_text_encoder ("": all of it)
         self.released: dict[str, list[str]] = {}
 
@@ -338,7 +346,12 @@ class DiffusionFeatures:
     def channels(self) -> int:
         """Channels of the concatenated feature map (for SD 1.x with the paper's layers: 6400;
         times the number of timesteps when they are concatenated)."""
-        per_timestep = sum(layer.channels for layer in self.layers)
+        per_timestep = 0
+        if self.config.kind != "attention":
+            per_timestep += sum(layer.channels for layer in self.layers)
+        if self.config.kind != "queries":
+            classes = len(self.attention_classes)
+            per_timestep += sum(self._attention(layer).heads * classes for layer in self.layers)
         timesteps = self.config.timesteps
         if timesteps is not None and self.config.timestep_combine == "concat":
             return per_timestep * len(timesteps)
@@ -383,6 +396,8 @@ class DiffusionFeatures:
         caption against). SD 1.x's text encoder is 123 M parameters, 0.25 GB in bfloat16.
         """
         self.empty_prompt_embedding()
+        if self.config.kind != "queries":
+            self.class_keys()  # the attention features' keys, while the encoder is here
         self.text_encoder.to("meta")
         for module in self.text_encoder.modules():
             module.register_forward_pre_hook(_refuse_call)
@@ -485,6 +500,8 @@ class DiffusionFeatures:
         Returns:
             model (``"vae"``, ``"unet"``) -> names of the freed modules (outermost only).
         """
+        if self.config.kind != "queries":
+            self.class_keys()  # the last layer's to_k never runs in a pass: take its keys first
         entered: dict[str, set[str]] = {"vae": set(), "unet": set()}
         handles = []
         for key, model in (("vae", self.vae), ("unet", self.unet)):
@@ -522,7 +539,54 @@ class DiffusionFeatures:
             if side != size:
                 grid = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
             maps.append(grid)
+        if self.config.kind == "queries":
+            return torch.cat(maps, dim=1)
+        attention = self.attention_maps(queries)
+        if self.config.kind == "attention":
+            return attention
+        return torch.cat([attention, *maps], dim=1)  # the released order: attention, queries
+
+    def attention_maps(self, queries: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The released attention features of hooked ``queries``: ``(B, sum heads * L, F, F)``
+        float32, per layer the heads x classes score maps
+        (:func:`freesegdiff.attention_maps.attention_score_maps`)."""
+        from freesegdiff.attention_maps import attention_score_maps
+
+        keys = self.class_keys()
+        maps = []
+        for layer in self.layers:
+            heads = self._attention(layer).heads
+            maps.append(
+                attention_score_maps(
+                    queries[layer.name], keys[layer.name], heads, self.config.feature_size
+                )
+            )
         return torch.cat(maps, dim=1)
+
+    def _attention(self, layer: AttentionLayer) -> Any:
+        return self.unet.get_submodule(f"{layer.name}.{QUERY_SUFFIX.rsplit('.', 1)[0]}")
+
+    @property
+    def attention_classes(self) -> tuple[str, ...]:
+        """The class names the attention features score against."""
+        from freesegdiff.config import VOC19_NAMES
+
+        return self.config.attention_classes or VOC19_NAMES
+
+    def class_keys(self) -> dict[str, torch.Tensor]:
+        """Each hooked layer's ``to_k`` of the pooled class embeddings: ``(L, C)``, computed once
+        (:func:`freesegdiff.attention_maps.class_embeddings`)."""
+        if self._class_keys is None:
+            from freesegdiff.attention_maps import class_embeddings
+
+            embeddings = class_embeddings(
+                self.tokenizer, self.text_encoder, self.attention_classes, self.device
+            ).to(self.dtype)
+            with torch.inference_mode():
+                self._class_keys = {
+                    layer.name: self._attention(layer).to_k(embeddings) for layer in self.layers
+                }
+        return self._class_keys
 
     def __call__(
         self,

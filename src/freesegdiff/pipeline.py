@@ -157,6 +157,13 @@ def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
             raise ConfigError(f"features.{name} must be at least 1, got {getattr(features, name)}")
     if features.timestep < 0:
         raise ConfigError(f"features.timestep must be >= 0, got {features.timestep}")
+    if features.kind not in ("queries", "attention", "queries+attention"):
+        raise ConfigError(
+            "features.kind must be 'queries', 'attention' or 'queries+attention', "
+            f"got {features.kind!r}"
+        )
+    if features.attention_classes is not None and not features.attention_classes:
+        raise ConfigError("features.attention_classes is empty: give class names, or null")
     if features.timesteps is not None:
         if not features.timesteps or min(features.timesteps) < 0:
             raise ConfigError(
