@@ -44,6 +44,9 @@ class ModelConfig:
     diffusion: str = "CompVis/stable-diffusion-v1-4"  # diffusers layout (model_index.json)
     captioner: str | None = "Salesforce/blip-image-captioning-base"  # None: no captioner
     clip: str = "openai/clip-vit-base-patch32"
+    # the features' model with features.extractor = "vit": a transformers DINOv2, DINO / ViT or
+    # CLIP checkpoint whose patch tokens are the features (the diffusion model is then unused)
+    backbone: str | None = None
     revision: str | None = None  # Hub revision for every model
     cache_dir: str | None = None  # HF cache folder; None: the HF default
     offline: bool = False  # never reach the Hub (HF_HUB_OFFLINE=1 does the same)
@@ -101,6 +104,9 @@ class FeatureConfig:
     # of pooled class-prompt embeddings) or "queries+attention" (attention maps, then queries)
     kind: Literal["queries", "attention", "queries+attention"] = "queries"
     attention_classes: tuple[str, ...] | None = None  # class names of "attention"; None: VOC19
+    # "stable-diffusion" (the method) or "vit": patch tokens of models.backbone (backbones.py)
+    extractor: Literal["stable-diffusion", "vit"] = "stable-diffusion"
+    vit_layer: int = -1  # with "vit": the hidden state taken (-1: the last block's output)
 
 
 @dataclass(frozen=True)

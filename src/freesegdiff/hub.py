@@ -160,22 +160,26 @@ MODEL_ROLES: tuple[tuple[str, str, str, str], ...] = (
     ("Stable Diffusion", "diffusion", "--diffusion-model", "model_index.json"),
     ("CLIP", "clip", "--clip-model", "config.json"),
     ("captioner", "captioner", "--captioner-model", "config.json"),
+    ("feature backbone", "backbone", "--backbone-model", "config.json"),
 )
 
 
-def missing_models(models: Any) -> list[tuple[str, str, str, str]]:
+def missing_models(models: Any, skip: tuple[str, ...] = ()) -> list[tuple[str, str, str, str]]:
     """The models of a :class:`~freesegdiff.config.ModelConfig` that cannot be loaded, found
     without loading any: ``(what, name, option, reason)`` each.
 
     A ``tiny:`` name is always available; a folder must exist and hold its layout's index file
     (``model_index.json`` for diffusers, ``config.json`` for transformers); a Hub id counts as
     missing only when the Hub is not to be used (offline, or unreachable) and the HF cache lacks
-    it. A reachable Hub is not asked here: loading downloads what is missing.
+    it. A reachable Hub is not asked here: loading downloads what is missing. ``skip``: the
+    settings (``"diffusion"``, ...) of models that will not be loaded.
     """
     load = LoadOptions.of(models)
     found: list[tuple[str, str, str, str]] = []
     for what, setting, flag, marker in MODEL_ROLES:
-        name = getattr(models, setting)
+        if setting in skip:  # a model the settings never load
+            continue
+        name = getattr(models, setting, None)
         if not name or name.startswith(TINY_PREFIX):
             continue
         path = Path(name).expanduser()
@@ -209,10 +213,11 @@ def _in_cache(name: str, marker: str, load: LoadOptions) -> bool:
     return isinstance(cached, str)
 
 
-def check_models_available(models: Any) -> None:
+def check_models_available(models: Any, skip: tuple[str, ...] = ()) -> None:
     """Raise one :class:`ModelUnavailableError` naming every model that cannot be loaded
-    (:func:`missing_models`), with the ways out, before any model loads."""
-    found = missing_models(models)
+    (:func:`missing_models`; ``skip``: settings of models not to be loaded), with the ways out,
+    before any model loads."""
+    found = missing_models(models, skip)
     if not found:
         return
     lines = [f"  - the {what} model {name!r} ({flag}): {why}" for what, name, flag, why in found]

@@ -99,7 +99,13 @@ def _pretrained_features(
     dtype: torch.dtype,
     load: LoadOptions,
     runtime: RuntimeOptions | None,
-) -> DiffusionFeatures:
+) -> FeatureExtractor:
+    if config.extractor == "vit":
+        from freesegdiff.backbones import PatchFeatures
+
+        return PatchFeatures.from_pretrained(
+            name, config=config, device=device, dtype=dtype, load=load
+        )
     return DiffusionFeatures.from_pretrained(
         name, config=config, device=device, dtype=dtype, load=load, runtime=runtime
     )
@@ -157,6 +163,15 @@ def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
             raise ConfigError(f"features.{name} must be at least 1, got {getattr(features, name)}")
     if features.timestep < 0:
         raise ConfigError(f"features.timestep must be >= 0, got {features.timestep}")
+    if features.extractor not in ("stable-diffusion", "vit"):
+        raise ConfigError(
+            f"features.extractor must be 'stable-diffusion' or 'vit', got {features.extractor!r}"
+        )
+    if features.extractor == "vit" and not config.models.backbone:
+        raise ConfigError(
+            "features.extractor 'vit' takes its features from models.backbone: pass a DINOv2, "
+            "DINO or CLIP checkpoint with --backbone-model (e.g. facebook/dinov2-base)"
+        )
     if features.kind not in ("queries", "attention", "queries+attention"):
         raise ConfigError(
             "features.kind must be 'queries', 'attention' or 'queries+attention', "
@@ -239,14 +254,16 @@ class FreeSegDiff:
                 ``tiny:``). ``freesegdiff bench`` passes random weights in real architectures.
         """
         device, dtype = check_settings(config)  # before any model loads
-        if source is None or source is PRETRAINED:
-            check_models_available(config.models)  # every missing model in one message
+        vit = config.features.extractor == "vit"
+        if source is None or source is PRETRAINED:  # every missing model in one message
+            check_models_available(config.models, skip=("diffusion",) if vit else ("backbone",))
         source = source or PRETRAINED
         if runtime is not None:
             tune_process(runtime)  # before loading: weights get their own mappings
         models = config.models
         load = LoadOptions.of(models)
-        features = source.features(models.diffusion, config.features, device, dtype, load, runtime)
+        feature_model = models.backbone if vit else models.diffusion
+        features = source.features(feature_model, config.features, device, dtype, load, runtime)
         features.release_unused()  # the VAE decoder and the UNet's tail are never run
         if runtime is not None:
             after_loading(runtime)  # give the freed modules' memory back before the next model

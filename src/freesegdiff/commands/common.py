@@ -19,6 +19,11 @@ SHORTCUTS: dict[str, tuple[str, Any, str]] = {
     "--diffusion-model": ("models.diffusion", str, "Stable Diffusion: Hub id or diffusers folder"),
     "--captioner-model": ("models.captioner", str, "BLIP / BLIP-2: Hub id or folder"),
     "--clip-model": ("models.clip", str, "CLIP: Hub id or transformers folder"),
+    "--backbone-model": (
+        "models.backbone",
+        str,
+        "with --set features.extractor='\"vit\"': DINOv2 / DINO / CLIP ViT, Hub id or folder",
+    ),
     "--revision": ("models.revision", str, "Hub revision for every model"),
     "--cache-dir": ("models.cache_dir", str, "Hugging Face cache folder"),
     "--variant": (
