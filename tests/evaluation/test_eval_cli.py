@@ -23,6 +23,7 @@ LAYOUTS = [
     ("coco-object", "stuff"),
     ("coco-object", "json"),
     ("coco-stuff171", "stuff"),
+    ("coco-stuff27", "stuff"),
     ("ade150", "stuff"),
     ("cityscapes", "stuff"),
 ]

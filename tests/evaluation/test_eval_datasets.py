@@ -24,6 +24,7 @@ CLASS_COUNTS = {
     "context59": 59,
     "coco-object": 81,
     "coco-stuff171": 171,
+    "coco-stuff27": 27,
     "ade150": 150,
     "cityscapes": 19,
 }
@@ -164,3 +165,46 @@ def test_parse_and_override_class_names(tmp_path):
     user.write_text("cat\ndog\n")
     with pytest.raises(ConfigError, match="lists 2 classes but voc21 has 21"):
         load_class_names("voc21", override=user)
+
+
+def test_coco_stuff27_groups_the_171_classes_into_coco_stuffs_supercategories():
+    """Spot checks by name: each fine class lands in the supercategory COCO-Stuff gives it."""
+    from freesegdiff.evaluation.classnames import load_class_names
+    from freesegdiff.evaluation.datasets import COCO_STUFF_SUPERCATEGORY
+
+    fine = [entry.name for entry in load_class_names("coco-stuff171")]
+    coarse = [entry.name for entry in load_class_names("coco-stuff27")]
+    assert len(COCO_STUFF_SUPERCATEGORY) == 171 and len(coarse) == 27
+    expected = {
+        "person": "person",
+        "tv": "electronic",
+        "refrigerator": "appliance",
+        "pizza": "food",
+        "bed": "furniture",
+        "teddy bear": "indoor",
+        "knife": "kitchen",
+        "umbrella": "accessory",
+        "giraffe": "animal",
+        "fire hydrant": "outdoor",
+        "kite": "sports",
+        "boat": "vehicle",
+        "ceiling-tile": "ceiling",
+        "carpet": "floor",
+        "salad": "food-stuff",
+        "cabinet": "furniture-stuff",
+        "cardboard": "rawmaterial",
+        "curtain": "textile",
+        "wall-brick": "wall",
+        "window-blind": "window",
+        "skyscraper": "building",
+        "gravel": "ground",
+        "grass": "plant",
+        "clouds": "sky",
+        "mountain": "solid",
+        "fence": "structural",
+        "sea": "water",
+    }
+    for name, supercategory in expected.items():
+        assert coarse[COCO_STUFF_SUPERCATEGORY[fine.index(name)]] == supercategory, name
+    assert set(COCO_STUFF_SUPERCATEGORY) == set(range(27))
+    assert max(COCO_STUFF_SUPERCATEGORY[:80]) == 11 and min(COCO_STUFF_SUPERCATEGORY[80:]) == 12

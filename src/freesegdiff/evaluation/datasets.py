@@ -19,6 +19,8 @@ context60          ``VOCdevkit/VOC2010``: ``ImageSets/SegmentationContext/val.tx
 context59          the same files; background becomes void, class k becomes k - 1
 coco-stuff171      ``coco_stuff164k``: ``images/val2017/<id>.jpg``,
                    ``annotations/val2017/<id>_labelTrainIds.png`` (0..170, 255 void)
+coco-stuff27       the same files, each class mapped to its COCO-Stuff supercategory
+                   (:data:`COCO_STUFF_SUPERCATEGORY`: 12 thing, 15 stuff)
 coco-object        ``coco_stuff164k`` as above: ``<id>_instanceTrainIds.png`` when present
                    (SCLIP's ``cvt_coco_object.py``: 0 background, 1..80 things) else
                    ``<id>_labelTrainIds.png`` with things 0..79 -> 1..80 and stuff 80..170 ->
@@ -401,6 +403,37 @@ COCO_STUFF_TO_OBJECT = lookup_table(
 )
 
 
+# COCO-Stuff's supercategories: the coarse class (0..26) of each of the 171 train ids, in train
+# id order (things 0..79, stuff 80..170): the 27-class split of COCO-Stuff's own label hierarchy
+# that unsupervised segmentation reports (PiCIE, STEGO, diffusion-feature methods).
+COCO_STUFF_SUPERCATEGORY: tuple[int, ...] = (
+    9, 11, 11, 11, 11, 11, 11, 11, 11, 8, 8, 8, 8, 8, 7, 7, 7, 7, 7, 7,
+    7, 7, 7, 7, 6, 6, 6, 6, 6, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 5,
+    5, 5, 5, 5, 5, 5, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+    3, 3, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 4, 4,
+    17, 17, 22, 20, 20, 22, 15, 25, 16, 13, 12, 12, 17, 17, 23, 15, 15, 17, 15, 21,
+    15, 25, 13, 13, 13, 13, 13, 22, 26, 14, 14, 15, 22, 21, 21, 24, 20, 22, 15, 17,
+    16, 15, 22, 24, 21, 17, 25, 16, 21, 17, 22, 16, 21, 21, 25, 21, 26, 21, 24, 20,
+    17, 14, 21, 26, 15, 23, 20, 21, 24, 15, 24, 22, 25, 15, 20, 17, 17, 22, 14, 18,
+    18, 18, 18, 18, 18, 18, 26, 26, 19, 19, 24,
+)  # fmt: skip
+COCO_STUFF_TO_27 = lookup_table({**dict(enumerate(COCO_STUFF_SUPERCATEGORY)), VOID: VOID})
+
+
+def open_coco_stuff27(root: Path) -> LabelFileDataset:
+    """COCO-Stuff-164k val (5,000 images) in its 27 supercategories (12 thing, 15 stuff)."""
+    folder = find_dataset_folder(
+        root, ["", "coco_stuff164k"], "annotations/val2017", "COCO-Stuff-164k"
+    )
+    return LabelFileDataset(
+        "coco-stuff27",
+        _coco_stuff_entries(folder, ["_labelTrainIds.png"]),
+        COCO_STUFF_TO_27,
+        background_id=None,
+        source=f"{folder} (annotations/val2017/*_labelTrainIds.png, 171 -> 27 supercategories)",
+    )
+
+
 def open_coco_object(root: Path) -> SegmentationDataset:
     """COCO-Object: the 80 COCO thing classes + background (id 0), from COCO-Stuff or COCO JSON."""
     root = Path(root).expanduser()
@@ -562,6 +595,7 @@ DATASETS: dict[str, Callable[[Path], SegmentationDataset]] = {
     "context59": open_context59,
     "coco-object": open_coco_object,
     "coco-stuff171": open_coco_stuff171,
+    "coco-stuff27": open_coco_stuff27,
     "ade150": open_ade150,
     "cityscapes": open_cityscapes,
 }

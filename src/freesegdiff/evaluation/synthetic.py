@@ -85,7 +85,7 @@ def write_synthetic_dataset(
 
     Args:
         name: a registry name (``voc21``, ``voc20``, ``context60``, ``context59``,
-            ``coco-object``, ``coco-stuff171``, ``ade150``, ``cityscapes``).
+            ``coco-object``, ``coco-stuff171``, ``coco-stuff27``, ``ade150``, ``cityscapes``).
         root: folder to write into (created); the layout's own folders go below it.
         num_images: images in the split.
         size: ``(width, height)`` of every image.
@@ -119,7 +119,7 @@ def write_synthetic_dataset(
                 expected = np.where((raw == 0) | (raw == VOID), VOID, raw - 1).astype(np.uint8)
             result.labels[image_id] = expected
         return result
-    if name in ("coco-stuff171", "coco-object") and coco_source == "stuff":
+    if name in ("coco-stuff171", "coco-stuff27", "coco-object") and coco_source == "stuff":
         folder = root / "coco_stuff164k"
         for i in range(num_images):
             image_id = f"{139 + i:012d}"
@@ -130,6 +130,10 @@ def write_synthetic_dataset(
             _write_label(label, raw, palette=False)
             if name == "coco-object":
                 raw = np.where(raw == VOID, VOID, np.where(raw < 80, raw + 1, 0)).astype(np.uint8)
+            if name == "coco-stuff27":  # person, cat, toothbrush, banner, metal, wood ->
+                # person, animal, indoor, textile, rawmaterial, solid
+                coarse = {0: 9, 15: 7, 79: 4, 80: 17, 120: 16, 170: 24, VOID: VOID}
+                raw = np.vectorize(coarse.__getitem__)(raw).astype(np.uint8)
             result.labels[image_id] = raw
         return result
     if name == "coco-object":
