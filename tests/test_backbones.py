@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from freesegdiff.config import FeatureConfig
-from freesegdiff.errors import ConfigError
+from freesegdiff.errors import ConfigError, FreeSegDiffError
 
 CPU = torch.device("cpu")
 SMALL = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -97,8 +97,27 @@ def test_the_pipeline_runs_on_a_vit_backbone_without_loading_stable_diffusion(tm
     result = pipe(photos["astronaut"])
     assert result.label_map.shape == photos["astronaut"].shape[:2]
     assert np.unique(result.cluster_map).size > 1
-    with pytest.raises(ConfigError, match="prune_with_caption"):
+    # closed vocabulary prunes with Stable Diffusion's text encoder, which is missing here
+    with pytest.raises(FreeSegDiffError, match="no-such-model"):
         pipe(photos["astronaut"], classes=["person", "rocket"])
+
+
+def test_a_vit_backbone_prunes_classes_as_stable_diffusion_features_do(tmp_path, photos):
+    """Closed vocabulary: the caption's entities are matched with SD's text encoder (loaded
+    alone), so the candidates equal those of the Stable Diffusion pipeline, image by image."""
+    from freesegdiff import FreeSegDiff
+
+    folder = _save("dinov2", tmp_path)
+    vit = {"features.extractor": "vit", "models.backbone": str(folder)}
+    classes = ["person", "rocket", "sky", "dog", "grass", "building"]
+    sd_pipe = FreeSegDiff.from_preset("tiny")
+    vit_pipe = FreeSegDiff.from_preset("tiny", overrides={**vit, "features.image_size": 64})
+    for name in ("astronaut", "coffee", "chelsea"):
+        ours = vit_pipe(photos[name], classes=classes)
+        theirs = sd_pipe(photos[name], classes=classes)
+        assert ours.caption == theirs.caption
+        assert ours.candidates == theirs.candidates
+        assert 0 < len(ours.candidates) <= len(classes)
 
 
 def test_vit_settings_are_checked_before_loading(tmp_path):

@@ -24,6 +24,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, overload
 
@@ -76,6 +77,14 @@ def normalise_classes(classes: Sequence[str] | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
+def _pretrained_text(
+    name: str, device: torch.device, dtype: torch.dtype, load: LoadOptions
+) -> TextEmbedder:
+    from freesegdiff.vocabulary import load_text_embedder
+
+    return load_text_embedder(name, device, dtype, load)
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a pipeline's networks come from: three factories, given the names in
@@ -84,12 +93,15 @@ class ModelSource:
     ``features(name, feature_config, device, dtype, load, runtime) -> FeatureExtractor``
     (:class:`~freesegdiff.features.DiffusionFeatures` by default);
     ``clip(name, device, dtype, load) -> (CLIPModel, CLIPProcessor)``;
-    ``captioner(name, caption_config, device, dtype, load) -> Captioner``.
+    ``captioner(name, caption_config, device, dtype, load) -> Captioner``;
+    ``text(name, device, dtype, load) -> TextEmbedder``: Stable Diffusion's text encoder alone,
+    for closed-vocabulary pruning when the features come from a ViT backbone (which has none).
     """
 
     features: Callable[..., FeatureExtractor]
     clip: Callable[..., tuple[Any, Any]]
     captioner: Callable[..., Any]
+    text: Callable[..., TextEmbedder] = _pretrained_text
 
 
 def _pretrained_features(
@@ -219,8 +231,11 @@ class FreeSegDiff:
         features: FeatureExtractor,
         classifier: MaskClassifier,
         captioner: Any | None = None,
+        text_embedder: Callable[[], TextEmbedder] | None = None,
     ) -> None:
         self.config = config
+        # closed-vocabulary text embeddings: the features' text encoder, unless given (ViT)
+        self._text_source = text_embedder
         self.device = features.device
         self.dtype = features.dtype
         # The stages, each built from its config section (settings are read here, once).
@@ -285,7 +300,16 @@ class FreeSegDiff:
                 runtime.tune_captioner(captioner)
         if runtime is not None:
             after_loading(runtime)  # copies left behind by dtype and layout conversions
-        pipe = cls(config, features=features, classifier=classifier, captioner=captioner)
+        text = None
+        if vit:  # a ViT has no text encoder: prune with Stable Diffusion's, loaded on first use
+            text = partial(source.text, models.diffusion, device, dtype, load)
+        pipe = cls(
+            config,
+            features=features,
+            classifier=classifier,
+            captioner=captioner,
+            text_embedder=text,
+        )
         if runtime is not None:
             runtime.tune_refiner(pipe.refiner)
         return pipe
@@ -464,7 +488,10 @@ class FreeSegDiff:
         self.features.release_text_encoder()
 
     def _text_embedder(self) -> TextEmbedder:
-        """The embedder that matches entities to classes: the feature stage's text encoder."""
+        """The embedder that matches entities to classes: the feature stage's text encoder, or
+        (features from a ViT backbone) Stable Diffusion's, loaded when first needed."""
+        if self._text_source is not None:
+            return self._text_source()
         embedder: TextEmbedder = self.features.text_embedder()
         return embedder
 

@@ -205,6 +205,39 @@ def text_embedder(
     return embed
 
 
+def load_text_embedder(
+    name: str, device: torch.device, dtype: torch.dtype, load: Any = None
+) -> TextEmbedder:
+    """:func:`text_embedder` of Stable Diffusion ``name``'s text encoder and tokenizer alone
+    (its ``text_encoder`` and ``tokenizer`` folders; the VAE and UNet are not loaded).
+
+    For closed-vocabulary pruning when the features come from a ViT backbone, which has no text
+    encoder: the pruning is then the one Stable Diffusion features get. ``name``: a Hub id, a
+    diffusers folder or ``tiny:stable-diffusion``; ``load``: a
+    :class:`~freesegdiff.hub.LoadOptions`.
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from freesegdiff.devices import frozen
+    from freesegdiff.hub import load_pretrained
+    from freesegdiff.weights import load_model
+
+    options: dict[str, Any] = {"what": "Stable Diffusion", "flag": "--diffusion-model"}
+    options["load"] = load
+    model = load_model(
+        CLIPTextModel.from_pretrained,
+        name,
+        subfolder="text_encoder",
+        dtype=dtype,
+        device=device,
+        **options,
+    )
+    tokenizer = load_pretrained(
+        CLIPTokenizer.from_pretrained, name, subfolder="tokenizer", **options
+    )
+    return text_embedder(tokenizer, frozen(model, device, dtype), device, dtype)
+
+
 def correlation_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """One minus the Pearson correlation of every row of ``a`` with every row of ``b``.
 

@@ -3,4 +3,4 @@
 ``COMMANDS`` lists them in the order ``freesegdiff --help`` shows them.
 """
 
-COMMANDS = ("segment", "eval", "bench", "demo")
+COMMANDS = ("segment", "eval", "ablate", "bench", "demo")

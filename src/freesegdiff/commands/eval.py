@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from freesegdiff.evaluation.classnames import label_texts
     from freesegdiff.evaluation.datasets import DatasetError, open_dataset
     from freesegdiff.evaluation.grounding import NO_CLASS, Grounder
-    from freesegdiff.evaluation.runner import evaluate
+    from freesegdiff.evaluation.runner import evaluate, evaluation_settings
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
@@ -105,16 +105,15 @@ def run(args: argparse.Namespace) -> int:
     vocabulary = label_texts(classes, dataset.background_id, config.vocabulary.dataset_texts)
     unlabelled = NO_CLASS if dataset.background_id is None else dataset.background_id
     open_vocabulary = args.vocabulary == "open"
-    settings = {
-        "preset": args.preset,
-        "vocabulary": args.vocabulary,
-        "text_encoder": args.text_encoder if open_vocabulary else None,
-        "match_max_distance": args.match_max_distance if open_vocabulary else None,
-        "unlabelled_pixels": "background" if dataset.background_id is not None else "no class",
-        "class_names": {entry.name: ", ".join(entry.synonyms) for entry in classes},
-        "label_texts": list(vocabulary.texts),
-        "pipeline": config.to_dict(),
-    }
+    settings = evaluation_settings(
+        args.preset,
+        dataset,
+        vocabulary,
+        config,
+        args.vocabulary,
+        args.text_encoder,
+        args.match_max_distance,
+    )
 
     def make_predictor() -> Any:
         from freesegdiff.commands.common import pipeline_from_args

@@ -249,6 +249,7 @@ def evaluate(
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    also: tuple[Protocol, ...] = (),
 ) -> EvaluationReport:
     """Score ``dataset`` (its first ``limit`` images), predicting what is not cached yet.
 
@@ -264,6 +265,8 @@ def evaluate(
             resume, written to ``results.json``).
         overwrite: discard cached predictions first.
         progress: show a progress bar with the running mIoU.
+        also: other protocols scored in the same pass, reported under ``other_protocols``
+            in ``results.json`` (mIoU, pixel and mean accuracy of each).
 
     Returns:
         The report; ``results.json``, ``results.md`` and ``confusion.png`` are written.
@@ -274,6 +277,13 @@ def evaluate(
     cache.check_settings({"dataset": dataset.name, **settings}, overwrite)
     total = len(dataset) if limit is None else min(limit, len(dataset))
     evaluator = Evaluator(len(dataset.classes), protocol, dataset.background_id)
+    others = {p: Evaluator(len(dataset.classes), p, dataset.background_id) for p in also}
+
+    def score(gt: np.ndarray, prediction: np.ndarray) -> None:
+        evaluator.update(gt, prediction)
+        for other in others.values():
+            other.update(gt, prediction)
+
     bar = _progress_bar(total, dataset.name, enabled=progress)
     num_classes = len(dataset.classes)
     missing: set[str] = set()
@@ -301,7 +311,7 @@ def evaluate(
         if prediction is None:
             missing.add(sample.image_id)
             continue
-        evaluator.update(sample.label_map, prediction)
+        score(sample.label_map, prediction)
         cached += 1
         _advance(bar, evaluator)
     predicted = 0
@@ -328,7 +338,7 @@ def evaluate(
                 if seconds is not None:
                     cache.record_seconds(sample.image_id, seconds)
                 predicted += 1
-            evaluator.update(sample.label_map, outcome)
+            score(sample.label_map, outcome)
             _advance(bar, evaluator)
     if bar is not None:
         bar.close()
@@ -349,8 +359,20 @@ def evaluate(
         unscored=unscored,
         extra={"dataset_source": dataset.source},
     )
+    if others:
+        report.extra["other_protocols"] = {
+            name: _summary(other.scores()) for name, other in others.items()
+        }
     write_report(report, output)
     return report
+
+
+def _summary(scores: Scores) -> dict[str, float | None]:
+    return {
+        "miou": _round(scores.miou),
+        "pixel_accuracy": _round(scores.pixel_accuracy),
+        "mean_accuracy": _round(scores.mean_accuracy),
+    }
 
 
 def _nothing_predicted(sample: Sample, background_id: int | None) -> np.ndarray:
@@ -497,13 +519,52 @@ def render_confusion(confusion: np.ndarray, class_names: list[str]) -> Image.Ima
 # ------------------------------------------------------------------------------ predictors
 
 
-def pipeline_predictor(pipe: Any, grounder: Any, classes: list[str] | None) -> Predictor:
+def evaluation_settings(
+    preset: str,
+    dataset: SegmentationDataset,
+    vocabulary: Any,
+    config: Any,
+    vocabulary_mode: str = "closed",
+    text_encoder: str | None = None,
+    match_max_distance: float | None = None,
+) -> dict[str, Any]:
+    """Everything an evaluation's predictions depend on, as stored with its cache.
+
+    Args:
+        preset: the preset the settings started from (for the reader).
+        dataset: the split; ``vocabulary``: its label texts
+            (:func:`~freesegdiff.evaluation.classnames.label_texts`).
+        config: the :class:`~freesegdiff.config.PipelineConfig`.
+        vocabulary_mode: ``"closed"`` or ``"open"``; the last two only matter for ``"open"``.
+    """
+    open_vocabulary = vocabulary_mode == "open"
+    return {
+        "preset": preset,
+        "vocabulary": vocabulary_mode,
+        "text_encoder": text_encoder if open_vocabulary else None,
+        "match_max_distance": match_max_distance if open_vocabulary else None,
+        "unlabelled_pixels": "background" if dataset.background_id is not None else "no class",
+        "class_names": {entry.name: ", ".join(entry.synonyms) for entry in dataset.classes},
+        "label_texts": list(vocabulary.texts),
+        "pipeline": config.to_dict(),
+    }
+
+
+def pipeline_predictor(
+    pipe: Any,
+    grounder: Any,
+    classes: list[str] | None,
+    credit: Callable[[np.ndarray], dict[str, float]] | None = None,
+) -> Predictor:
     """Predict with a :class:`~freesegdiff.pipeline.FreeSegDiff` and ground to class ids.
 
     Images go through ``pipe.iter_segment`` (batched, read ahead, a failing image loses only
     itself); each result becomes a class-id map at the ground truth's size. Model seconds are
-    the sum of the result's stage timings. A result of another size than the ground truth
-    (an image whose EXIF orientation turns it) is an error for that image, never resized.
+    the sum of the result's stage timings, plus ``credit(image)`` when given: the seconds of
+    stage outputs that were reused rather than computed (an ablation grid's shared work,
+    :meth:`freesegdiff.evaluation.stage_cache.StageStore.credit`). A result of another size than
+    the ground truth (an image whose EXIF orientation turns it) is an error for that image,
+    never resized.
     """
     from collections import deque
 
@@ -516,7 +577,13 @@ def pipeline_predictor(pipe: Any, grounder: Any, classes: list[str] | None) -> P
                 yield str(sample.image_path)
 
         started = time.perf_counter()
-        for _, outcome in pipe.iter_segment(paths(), classes):
+        if credit is None:
+            outcomes = (
+                (name, outcome, None) for name, outcome in pipe.iter_segment(paths(), classes)
+            )
+        else:
+            outcomes = pipe.iter_segment_with_images(paths(), classes)
+        for _, outcome, image in outcomes:
             sample = queued.popleft()
             now = time.perf_counter()
             if isinstance(outcome, Exception):
@@ -527,6 +594,8 @@ def pipeline_predictor(pipe: Any, grounder: Any, classes: list[str] | None) -> P
                 yield sample, DatasetError(f"image {sample.image_id}: {problem}"), None
             else:
                 seconds = sum(outcome.timings.values()) if outcome.timings else now - started
+                if credit is not None and image is not None:
+                    seconds += sum(credit(image).values())
                 yield sample, grounder(outcome, size=sample.label_map.shape), seconds
             started = now
 

@@ -1,0 +1,485 @@
+"""What the runs of an ablation grid share, computed once and kept on disk.
+
+Runs that differ only in later stages (K, normalisation, refinement) see the same captions,
+entity lists and features. :class:`CachingSource` is a :class:`~freesegdiff.pipeline.ModelSource`
+whose stages look their outputs up in a :class:`StageStore` first, keyed by the image's pixels
+and by every setting that produces them, and load a model only when something is missing:
+
+====================  ======================================  ===============================
+stage                 key: settings                           stored per image (or text)
+====================  ======================================  ===============================
+``caption``           captioner model, ``caption``, dtype     the caption (JSON)
+``entities``          ``entities`` (and the adjective form)   the entity list (JSON)
+``features``          feature model, ``features``, seed, dtype  ``(C, F, F)`` float32 (``.npz``)
+``text``              Stable Diffusion model, dtype           one text embedding (``.npz``)
+====================  ======================================  ===============================
+
+(device type, revision and variant are part of every model key). Layout::
+
+    CACHE/<stage>/<setting hash>/setting.json   the settings the hash stands for
+    CACHE/<stage>/<setting hash>/<item hash>.*  one output, written atomically
+
+Every lookup is counted (``computed`` and ``reused`` per stage, and model loads), so a test can
+prove that shared work is done once. Each stored output keeps the seconds it took, so a run that
+reuses it still reports the seconds its setting costs (:meth:`StageStore.credit`).
+
+Nothing here changes what a stage computes: a cached output is the float32 array or the text the
+stage returned, so a run with the cache gives the label maps a run without it gives.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import io
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from freesegdiff import atomic, timing
+from freesegdiff.timing import StageTimer
+
+if TYPE_CHECKING:
+    from freesegdiff.pipeline import ModelSource
+
+logger = logging.getLogger(__name__)
+
+CAPTION = "caption"
+ENTITIES = "entities"
+FEATURES = "features"
+TEXT = "text"
+# the pipeline's timing names of each cached stage's work
+_FEATURE_STAGES = (timing.VAE, timing.UNET, timing.FEATURES)
+
+
+def digest(value: Any, length: int = 16) -> str:
+    """A short stable hash of a JSON-able value (dataclasses and tuples included)."""
+    text = json.dumps(_plain(value), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def image_key(image: np.ndarray) -> str:
+    """The hash of an image's pixels and shape: the same image read twice has the same key."""
+    array = np.ascontiguousarray(image)
+    hasher = hashlib.sha256(f"{array.shape}{array.dtype}".encode())
+    hasher.update(array.tobytes() if not array.flags.c_contiguous else array.data)
+    return hasher.hexdigest()[:24]
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (torch.device, torch.dtype)):
+        return str(value)
+    return value
+
+
+class StageStore:
+    """The on-disk cache of shared stage outputs under ``root``, with its counters.
+
+    ``computed[stage]`` and ``reused[stage]`` count outputs (images, or texts for ``text``)
+    made and read back in this process; ``loads[model]`` counts model loads.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        stages: Sequence[str] = (CAPTION, ENTITIES, FEATURES, TEXT),
+        shared_features: set[str] | None = None,
+    ):
+        self.root = Path(root)
+        self.stages = frozenset(stages)
+        # the feature settings (digest of feature_setting) worth keeping; None: every one
+        self.shared_features = shared_features
+        self.computed: Counter[str] = Counter()
+        self.reused: Counter[str] = Counter()
+        self.loads: Counter[str] = Counter()
+        # image key -> stage -> seconds of the outputs reused since the last credit()
+        self._credit: dict[str, dict[str, float]] = defaultdict(dict)
+        # the image each caption was last given for, and the image whose vocabulary is being
+        # made (entities, then text embeddings): where the seconds of reused ones are credited
+        self.image_of_caption: dict[str, str] = {}
+        self.current_image: str | None = None
+
+    def folder(self, stage: str, setting: dict[str, Any]) -> Path | None:
+        """The folder of ``stage``'s outputs under ``setting``; None when the stage is not kept."""
+        if stage not in self.stages:
+            return None
+        key = digest(setting)
+        unshared = self.shared_features is not None and key not in self.shared_features
+        if stage == FEATURES and unshared:
+            return None  # one run uses these features: computed, not kept
+        folder = self.root / stage / key
+        if not (folder / "setting.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(_plain(setting), indent=2, sort_keys=True) + "\n"
+            atomic.write_text(folder / "setting.json", text)
+        return folder
+
+    # ------------------------------------------------------------------------------ entries
+    def get_json(self, folder: Path | None, key: str) -> dict[str, Any] | None:
+        if folder is None:
+            return None
+        path = folder / f"{key}.json"
+        try:
+            value: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:  # never the run's end: computed again
+            logger.warning("unreadable cache entry %s (%s): computing it again", path, error)
+            return None
+        return value
+
+    def put_json(self, folder: Path | None, key: str, value: dict[str, Any]) -> None:
+        if folder is not None:
+            atomic.write_text(folder / f"{key}.json", json.dumps(value) + "\n")
+
+    def get_array(
+        self, folder: Path | None, key: str
+    ) -> tuple[np.ndarray, dict[str, float]] | None:
+        """A stored array and the seconds (per timing stage) it took; None if absent."""
+        if folder is None:
+            return None
+        path = folder / f"{key}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                array = stored["array"]
+                seconds = json.loads(str(stored["seconds"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError) as error:
+            logger.warning("unreadable cache entry %s (%s): computing it again", path, error)
+            return None
+        return array, seconds
+
+    def put_array(
+        self, folder: Path | None, key: str, array: np.ndarray, seconds: dict[str, float]
+    ) -> None:
+        if folder is None:
+            return
+        buffer = io.BytesIO()
+        np.savez(buffer, array=array, seconds=np.array(json.dumps(seconds)))
+        atomic.write_bytes(folder / f"{key}.npz", buffer.getvalue())
+
+    # ------------------------------------------------------------------------------ seconds
+    def reuse(
+        self, stage: str, image: str | None, seconds: dict[str, float], count: int = 1
+    ) -> None:
+        """Count ``count`` reused outputs; remember their seconds against ``image`` (if any)."""
+        self.reused[stage] += count
+        if image is not None:
+            for name, value in seconds.items():
+                self._credit[image][name] = self._credit[image].get(name, 0.0) + value
+
+    def credit(self, image: np.ndarray) -> dict[str, float]:
+        """The seconds (per timing stage) of the outputs reused for ``image`` since the last
+        call, which the run did not spend again; forgotten once returned."""
+        return self._credit.pop(image_key(image), {})
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """``{"computed": {...}, "reused": {...}, "loads": {...}}``, per stage or model."""
+        return {
+            "computed": dict(sorted(self.computed.items())),
+            "reused": dict(sorted(self.reused.items())),
+            "loads": dict(sorted(self.loads.items())),
+        }
+
+
+class _OneAtATime:
+    """Loads models on demand and keeps the last one per kind (a grid seldom goes back)."""
+
+    def __init__(self, store: StageStore) -> None:
+        self.store = store
+        self._held: dict[str, tuple[str, Any]] = {}
+
+    def get(self, kind: str, key: str, load: Callable[[], Any]) -> Any:
+        held = self._held.get(kind)
+        if held is not None and held[0] == key:
+            return held[1]
+        if held is not None:  # free the previous model first: two may not fit
+            del self._held[kind]
+            del held
+            gc.collect()
+        model = load()
+        self.store.loads[kind] += 1
+        self._held[kind] = (key, model)
+        return model
+
+
+def feature_setting(
+    name: str | None, config: Any, device: Any, dtype: Any, load: Any, seed: int | None
+) -> dict[str, Any]:
+    """What a feature output depends on: the model, the ``features`` section, seed, dtype."""
+    return {**_model_key(name, device, dtype, load), "features": config, "seed": seed}
+
+
+def run_feature_setting(config: Any) -> dict[str, Any]:
+    """:func:`feature_setting` of a :class:`~freesegdiff.config.PipelineConfig`'s run."""
+    from freesegdiff.devices import resolve_device, resolve_dtype
+    from freesegdiff.hub import LoadOptions
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    vit = config.features.extractor == "vit"
+    name = config.models.backbone if vit else config.models.diffusion
+    load = LoadOptions.of(config.models)
+    return feature_setting(name, config.features, device, dtype, load, config.seed)
+
+
+def _model_key(
+    name: str | None, device: torch.device, dtype: torch.dtype, load: Any
+) -> dict[str, Any]:
+    return {
+        "model": name,
+        "device": torch.device(device).type,
+        "dtype": str(dtype),
+        "revision": getattr(load, "revision", None),
+        "variant": getattr(load, "variant", None),
+    }
+
+
+class CachedCaptioner:
+    """The caption stage through the store: ``caption(images) -> list[str]``."""
+
+    def __init__(self, load: Callable[[], Any], store: StageStore, folder: Path | None) -> None:
+        self._load = load
+        self.store = store
+        self.folder = folder
+        self.generate_options: Any = None  # set by freesegdiff.runtime, given to the model
+
+    def caption(self, images: Sequence[np.ndarray]) -> list[str]:
+        keys = [image_key(image) for image in images]
+        found = [self.store.get_json(self.folder, key) for key in keys]
+        missing = [index for index, entry in enumerate(found) if entry is None]
+        if missing:
+            model = self._load()
+            if self.generate_options is not None:
+                model.generate_options = self.generate_options
+            timer = StageTimer()
+            with timer(timing.CAPTION):
+                captions = model.caption([images[index] for index in missing])
+            seconds = timer.seconds[timing.CAPTION] / len(missing)
+            for index, caption in zip(missing, captions, strict=True):
+                made = {"caption": caption, "seconds": seconds}
+                found[index] = made
+                self.store.put_json(self.folder, keys[index], made)
+            self.store.computed[CAPTION] += len(missing)
+        results = []
+        for index, (key, entry) in enumerate(zip(keys, found, strict=True)):
+            assert entry is not None
+            if index not in missing:
+                self.store.reuse(CAPTION, key, {timing.CAPTION: float(entry["seconds"])})
+            results.append(str(entry["caption"]))
+            self.store.image_of_caption[results[-1]] = key
+        return results
+
+
+class CachedEntities:
+    """The entity stage through the store: ``(caption, adjectives) -> list[str]``."""
+
+    def __init__(self, inner: Any, store: StageStore, setting: dict[str, Any]) -> None:
+        self.inner = inner
+        self.store = store
+        self.folder = store.folder(ENTITIES, setting)
+
+    def __call__(self, caption: str | None, adjectives: Any = "phrase") -> list[str]:
+        store = self.store
+        store.current_image = None if caption is None else store.image_of_caption.get(caption)
+        if caption is None:
+            return list(self.inner(caption, adjectives))
+        key = digest([caption, adjectives], 24)
+        entry = store.get_json(self.folder, key)
+        if entry is not None:
+            store.reuse(ENTITIES, store.current_image, {timing.ENTITIES: entry["seconds"]})
+            return [str(entity) for entity in entry["entities"]]
+        timer = StageTimer()
+        with timer(timing.ENTITIES):
+            entities = list(self.inner(caption, adjectives))
+        seconds = timer.seconds[timing.ENTITIES]
+        store.put_json(self.folder, key, {"entities": entities, "seconds": seconds})
+        store.computed[ENTITIES] += 1
+        return entities
+
+
+class CachedFeatures:
+    """The feature stage through the store (a :class:`~freesegdiff.features.FeatureExtractor`).
+
+    The extractor is loaded when an image's features are missing; its closed-vocabulary text
+    embedder is :meth:`CachingSource.text`'s (Stable Diffusion's text encoder alone, cached).
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], Any],
+        store: StageStore,
+        setting: dict[str, Any],
+        device: torch.device,
+        dtype: torch.dtype,
+        text: Callable[[], Any],
+    ) -> None:
+        self._load = load
+        self.store = store
+        self.setting = setting  # with the seed of each call: the key of its folder
+        self.device = device
+        self.dtype = dtype
+        self.released: dict[str, list[str]] = {}
+        self._text = text
+
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        seed: int | None = 0,
+        stop_early: bool = True,
+        timer: StageTimer | None = None,
+    ) -> torch.Tensor:
+        """``B`` images -> ``(B, C, F, F)`` float32 on ``device``, as the extractor gives them."""
+        folder = self.store.folder(FEATURES, {**self.setting, "seed": seed})
+        keys = [image_key(image) for image in images]
+        found = [self.store.get_array(folder, key) for key in keys]
+        missing = [index for index, entry in enumerate(found) if entry is None]
+        if missing:
+            extractor = self._load()
+            own = StageTimer(extractor.device)
+            computed = extractor(
+                [images[index] for index in missing], seed=seed, stop_early=stop_early, timer=own
+            )
+            seconds = {name: value / len(missing) for name, value in own.seconds.items()}
+            for row, index in enumerate(missing):
+                array = computed[row].float().cpu().numpy()
+                found[index] = (array, seconds)
+                self.store.put_array(folder, keys[index], array, seconds)
+            self.store.computed[FEATURES] += len(missing)
+            if timer is not None:
+                for name, value in own.seconds.items():
+                    timer.seconds[name] += value
+        arrays = []
+        for index, (key, entry) in enumerate(zip(keys, found, strict=True)):
+            assert entry is not None
+            if index not in missing:
+                self.store.reuse(FEATURES, key, entry[1])
+            arrays.append(entry[0])
+        return torch.from_numpy(np.stack(arrays)).to(self.device)
+
+    def text_embedder(self) -> Any:
+        return self._text()
+
+    def release_unused(self) -> dict[str, list[str]]:
+        return self.released  # the extractor frees its own when it is loaded
+
+    def release_text_encoder(self) -> None:
+        """Nothing to do: the text encoder is loaded apart, and only when needed."""
+
+
+class CachingSource:
+    """A :class:`~freesegdiff.pipeline.ModelSource` for grid runs: stages through ``store``.
+
+    ``base`` makes the real models (default :data:`~freesegdiff.pipeline.PRETRAINED`); each kind
+    of model is loaded at most once per setting in a row, and only when an output is missing.
+    CLIP is always needed (it names every run's masks) and is loaded once per name.
+    """
+
+    def __init__(self, store: StageStore, base: Any = None) -> None:
+        from freesegdiff.pipeline import PRETRAINED
+
+        self.store = store
+        self.base = base or PRETRAINED
+        self.models = _OneAtATime(store)
+
+    # the ModelSource fields, as bound methods
+    def features(
+        self,
+        name: str,
+        config: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        load: Any,
+        runtime: Any,
+    ) -> CachedFeatures:
+        setting = feature_setting(name, config, device, dtype, load, None)
+        key = digest({**setting, "seed": "any"})  # one model serves every seed
+
+        def make() -> Any:
+            extractor = self.base.features(name, config, device, dtype, load, runtime)
+            extractor.release_unused()
+            return extractor
+
+        return CachedFeatures(
+            lambda: self.models.get(FEATURES, key, make),
+            self.store,
+            setting,
+            torch.device(device),
+            dtype,
+            lambda: self.text(name, device, dtype, load),
+        )
+
+    def clip(self, name: str, device: torch.device, dtype: torch.dtype, load: Any) -> Any:
+        key = digest(_model_key(name, device, dtype, load))
+        return self.models.get("clip", key, lambda: self.base.clip(name, device, dtype, load))
+
+    def captioner(
+        self, name: str, config: Any, device: torch.device, dtype: torch.dtype, load: Any
+    ) -> CachedCaptioner:
+        setting = {**_model_key(name, device, dtype, load), "caption": config}
+        key = digest(setting)
+        return CachedCaptioner(
+            lambda: self.models.get(
+                CAPTION, key, lambda: self.base.captioner(name, config, device, dtype, load)
+            ),
+            self.store,
+            self.store.folder(CAPTION, setting),
+        )
+
+    def text(self, name: str, device: torch.device, dtype: torch.dtype, load: Any) -> Any:
+        """The closed-vocabulary text embedder of Stable Diffusion ``name``, through the store."""
+        setting = _model_key(name, device, dtype, load)
+        key = digest(setting)
+        folder = self.store.folder(TEXT, setting)
+        store = self.store
+
+        def load_embedder() -> Any:
+            return self.models.get(TEXT, key, lambda: self.base.text(name, device, dtype, load))
+
+        def embed(texts: Sequence[str]) -> torch.Tensor:
+            if not texts:
+                return load_embedder()(texts)
+            keys = [digest(text, 24) for text in texts]
+            found = [store.get_array(folder, k) for k in keys]
+            missing = [i for i, entry in enumerate(found) if entry is None]
+            if missing:
+                embedder = load_embedder()
+                timer = StageTimer()
+                with timer(timing.ENTITIES):
+                    rows = embedder([texts[i] for i in missing]).float().cpu().numpy()
+                seconds = {timing.ENTITIES: timer.seconds[timing.ENTITIES] / len(missing)}
+                for row, index in zip(rows, missing, strict=True):
+                    found[index] = (row, seconds)
+                    store.put_array(folder, keys[index], row, seconds)
+                store.computed[TEXT] += len(missing)
+            for index, entry in enumerate(found):
+                if index not in missing and entry is not None:
+                    store.reuse(TEXT, store.current_image, entry[1])
+            return torch.from_numpy(np.stack([entry[0] for entry in found if entry is not None]))
+
+        return embed
+
+    def as_source(self) -> ModelSource:
+        """These factories as the :class:`~freesegdiff.pipeline.ModelSource` a pipeline takes."""
+        from freesegdiff.pipeline import ModelSource
+
+        return ModelSource(self.features, self.clip, self.captioner, self.text)
+
+    def wrap_entities(self, pipe: Any, setting: dict[str, Any]) -> None:
+        """Route ``pipe``'s entity stage through the store (the stage has no model to load)."""
+        vocabulary = pipe.vocabulary
+        vocabulary.entities = CachedEntities(vocabulary.entities, self.store, setting)
