@@ -117,3 +117,21 @@ def test_layouts_hold_the_hub_files_and_load_through_segments_calls(
     assert unet[name].dtype == torch.bfloat16
     # float16 rounding first, then bfloat16: close to, not always equal to, the direct cast
     assert torch.allclose(unet[name].float(), full[name].float(), rtol=1e-2, atol=1e-3)
+
+
+def test_a_vit_backbone_gets_its_layout_folder_and_stable_diffusion_is_kept():
+    """``bench --set features.extractor='"vit"'`` measures the backbone at real size: it is
+    one of the models written in the Hub layout (SD stays: its text encoder prunes classes)."""
+    from freesegdiff.bench.runner import _hub_names, _is_tiny
+    from freesegdiff.config import set_by_path
+    from freesegdiff.presets import load_preset
+
+    config = set_by_path(load_preset("paper"), "features.extractor", "vit")
+    config = set_by_path(config, "models.backbone", "facebook/dinov2-base")
+    assert _hub_names(config)["backbone"] == "facebook/dinov2-base"
+    assert "diffusion" in _hub_names(config)
+    assert "backbone" not in _hub_names(load_preset("paper"))
+    tiny = set_by_path(load_preset("tiny"), "features.extractor", "vit")
+    assert not _is_tiny(set_by_path(tiny, "models.backbone", "facebook/dinov2-base"))
+    for name in ("facebook/dinov2-base", "facebook/dino-vitb16", "openai/clip-vit-base-patch16"):
+        assert hub_layouts.layout_folder(name, Path("/x")).name.endswith("-seed0-v1")

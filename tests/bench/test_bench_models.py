@@ -50,6 +50,14 @@ def test_parameter_counts_are_the_published_ones():
     assert count(models._empty(BlipForConditionalGeneration, blip)) == 223_971_644
     blip2 = Blip2Config(**hub("Salesforce/blip2-opt-2.7b"))
     assert count(models._empty(Blip2ForConditionalGeneration, blip2)) == 3_744_761_856
+    # the backbone ablation's ViTs (features.extractor = "vit"): the Hub checkpoints' counts
+    for name, expected in (
+        ("facebook/dinov2-base", 86_580_480),
+        ("facebook/dino-vitb16", 85_798_656),  # ViTModel without its pooler, as DINO ships
+        ("openai/clip-vit-base-patch16", 149_620_737),
+    ):
+        model = models.build_backbone(name, torch.float32, torch.device("meta"))[0]
+        assert count(model) == expected, name
     # the paper's features: 8 heads x 160 channels at the 16x16 layers
     query = unet.get_submodule("up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q")
     assert query.out_features == 1280

@@ -44,6 +44,10 @@ ARCHITECTURES: dict[str, str] = {
     "Salesforce/blip-image-captioning-base": "blip-image-captioning-base.json",
     "Salesforce/blip2-opt-2.7b": "blip2-opt-2.7b.json",
     "openai/clip-vit-base-patch32": "clip-vit-base-patch32.json",
+    # the ViT backbones of the backbone ablation (features.extractor = "vit")
+    "facebook/dinov2-base": "dinov2-base.json",
+    "facebook/dino-vitb16": "dino-vitb16.json",
+    "openai/clip-vit-base-patch16": "clip-vit-base-patch16.json",
 }
 # Values of the standard-normal pool the weights are tiled from: a prime, so that a matrix wider
 # than the pool does not repeat its rows exactly.
@@ -290,6 +294,48 @@ def build_clip(
         resample=processing["resample"],
     )
     return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_backbone(
+    name: str, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> tuple[Any, Any]:
+    """A ViT backbone (DINOv2 or DINO / ViT; CLIP: :func:`build_clip`) with real shapes and
+    random weights, and its image processor, as the Hub checkpoint ships them."""
+    from transformers import (
+        BitImageProcessorPil,
+        Dinov2Config,
+        Dinov2Model,
+        ViTConfig,
+        ViTImageProcessorPil,
+        ViTModel,
+    )
+
+    settings = load_architecture(name)
+    if settings["model_type"] == "clip":
+        return build_clip(name, dtype, device, seed)
+    processing = settings.pop("processor")
+    mean, std = processing["image_mean"], processing["image_std"]
+    if settings["model_type"] == "dinov2":
+        model = materialise(_empty(Dinov2Model, Dinov2Config(**settings)), dtype, device, seed)
+        side = processing["crop_size"]
+        processor = BitImageProcessorPil(
+            size={"shortest_edge": processing["shortest_edge"]},
+            crop_size={"height": side, "width": side},
+            image_mean=mean,
+            image_std=std,
+            resample=processing["resample"],
+        )
+        return model, processor
+    vit = _empty(ViTModel, ViTConfig(**settings), add_pooling_layer=False)
+    model = materialise(vit, dtype, device, seed)
+    side = processing["size"]
+    vit_processor = ViTImageProcessorPil(
+        size={"height": side, "width": side},
+        image_mean=mean,
+        image_std=std,
+        resample=processing["resample"],
+    )
+    return model, vit_processor
 
 
 def _blip_image_processor(processing: dict[str, Any]) -> Any:

@@ -184,6 +184,8 @@ def _caption_tokens(config: PipelineConfig) -> int | None:
 
 def _is_tiny(config: PipelineConfig) -> bool:
     names = [config.models.diffusion, config.models.clip, config.models.captioner or "tiny:"]
+    if config.features.extractor == "vit":
+        names.append(config.models.backbone or "tiny:")
     return all(name.startswith("tiny:") for name in names)
 
 
@@ -191,6 +193,8 @@ def _hub_names(config: PipelineConfig) -> dict[str, str]:
     """Setting -> Hub id of every model of ``config`` that is not a ``tiny:`` one."""
     models = config.models
     names = {"diffusion": models.diffusion, "clip": models.clip, "captioner": models.captioner}
+    if config.features.extractor == "vit":
+        names["backbone"] = models.backbone
     return {key: name for key, name in names.items() if name and not name.startswith("tiny:")}
 
 
@@ -319,7 +323,8 @@ def model_floor(
     (``clustering.k`` masks per image) and label texts (three per image).
     """
     device = pipe.device
-    times: dict[str, list[float]] = {"caption": [], "vae": [], "unet": [], "clip": []}
+    times: dict[str, list[float]] = {"caption": [], "vae": [], "unet": [], "backbone": []}
+    times["clip"] = []
     for start in range(0, len(images), batch_size):
         batch = list(images[start : start + batch_size])
         forwards = _forwards(pipe, batch)
@@ -330,15 +335,29 @@ def model_floor(
 
 def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[[], object]]:
     """Each model's forward pass on this batch's prepared inputs, ready to call."""
-    from freesegdiff.devices import image_generators
-    from freesegdiff.features import DiffusionFeatures, images_to_tensor
+    from freesegdiff.features import DiffusionFeatures
 
     features, classifier, device, config = pipe.features, pipe.classifier, pipe.device, pipe.config
-    if not isinstance(features, DiffusionFeatures):
-        raise ConfigError("the model floor times the Stable Diffusion feature stage's models only")
     forwards: dict[str, Callable[[], object]] = {}
     if pipe.captioner is not None:  # the pipeline's inputs and decoding, exactly
         forwards["caption"] = partial(pipe.captioner.generate, pipe.captioner.inputs(batch))
+    if isinstance(features, DiffusionFeatures):
+        forwards.update(_diffusion_forwards(features, batch, config))
+    else:  # another extractor (a ViT backbone): its whole call, resize and scaling included
+        forwards["backbone"] = partial(features, batch, seed=config.seed)
+    forwards["clip"] = _clip_forward(classifier, batch, config.clustering.k, device)
+    return forwards
+
+
+def _diffusion_forwards(
+    features: Any, batch: list[np.ndarray], config: PipelineConfig
+) -> dict[str, Callable[[], object]]:
+    """The VAE's and the UNet's forward passes on this batch's prepared inputs."""
+    from freesegdiff.devices import image_generators
+    from freesegdiff.features import images_to_tensor
+
+    device = features.device
+    forwards: dict[str, Callable[[], object]] = {}
     pixels = images_to_tensor(batch, config.features.image_size, device, config.features.resize)
     vae_input = pixels.to(features.dtype)
     runtime = features.runtime
@@ -356,7 +375,13 @@ def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[
     generators = image_generators(config.seed, len(batch), device)
     noisy = features.add_noise(features.encode(pixels, generators), generators)
     forwards["unet"] = partial(features.unet_queries, noisy)
-    k = config.clustering.k
+    return forwards
+
+
+def _clip_forward(
+    classifier: Any, batch: list[np.ndarray], k: int, device: torch.device
+) -> Callable[[], object]:
+    """CLIP's forward passes on ``k`` masked images per image and three label texts each."""
     masked = []
     for image in batch:
         height, width = image.shape[:2]
@@ -373,8 +398,7 @@ def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[
         classifier.model.get_image_features(pixel_values=clip_images)
         classifier.model.get_text_features(**texts)
 
-    forwards["clip"] = clip
-    return forwards
+    return clip
 
 
 def run_bench(settings: BenchSettings) -> BenchReport:
