@@ -147,6 +147,7 @@ def test_the_shipped_grid_has_the_paper_axes_and_every_run_is_a_valid_config():
     assert "facebook/dinov2-base" in json.dumps([r.settings for r in runs])
 
 
+@pytest.mark.heavy  # whole grids of tiny-model runs: the main environment's
 def test_a_bad_run_setting_is_refused_before_anything_loads(tmp_path):
     write_synthetic_dataset("voc21", tmp_path / "data", num_images=1)
     (tmp_path / "grid.json").write_text(json.dumps({"axes": {"clustering.k": [2, 0]}}))
@@ -157,6 +158,7 @@ def test_a_bad_run_setting_is_refused_before_anything_loads(tmp_path):
 # ------------------------------------------------------------------------------ running
 
 
+@pytest.mark.heavy  # whole grids of tiny-model runs: the main environment's
 def test_shared_work_is_computed_once_per_image_and_setting(grid_run):
     _, shared = grid_run
     # captions and entities: one setting (4 runs); features: one per timestep (2 runs each)
@@ -175,6 +177,7 @@ def test_shared_work_is_computed_once_per_image_and_setting(grid_run):
     assert shared["loads"] == {"caption": 1, "clip": 1, "features": 2, "text": 1}
 
 
+@pytest.mark.heavy  # whole grids of tiny-model runs: the main environment's
 def test_the_table_has_a_row_per_run_and_equals_plain_evaluations(grid_run, tmp_path):
     """Each run's scores equal ``freesegdiff eval`` with the same settings and no cache."""
     folder, _ = grid_run
@@ -210,6 +213,7 @@ def test_the_table_has_a_row_per_run_and_equals_plain_evaluations(grid_run, tmp_
             )
 
 
+@pytest.mark.heavy  # whole grids of tiny-model runs: the main environment's
 def test_a_finished_grid_is_rescored_without_loading_or_computing(grid_run):
     folder, _ = grid_run
     before = (folder / "out" / "ablation.csv").read_text()
@@ -219,6 +223,7 @@ def test_a_finished_grid_is_rescored_without_loading_or_computing(grid_run):
     assert (folder / "out" / "ablation.csv").read_text() == before
 
 
+@pytest.mark.heavy  # whole grids of tiny-model runs: the main environment's
 def test_a_killed_grid_resumes_to_the_same_table(grid_run, tmp_path, monkeypatch):
     folder, _ = grid_run
     (tmp_path / "data").symlink_to(folder / "data")
@@ -249,6 +254,7 @@ def test_a_killed_grid_resumes_to_the_same_table(grid_run, tmp_path, monkeypatch
     assert _columns((out / "ablation.md").read_text()) == _columns(expected)
 
 
+@pytest.mark.heavy  # whole grids of tiny-model runs: the main environment's
 def test_a_one_axis_study_gets_a_plot(grid_run):
     pytest.importorskip("matplotlib")
     from PIL import Image
