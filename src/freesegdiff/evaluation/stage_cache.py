@@ -8,16 +8,16 @@ and by every setting that produces them, and load a model only when something is
 ====================  ======================================  ===============================
 stage                 key: settings                           stored per image (or text)
 ====================  ======================================  ===============================
-``caption``           captioner model, ``caption``, dtype     the caption (JSON)
-``entities``          ``entities`` (and the adjective form)   the entity list (JSON)
-``features``          feature model, ``features``, seed, dtype  ``(C, F, F)`` float32 (``.npz``)
-``text``              Stable Diffusion model, dtype           one text embedding (``.npz``)
+``caption``           captioner model, ``caption``, dtype     the caption (a string array)
+``entities``          ``entities`` (and the adjective form)   the entity list (strings)
+``features``          feature model, ``features``, seed, dtype  ``(C, F, F)`` float32
+``text``              Stable Diffusion model, dtype           one text embedding ``(D,)``
 ====================  ======================================  ===============================
 
 (device type, revision and variant are part of every model key). Layout::
 
     CACHE/<stage>/<setting hash>/setting.json   the settings the hash stands for
-    CACHE/<stage>/<setting hash>/<item hash>.*  one output, written atomically
+    CACHE/<stage>/<setting hash>/<item hash>.npz  one output and its seconds, written atomically
 
 Every lookup is counted (``computed`` and ``reused`` per stage, and model loads), so a test can
 prove that shared work is done once. Each stored output keeps the seconds it took, so a run that
@@ -55,8 +55,6 @@ CAPTION = "caption"
 ENTITIES = "entities"
 FEATURES = "features"
 TEXT = "text"
-# the pipeline's timing names of each cached stage's work
-_FEATURE_STAGES = (timing.VAE, timing.UNET, timing.FEATURES)
 
 
 def digest(value: Any, length: int = 16) -> str:
@@ -69,7 +67,7 @@ def image_key(image: np.ndarray) -> str:
     """The hash of an image's pixels and shape: the same image read twice has the same key."""
     array = np.ascontiguousarray(image)
     hasher = hashlib.sha256(f"{array.shape}{array.dtype}".encode())
-    hasher.update(array.tobytes() if not array.flags.c_contiguous else array.data)
+    hasher.update(array.data)
     return hasher.hexdigest()[:24]
 
 
@@ -128,23 +126,6 @@ class StageStore:
         return folder
 
     # ------------------------------------------------------------------------------ entries
-    def get_json(self, folder: Path | None, key: str) -> dict[str, Any] | None:
-        if folder is None:
-            return None
-        path = folder / f"{key}.json"
-        try:
-            value: dict[str, Any] = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as error:  # never the run's end: computed again
-            logger.warning("unreadable cache entry %s (%s): computing it again", path, error)
-            return None
-        return value
-
-    def put_json(self, folder: Path | None, key: str, value: dict[str, Any]) -> None:
-        if folder is not None:
-            atomic.write_text(folder / f"{key}.json", json.dumps(value) + "\n")
-
     def get_array(
         self, folder: Path | None, key: str
     ) -> tuple[np.ndarray, dict[str, float]] | None:
@@ -172,12 +153,39 @@ class StageStore:
         np.savez(buffer, array=array, seconds=np.array(json.dumps(seconds)))
         atomic.write_bytes(folder / f"{key}.npz", buffer.getvalue())
 
+    def through(
+        self,
+        stage: str,
+        folder: Path | None,
+        keys: Sequence[str],
+        compute: Callable[[list[int]], tuple[Sequence[np.ndarray], dict[str, float]]],
+        credit_to: Callable[[int], str | None],
+    ) -> list[np.ndarray]:
+        """Each key's output: read from ``folder``, or made by one ``compute(missing indices)``
+        call, which returns their arrays and the seconds (per timing stage) of the whole call;
+        each is stored with its share of those seconds. Counted per stage; a reused output's
+        seconds are credited to the image ``credit_to(index)`` names (None: to none)."""
+        found = [self.get_array(folder, key) for key in keys]
+        missing = [index for index, entry in enumerate(found) if entry is None]
+        if missing:
+            arrays, seconds = compute(missing)
+            share = {name: value / len(missing) for name, value in seconds.items()}
+            for index, array in zip(missing, arrays, strict=True):
+                found[index] = (array, share)
+                self.put_array(folder, keys[index], array, share)
+            self.computed[stage] += len(missing)
+        outputs = []
+        for index, entry in enumerate(found):
+            assert entry is not None
+            if index not in missing:
+                self.reuse(stage, credit_to(index), entry[1])
+            outputs.append(entry[0])
+        return outputs
+
     # ------------------------------------------------------------------------------ seconds
-    def reuse(
-        self, stage: str, image: str | None, seconds: dict[str, float], count: int = 1
-    ) -> None:
-        """Count ``count`` reused outputs; remember their seconds against ``image`` (if any)."""
-        self.reused[stage] += count
+    def reuse(self, stage: str, image: str | None, seconds: dict[str, float]) -> None:
+        """Count a reused output; remember its seconds against ``image`` (if any)."""
+        self.reused[stage] += 1
         if image is not None:
             for name, value in seconds.items():
                 self._credit[image][name] = self._credit[image].get(name, 0.0) + value
@@ -260,29 +268,20 @@ class CachedCaptioner:
 
     def caption(self, images: Sequence[np.ndarray]) -> list[str]:
         keys = [image_key(image) for image in images]
-        found = [self.store.get_json(self.folder, key) for key in keys]
-        missing = [index for index, entry in enumerate(found) if entry is None]
-        if missing:
+
+        def compute(missing: list[int]) -> tuple[list[np.ndarray], dict[str, float]]:
             model = self._load()
             if self.generate_options is not None:
                 model.generate_options = self.generate_options
             timer = StageTimer()
             with timer(timing.CAPTION):
                 captions = model.caption([images[index] for index in missing])
-            seconds = timer.seconds[timing.CAPTION] / len(missing)
-            for index, caption in zip(missing, captions, strict=True):
-                made = {"caption": caption, "seconds": seconds}
-                found[index] = made
-                self.store.put_json(self.folder, keys[index], made)
-            self.store.computed[CAPTION] += len(missing)
-        results = []
-        for index, (key, entry) in enumerate(zip(keys, found, strict=True)):
-            assert entry is not None
-            if index not in missing:
-                self.store.reuse(CAPTION, key, {timing.CAPTION: float(entry["seconds"])})
-            results.append(str(entry["caption"]))
-            self.store.image_of_caption[results[-1]] = key
-        return results
+            return [np.array(caption) for caption in captions], dict(timer.seconds)
+
+        stored = self.store.through(CAPTION, self.folder, keys, compute, keys.__getitem__)
+        captions = [str(caption) for caption in stored]
+        self.store.image_of_caption.update(zip(captions, keys, strict=True))
+        return captions
 
 
 class CachedEntities:
@@ -298,18 +297,17 @@ class CachedEntities:
         store.current_image = None if caption is None else store.image_of_caption.get(caption)
         if caption is None:
             return list(self.inner(caption, adjectives))
+        image = store.current_image
+
+        def compute(_: list[int]) -> tuple[list[np.ndarray], dict[str, float]]:
+            timer = StageTimer()
+            with timer(timing.ENTITIES):
+                entities = list(self.inner(caption, adjectives))
+            return [np.array(entities, dtype=str)], dict(timer.seconds)
+
         key = digest([caption, adjectives], 24)
-        entry = store.get_json(self.folder, key)
-        if entry is not None:
-            store.reuse(ENTITIES, store.current_image, {timing.ENTITIES: entry["seconds"]})
-            return [str(entity) for entity in entry["entities"]]
-        timer = StageTimer()
-        with timer(timing.ENTITIES):
-            entities = list(self.inner(caption, adjectives))
-        seconds = timer.seconds[timing.ENTITIES]
-        store.put_json(self.folder, key, {"entities": entities, "seconds": seconds})
-        store.computed[ENTITIES] += 1
-        return entities
+        (stored,) = store.through(ENTITIES, self.folder, [key], compute, lambda _: image)
+        return [str(entity) for entity in stored]
 
 
 class CachedFeatures:
@@ -346,29 +344,19 @@ class CachedFeatures:
         """``B`` images -> ``(B, C, F, F)`` float32 on ``device``, as the extractor gives them."""
         folder = self.store.folder(FEATURES, {**self.setting, "seed": seed})
         keys = [image_key(image) for image in images]
-        found = [self.store.get_array(folder, key) for key in keys]
-        missing = [index for index, entry in enumerate(found) if entry is None]
-        if missing:
+
+        def compute(missing: list[int]) -> tuple[list[np.ndarray], dict[str, float]]:
             extractor = self._load()
             own = StageTimer(extractor.device)
             computed = extractor(
                 [images[index] for index in missing], seed=seed, stop_early=stop_early, timer=own
             )
-            seconds = {name: value / len(missing) for name, value in own.seconds.items()}
-            for row, index in enumerate(missing):
-                array = computed[row].float().cpu().numpy()
-                found[index] = (array, seconds)
-                self.store.put_array(folder, keys[index], array, seconds)
-            self.store.computed[FEATURES] += len(missing)
             if timer is not None:
                 for name, value in own.seconds.items():
                     timer.seconds[name] += value
-        arrays = []
-        for index, (key, entry) in enumerate(zip(keys, found, strict=True)):
-            assert entry is not None
-            if index not in missing:
-                self.store.reuse(FEATURES, key, entry[1])
-            arrays.append(entry[0])
+            return [row.float().cpu().numpy() for row in computed], dict(own.seconds)
+
+        arrays = self.store.through(FEATURES, folder, keys, compute, keys.__getitem__)
         return torch.from_numpy(np.stack(arrays)).to(self.device)
 
     def text_embedder(self) -> Any:
@@ -407,7 +395,7 @@ class CachingSource:
         runtime: Any,
     ) -> CachedFeatures:
         setting = feature_setting(name, config, device, dtype, load, None)
-        key = digest({**setting, "seed": "any"})  # one model serves every seed
+        key = digest(setting)  # without a seed: one model serves every seed
 
         def make() -> Any:
             extractor = self.base.features(name, config, device, dtype, load, runtime)
@@ -454,22 +442,17 @@ class CachingSource:
             if not texts:
                 return load_embedder()(texts)
             keys = [digest(text, 24) for text in texts]
-            found = [store.get_array(folder, k) for k in keys]
-            missing = [i for i, entry in enumerate(found) if entry is None]
-            if missing:
+
+            def compute(missing: list[int]) -> tuple[list[np.ndarray], dict[str, float]]:
                 embedder = load_embedder()
                 timer = StageTimer()
-                with timer(timing.ENTITIES):
-                    rows = embedder([texts[i] for i in missing]).float().cpu().numpy()
-                seconds = {timing.ENTITIES: timer.seconds[timing.ENTITIES] / len(missing)}
-                for row, index in zip(rows, missing, strict=True):
-                    found[index] = (row, seconds)
-                    store.put_array(folder, keys[index], row, seconds)
-                store.computed[TEXT] += len(missing)
-            for index, entry in enumerate(found):
-                if index not in missing and entry is not None:
-                    store.reuse(TEXT, store.current_image, entry[1])
-            return torch.from_numpy(np.stack([entry[0] for entry in found if entry is not None]))
+                with timer(timing.ENTITIES):  # text embeddings are part of that stage
+                    rows = embedder([texts[index] for index in missing]).float().cpu().numpy()
+                return list(rows), dict(timer.seconds)
+
+            image = store.current_image
+            rows = store.through(TEXT, folder, keys, compute, lambda _: image)
+            return torch.from_numpy(np.stack(rows))
 
         return embed
 
