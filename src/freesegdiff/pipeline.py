@@ -44,7 +44,7 @@ from freesegdiff.errors import (
     FreeSegDiffError,
     ImageReadError,
 )
-from freesegdiff.features import DiffusionFeatures, FeatureExtractor
+from freesegdiff.features import DiffusionFeatures, FeatureExtractor, check_feature_config
 from freesegdiff.hub import LoadOptions, check_models_available
 from freesegdiff.image_io import ImageInput, fit_longest_side, load_image
 from freesegdiff.refine import Refiner
@@ -169,47 +169,32 @@ def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
     Clusterer(config.clustering, config.seed)
     MaskNamer.check_config(config.classify)
     Refiner(config.refine, device)
-    features = config.features
-    for name in ("image_size", "feature_size"):
-        if getattr(features, name) < 1:
-            raise ConfigError(f"features.{name} must be at least 1, got {getattr(features, name)}")
-    if features.timestep < 0:
-        raise ConfigError(f"features.timestep must be >= 0, got {features.timestep}")
-    if features.extractor not in ("stable-diffusion", "vit"):
-        raise ConfigError(
-            f"features.extractor must be 'stable-diffusion' or 'vit', got {features.extractor!r}"
-        )
-    if features.extractor == "vit" and not config.models.backbone:
+    check_feature_config(config.features)
+    if config.features.extractor == "vit" and not config.models.backbone:
         raise ConfigError(
             "features.extractor 'vit' takes its features from models.backbone: pass a DINOv2, "
             "DINO or CLIP checkpoint with --backbone-model (e.g. facebook/dinov2-base)"
         )
-    if features.kind not in ("queries", "attention", "queries+attention"):
-        raise ConfigError(
-            "features.kind must be 'queries', 'attention' or 'queries+attention', "
-            f"got {features.kind!r}"
-        )
-    if features.attention_classes is not None and not features.attention_classes:
-        raise ConfigError("features.attention_classes is empty: give class names, or null")
-    if features.timesteps is not None:
-        if not features.timesteps or min(features.timesteps) < 0:
-            raise ConfigError(
-                "features.timesteps must be a non-empty list of timesteps >= 0 (or null), "
-                f"got {list(features.timesteps)}"
-            )
-        if features.timestep_combine not in ("mean", "concat"):
-            raise ConfigError(
-                "features.timestep_combine must be 'mean' or 'concat', "
-                f"got {features.timestep_combine!r}"
-            )
-    if not features.layers and not features.resolutions:
-        raise ConfigError("features.layers is empty: name at least one attention layer")
     limits = config.limits
     for name in ("max_pixels", "working_size"):
         value = getattr(limits, name)
         if value is not None and value < 1:
             raise ConfigError(f"limits.{name} must be at least 1 or null (no limit), got {value}")
     return device, dtype
+
+
+def unused_models(config: PipelineConfig, pruning: bool = False) -> tuple[str, ...]:
+    """The fields of ``config.models`` a pipeline of ``config`` never loads (not checked).
+
+    ``pruning``: the caller passes class lists (closed vocabulary); a ViT pipeline then loads
+    Stable Diffusion's text encoder to prune them with the caption, so the diffusion model is
+    needed. Otherwise a ViT pipeline needs no diffusion model, and a Stable Diffusion one no
+    backbone.
+    """
+    if config.features.extractor != "vit":
+        return ("backbone",)
+    prunes = pruning and config.vocabulary.prune_with_caption and config.models.captioner
+    return () if prunes else ("diffusion",)
 
 
 def _no_embedder() -> TextEmbedder:
@@ -271,7 +256,7 @@ class FreeSegDiff:
         device, dtype = check_settings(config)  # before any model loads
         vit = config.features.extractor == "vit"
         if source is None or source is PRETRAINED:  # every missing model in one message
-            check_models_available(config.models, skip=("diffusion",) if vit else ("backbone",))
+            check_models_available(config.models, skip=unused_models(config))
         source = source or PRETRAINED
         if runtime is not None:
             tune_process(runtime)  # before loading: weights get their own mappings

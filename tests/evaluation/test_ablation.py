@@ -141,7 +141,7 @@ def test_the_shipped_grid_has_the_paper_axes_and_every_run_is_a_valid_config():
     base = load_preset("paper")
     runs = expand(grid, base)
     for run in runs:
-        check_settings(run_config(base, run))
+        check_settings(run_config(base, run.settings))
     baseline = [r for r in runs if r.settings == {}]
     assert len(baseline) == 1 and len(baseline[0].appears) == len(grid.studies)
     assert "facebook/dinov2-base" in json.dumps([r.settings for r in runs])

@@ -66,12 +66,13 @@ def run(args: argparse.Namespace) -> int:
         ENTITIES,
         FEATURES,
         TEXT,
+        CachingSource,
         StageStore,
         digest,
         run_feature_setting,
     )
     from freesegdiff.hub import check_models_available
-    from freesegdiff.pipeline import check_settings
+    from freesegdiff.pipeline import check_settings, unused_models
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
@@ -79,17 +80,15 @@ def run(args: argparse.Namespace) -> int:
     args.preset = args.preset or grid.preset or "paper"
     base = config_from_args(args)
     runs = expand(grid, base)
-    configs = {run.run_id: run_config(base, run) for run in runs}
+    configs = {run.run_id: run_config(base, run.settings, run.run_id) for run in runs}
     for config in configs.values():  # every run's settings and models, before any loads
         check_settings(config)
     checked: set[str] = set()
-    for config in configs.values():
-        vit = config.features.extractor == "vit"
-        skip = ("diffusion",) if vit and not config.vocabulary.prune_with_caption else ()
-        key = repr((config.models, skip, vit))
-        if key not in checked:
-            check_models_available(config.models, skip=skip + (() if vit else ("backbone",)))
-            checked.add(key)
+    for config in configs.values():  # closed vocabulary: the classes are pruned
+        skip = unused_models(config, pruning=True)
+        if repr((config.models, skip)) not in checked:
+            check_models_available(config.models, skip=skip)
+            checked.add(repr((config.models, skip)))
     try:
         dataset = open_dataset(args.dataset, args.data_root, class_names_file=args.class_names)
     except DatasetError as error:
@@ -108,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
     def settings_of(config: Any) -> dict[str, Any]:
         return evaluation_settings(args.preset, dataset, vocabulary_of(config), config)
 
-    source = _source(store)
+    source = CachingSource(store)
 
-    def make_predictor(run: Any, config: Any, _dataset: Any) -> Any:
+    def make_predictor(config: Any) -> Any:
         from freesegdiff.evaluation.grounding import NO_CLASS, Grounder
         from freesegdiff.evaluation.runner import pipeline_predictor
         from freesegdiff.pipeline import FreeSegDiff
@@ -155,10 +154,3 @@ def run(args: argparse.Namespace) -> int:
     for result in failed:
         print(f"  {result.run.run_id}: {result.failed} images failed (see its results.json)")
     return 1 if failed else 0
-
-
-def _source(store: Any) -> Any:
-    """The caching model source (a seam: tests count what it loads)."""
-    from freesegdiff.evaluation.stage_cache import CachingSource
-
-    return CachingSource(store)

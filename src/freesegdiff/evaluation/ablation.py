@@ -229,7 +229,7 @@ def expand(grid: Grid, base: PipelineConfig | None = None) -> list[Run]:
             }
             key = digest(settings, 10)
             if base is not None:
-                key = digest(run_config(base, Run(key, settings, [])).to_dict(), 10)
+                key = digest(run_config(base, settings).to_dict(), 10)
             if key not in runs:
                 slug = "_".join(f"{_slug(axis)}={_slug(label)}" for axis, label in labels.items())
                 runs[key] = Run(f"{slug[:60]}-{key}", settings, [])
@@ -242,14 +242,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
 
 
-def run_config(base: PipelineConfig, run: Run) -> PipelineConfig:
-    """``base`` with the run's settings applied (a bad name or value: :class:`ConfigError`)."""
+def run_config(base: PipelineConfig, settings: dict[str, Any], name: str = "") -> PipelineConfig:
+    """``base`` with a run's settings (dotted name -> value) applied; a bad name or value:
+    :class:`ConfigError`, naming the run ``name`` when given."""
     config = base
-    for key, value in run.settings.items():
+    for key, value in settings.items():
         try:
             config = set_by_path(config, key, value)
         except ConfigError as error:
-            raise ConfigError(f"run {run.run_id}: {error}") from error
+            raise ConfigError(f"run {name}: {error}" if name else str(error)) from error
     return config
 
 
@@ -273,7 +274,7 @@ def run_grid(
     runs: Sequence[Run],
     configs: dict[str, PipelineConfig],
     output: str | Path,
-    make_predictor: Callable[[Run, PipelineConfig, Any], Any],
+    make_predictor: Callable[[PipelineConfig], Any],
     settings_of: Callable[[PipelineConfig], dict[str, Any]],
     store: Any,
     limit: int | None = None,
@@ -285,8 +286,8 @@ def run_grid(
     Args:
         dataset: the :class:`~freesegdiff.evaluation.datasets.SegmentationDataset`.
         runs: :func:`expand`'s runs; ``configs``: run id -> its pipeline settings.
-        make_predictor: ``(run, config, dataset) -> predictor`` for
-            :func:`~freesegdiff.evaluation.runner.evaluate`, called only when a run has images
+        make_predictor: a run's config -> its predictor for
+            :func:`~freesegdiff.evaluation.runner.evaluate`, called only when the run has images
             left to predict.
         settings_of: a run config -> the settings stored with its predictions.
         store: the :class:`~freesegdiff.evaluation.stage_cache.StageStore` of shared work.
@@ -313,7 +314,7 @@ def run_grid(
         report = evaluate(
             dataset,
             output / "runs" / run.run_id,
-            partial(make_predictor, run, config, dataset),
+            partial(make_predictor, config),
             protocol="standard",
             limit=limit,
             settings=settings_of(config),
@@ -337,7 +338,6 @@ def run_grid(
             bar.update(1)
     if bar is not None:
         bar.close()
-    write_tables(results, grid, dataset.name, output)
     write_plots(results, grid, output)
     atomic.write_text(output / "shared_work.json", json.dumps(store.summary(), indent=2) + "\n")
     return results
