@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from freesegdiff import timing
 from freesegdiff.config import FeatureConfig
-from freesegdiff.devices import frozen, to_device
+from freesegdiff.devices import frozen
 from freesegdiff.errors import ConfigError
 from freesegdiff.hub import LoadOptions, load_pretrained
 from freesegdiff.timing import StageTimer
@@ -116,17 +116,12 @@ class PatchFeatures:
         return int(vision.hidden_size)
 
     def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 ``(H, W, 3)`` images -> ``(B, 3, S, S)`` normalised, in the model dtype."""
-        from PIL import Image
+        """RGB uint8 ``(H, W, 3)`` images -> ``(B, 3, S, S)`` normalised, in the model dtype
+        (resized with PIL's bilinear filter, as the diffusion features)."""
+        from freesegdiff.features import resized_images
 
-        from freesegdiff.image_io import image_tensor
-
-        batch = []
-        for image in images:
-            picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-            resized = np.asarray(picture.resize((self.side, self.side), Image.Resampling.BILINEAR))
-            batch.append(to_device(image_tensor(resized), self.device)[None].float() / 255.0)
-        pixels = (torch.cat(batch) - self._mean.to(self.device)) / self._std.to(self.device)
+        scaled = resized_images(images, self.side, self.device, "pil") / 255.0
+        pixels = (scaled - self._mean.to(self.device)) / self._std.to(self.device)
         return pixels.to(self.dtype)
 
     @torch.inference_mode()
@@ -160,10 +155,12 @@ class PatchFeatures:
         return maps
 
     def text_embedder(self) -> Any:
-        """There is none: closed-vocabulary pruning uses Stable Diffusion's text encoder."""
+        """There is none: :meth:`FreeSegDiff.from_config` gives the pipeline Stable Diffusion's
+        text encoder alone for closed-vocabulary pruning (``models.diffusion``)."""
         raise ConfigError(
             "a ViT backbone has no text encoder to match the caption against the class names; "
-            "set vocabulary.prune_with_caption to false (--no-prune) or use the diffusion features"
+            "build the pipeline with FreeSegDiff.from_config (it prunes with Stable Diffusion's "
+            "text encoder), or set vocabulary.prune_with_caption to false (--no-prune)"
         )
 
     def release_unused(self) -> dict[str, list[str]]:

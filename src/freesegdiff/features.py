@@ -120,6 +120,15 @@ def images_to_tensor(
     ``resize="pil"``, PIL's bilinear filter on the uint8 image with a uint8 result (the
     released script); ``"torch"``, antialiased bilinear in float on ``device``, no rounding.
     """
+    return resized_images(images, size, device, resize).clamp(0, 255) / 127.5 - 1.0
+
+
+def resized_images(
+    images: Sequence[np.ndarray], size: int, device: torch.device, resize: str = "pil"
+) -> torch.Tensor:
+    """RGB uint8 ``(H, W, 3)`` images -> ``(B, 3, size, size)`` float32 pixel values (0..255;
+    ``"torch"``'s antialiasing may overshoot that range), resized as :func:`images_to_tensor`
+    says."""
     if resize not in ("pil", "torch"):
         raise ConfigError(f"features.resize must be 'pil' or 'torch', got {resize!r}")
     batch = []
@@ -135,7 +144,7 @@ def images_to_tensor(
                 pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True
             )
         batch.append(pixels)
-    return torch.cat(batch).clamp(0, 255) / 127.5 - 1.0
+    return torch.cat(batch)
 
 
 def _refuse_call(module: torch.nn.Module, *_: Any) -> None:
@@ -187,6 +196,46 @@ class FeatureRuntime(Protocol):
         self, features: DiffusionFeatures, pixels: torch.Tensor
     ) -> AbstractContextManager[None]:
         """Wraps each VAE encode of ``pixels``."""
+
+
+def check_feature_config(features: FeatureConfig) -> None:
+    """Check the ``features`` settings that need no model (docs/method.md, steps 3 to 7).
+
+    What depends on a model (layer names, the sizes the UNet takes, the scheduler's timestep
+    range) is checked when it is loaded.
+
+    Raises:
+        ConfigError: the first setting that cannot work, named.
+    """
+    for name in ("image_size", "feature_size"):
+        if getattr(features, name) < 1:
+            raise ConfigError(f"features.{name} must be at least 1, got {getattr(features, name)}")
+    if features.timestep < 0:
+        raise ConfigError(f"features.timestep must be >= 0, got {features.timestep}")
+    if features.extractor not in ("stable-diffusion", "vit"):
+        raise ConfigError(
+            f"features.extractor must be 'stable-diffusion' or 'vit', got {features.extractor!r}"
+        )
+    if features.kind not in ("queries", "attention", "queries+attention"):
+        raise ConfigError(
+            "features.kind must be 'queries', 'attention' or 'queries+attention', "
+            f"got {features.kind!r}"
+        )
+    if features.attention_classes is not None and not features.attention_classes:
+        raise ConfigError("features.attention_classes is empty: give class names, or null")
+    if features.timesteps is not None:
+        if not features.timesteps or min(features.timesteps) < 0:
+            raise ConfigError(
+                "features.timesteps must be a non-empty list of timesteps >= 0 (or null), "
+                f"got {list(features.timesteps)}"
+            )
+        if features.timestep_combine not in ("mean", "concat"):
+            raise ConfigError(
+                "features.timestep_combine must be 'mean' or 'concat', "
+                f"got {features.timestep_combine!r}"
+            )
+    if not features.layers and not features.resolutions:
+        raise ConfigError("features.layers is empty: name at least one attention layer")
 
 
 class FeatureExtractor(Protocol):
@@ -255,6 +304,7 @@ class DiffusionFeatures:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.runtime = runtime
+        check_feature_config(config)  # what needs no model; the model's limits below
         if runtime is not None:
             runtime.tune_models(self)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -277,13 +327,6 @@ class DiffusionFeatures:
                 )
         self._empty_embedding: torch.Tensor | None = None
         self._class_keys: dict[str, torch.Tensor] | None = None
-        if config.kind not in ("queries", "attention", "queries+attention"):
-            raise ConfigError(
-                "features.kind must be 'queries', 'attention' or 'queries+attention', "
-                f"got {config.kind!r}"
-            )
-        if config.attention_classes is not None and not config.attention_classes:
-            raise ConfigError("features.attention_classes is empty: give class names, or null")
         # model -> modules freed by release_unused / release_text_encoder ("": all of it)
         self.released: dict[str, list[str]] = {}
 
@@ -616,22 +659,20 @@ class DiffusionFeatures:
                     chunk, self.config.image_size, self.device, self.config.resize
                 )
                 latents = self.encode(pixels, chunk_generators)
-            if self.config.timesteps is None:  # one timestep: config.timestep
-                with timer(timing.UNET):
-                    noisy = self.add_noise(latents, chunk_generators)
-                    queries = self.unet_queries(noisy, stop_early=stop_early)
-                with timer(timing.FEATURES):
-                    parts.append(self.assemble(queries))
-                continue
-            # several timesteps: one noise draw per image, noised to each t, one UNet pass each
-            noise = randn_per_image(tuple(latents.shape[1:]), chunk_generators, self.device)
+            # one noise draw per image, noised to each timestep (features.timesteps, else
+            # features.timestep), one UNet pass each
+            with timer(timing.UNET):
+                noise = randn_per_image(tuple(latents.shape[1:]), chunk_generators, self.device)
             maps = []
-            for timestep in self.config.timesteps:
+            for timestep in self.config.timesteps or (self.config.timestep,):
                 with timer(timing.UNET):
                     noisy = self.add_noise(latents, chunk_generators, timestep, noise)
                     queries = self.unet_queries(noisy, stop_early, timestep)
                 with timer(timing.FEATURES):
                     maps.append(self.assemble(queries))
+            if len(maps) == 1:
+                parts.append(maps[0])
+                continue
             with timer(timing.FEATURES):
                 combined = (
                     torch.stack(maps).mean(0)
