@@ -31,7 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,24 +79,7 @@ def run_freesegdiff(args: argparse.Namespace) -> dict:
     pipe = FreeSegDiff.from_config(config, runtime=runtime)
     pipe.release_text_encoder()
     after_loading(runtime)
-    load_seconds = time.perf_counter() - began
-    load_peak = _peak_gb()
-    seconds, maps, captions = [], [], []
-    for index, photo in enumerate(_photos(args.images)):
-        began = time.perf_counter()
-        result = pipe(photo)
-        if index:
-            seconds.append(time.perf_counter() - began)
-            maps.append(result.label_map)
-            captions.append(result.caption)
-    return {
-        "seconds": seconds,
-        "load_seconds": load_seconds,
-        "load_peak_gb": load_peak,
-        "peak_gb": _peak_gb(),
-        "captions": captions,
-        "maps": _save_maps(args, maps),
-    }
+    return _measure(args, pipe, time.perf_counter() - began, _peak_gb())
 
 
 def run_released(args: argparse.Namespace) -> dict:
@@ -111,18 +96,34 @@ def run_released(args: argparse.Namespace) -> dict:
     released._blip(folders["captioner"])
     released._clip(folders["clip"])
     released._spacy()
-    load_seconds = time.perf_counter() - began
-    load_peak = _peak_gb()
+    load_seconds, load_peak = time.perf_counter() - began, _peak_gb()
+
+    @torch.inference_mode()
+    def segment(photo: np.ndarray) -> Any:
+        return released.released_segment(
+            photo,
+            sd_folder=folders["diffusion"],
+            clip_folder=folders["clip"],
+            blip_folder=folders["captioner"],
+        )
+
+    return _measure(args, segment, load_seconds, load_peak)
+
+
+def _measure(
+    args: argparse.Namespace,
+    segment: Callable[[np.ndarray], Any],
+    load_seconds: float,
+    load_peak: float,
+) -> dict:
+    """Segment the photos one by one (the first a warm-up, not counted); the figures of a side.
+
+    ``segment(photo)`` returns something with ``label_map`` and ``caption``.
+    """
     seconds, maps, captions = [], [], []
     for index, photo in enumerate(_photos(args.images)):
         began = time.perf_counter()
-        with torch.inference_mode():
-            output = released.released_segment(
-                photo,
-                sd_folder=folders["diffusion"],
-                clip_folder=folders["clip"],
-                blip_folder=folders["captioner"],
-            )
+        output = segment(photo)
         if index:
             seconds.append(time.perf_counter() - began)
             maps.append(output.label_map)

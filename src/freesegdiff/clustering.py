@@ -187,6 +187,15 @@ def _mean_centers(
     return torch.where(sizes[:, None] > 0, sums * reciprocal[:, None], centers)
 
 
+def _check_points(points: torch.Tensor, k: int) -> None:
+    """k-means' input: ``(N, C)`` points and ``1 <= k <= N``."""
+    if points.ndim != 2:
+        raise ValueError(f"points must be (N, C), got {tuple(points.shape)}")
+    count = points.shape[0]
+    if not 1 <= k <= count:
+        raise ConfigError(f"k-means needs 1 <= k <= number of points ({count}), got k={k}")
+
+
 def kmeans(
     points: torch.Tensor,
     k: int,
@@ -205,11 +214,7 @@ def kmeans(
         tol: relative tolerance, multiplied by the mean per-feature variance (as scikit-learn).
         init: ``(k, C)`` starting centres instead of k-means++ (then ``n_init`` is 1).
     """
-    if points.ndim != 2:
-        raise ValueError(f"points must be (N, C), got {tuple(points.shape)}")
-    count = points.shape[0]
-    if not 1 <= k <= count:
-        raise ConfigError(f"k-means needs 1 <= k <= number of points ({count}), got k={k}")
+    _check_points(points, k)
     # Row-major: the transposed view of a feature map makes every product in the iterations
     # much slower than one copy up front (benchmarks/RESULTS.md).
     points = points.float().contiguous()
@@ -266,11 +271,7 @@ def sklearn_kmeans(
     Returns:
         The best run: labels ``(N,)``, centres ``(k, C)`` (uncentred), inertia, iterations.
     """
-    if points.ndim != 2:
-        raise ValueError(f"points must be (N, C), got {tuple(points.shape)}")
-    count = points.shape[0]
-    if not 1 <= k <= count:
-        raise ConfigError(f"k-means needs 1 <= k <= number of points ({count}), got k={k}")
+    _check_points(points, k)
     if version not in ("1.2", "1.3"):
         raise ConfigError(f"scikit-learn draws of version '1.2' or '1.3', got {version!r}")
     points = points.float().contiguous()

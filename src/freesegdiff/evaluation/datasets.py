@@ -383,18 +383,23 @@ def _coco_stuff_entries(folder: Path, suffixes: Sequence[str]) -> list[_Entry]:
     return entries
 
 
-def open_coco_stuff171(root: Path) -> LabelFileDataset:
-    """COCO-Stuff-164k val (5,000 images), 171 classes."""
+def _open_coco_stuff(root: Path, name: str, table: np.ndarray, note: str = "") -> LabelFileDataset:
+    """COCO-Stuff-164k val's train-id label files, mapped to ``name``'s classes by ``table``."""
     folder = find_dataset_folder(
         root, ["", "coco_stuff164k"], "annotations/val2017", "COCO-Stuff-164k"
     )
     return LabelFileDataset(
-        "coco-stuff171",
+        name,
         _coco_stuff_entries(folder, ["_labelTrainIds.png"]),
-        identity_table(171),
+        table,
         background_id=None,
-        source=f"{folder} (annotations/val2017/*_labelTrainIds.png)",
+        source=f"{folder} (annotations/val2017/*_labelTrainIds.png{note})",
     )
+
+
+def open_coco_stuff171(root: Path) -> LabelFileDataset:
+    """COCO-Stuff-164k val (5,000 images), 171 classes."""
+    return _open_coco_stuff(root, "coco-stuff171", identity_table(171))
 
 
 # COCO-Stuff train ids 0..79 are the things (COCO-Object 1..80), 80..170 the stuff (background).
@@ -422,16 +427,7 @@ COCO_STUFF_TO_27 = lookup_table({**dict(enumerate(COCO_STUFF_SUPERCATEGORY)), VO
 
 def open_coco_stuff27(root: Path) -> LabelFileDataset:
     """COCO-Stuff-164k val (5,000 images) in its 27 supercategories (12 thing, 15 stuff)."""
-    folder = find_dataset_folder(
-        root, ["", "coco_stuff164k"], "annotations/val2017", "COCO-Stuff-164k"
-    )
-    return LabelFileDataset(
-        "coco-stuff27",
-        _coco_stuff_entries(folder, ["_labelTrainIds.png"]),
-        COCO_STUFF_TO_27,
-        background_id=None,
-        source=f"{folder} (annotations/val2017/*_labelTrainIds.png, 171 -> 27 supercategories)",
-    )
+    return _open_coco_stuff(root, "coco-stuff27", COCO_STUFF_TO_27, ", 171 -> 27 supercategories")
 
 
 def open_coco_object(root: Path) -> SegmentationDataset:
