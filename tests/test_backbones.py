@@ -1,5 +1,5 @@
-"""ViT patch-token features (features.extractor = "vit"): tiny random DINOv2, ViT and CLIP
-models built here, saved in the Hub layout and loaded through the same path as real weights."""
+"""ViT patch-token features (features.extractor = "vit"): tiny random DINOv2, ViT, CLIP and
+MAE models built here, saved in the Hub layout and loaded through the same path as real weights."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def _save(kind: str, folder: Path) -> Path:
         Dinov2WithRegistersModel,
         ViTConfig,
         ViTImageProcessor,
+        ViTMAEConfig,
+        ViTMAEForPreTraining,
         ViTModel,
     )
 
@@ -47,6 +49,18 @@ def _save(kind: str, folder: Path) -> Path:
             ViTConfig(**SMALL, intermediate_size=32, patch_size=8, image_size=32),
             add_pooling_layer=False,
         )
+    elif kind == "mae":  # the Hub's MAE checkpoints hold the pre-training model, decoder and all
+        config = ViTMAEConfig(
+            **SMALL,
+            intermediate_size=32,
+            patch_size=8,
+            image_size=32,
+            decoder_hidden_size=8,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+            decoder_intermediate_size=16,
+        )
+        model = ViTMAEForPreTraining(config)
     else:
         vision = {**SMALL, "intermediate_size": 32, "patch_size": 8, "image_size": 32}
         text = {**SMALL, "intermediate_size": 32, "vocab_size": 99}
@@ -59,7 +73,7 @@ def _save(kind: str, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind", ["dinov2", "dinov2-registers", "vit", "clip"])
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2-registers", "vit", "clip", "mae"])
 def test_patch_features_are_the_chosen_hidden_states_on_the_patch_grid(kind, tmp_path, photos):
     from freesegdiff.backbones import PatchFeatures
 
@@ -73,20 +87,30 @@ def test_patch_features_are_the_chosen_hidden_states_on_the_patch_grid(kind, tmp
     pixels = features.pixels(images)
     assert pixels.shape == (2, 3, 56, 56)
     extra = {} if kind.startswith("dinov2") else {"interpolate_pos_encoding": True}
+    if kind == "mae":  # every patch kept, in a random order: ids_restore puts them back
+        assert features.model.config.mask_ratio == 0.0
+        extra["noise"] = torch.rand(2, 49, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         hidden = features.model(pixel_values=pixels, output_hidden_states=True, **extra)
     skip = 5 if kind == "dinov2-registers" else 1
     tokens = hidden.hidden_states[1][:, skip:]
+    if kind == "mae":
+        order = torch.argsort(extra["noise"], dim=1)  # token i is patch order[:, i]
+        assert not torch.equal(order, torch.arange(49).expand(2, -1))
+        tokens = torch.empty_like(tokens).scatter_(1, order[:, :, None].expand(-1, -1, 16), tokens)
     assert tokens.shape[1] == 49
     grid = tokens.transpose(1, 2).reshape(2, 16, 7, 7)
     expected = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)
     torch.testing.assert_close(ours, expected)
 
 
-def test_the_pipeline_runs_on_a_vit_backbone_without_loading_stable_diffusion(tmp_path, photos):
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2-registers", "vit", "clip", "mae"])
+def test_the_pipeline_runs_on_a_vit_backbone_without_loading_stable_diffusion(
+    kind, tmp_path, photos
+):
     from freesegdiff import FreeSegDiff
 
-    folder = _save("dinov2", tmp_path)
+    folder = _save(kind, tmp_path)
     overrides = {
         "features.extractor": "vit",
         "models.backbone": str(folder),

@@ -14,6 +14,7 @@ from freesegdiff.features import (
     DiffusionFeatures,
     images_to_tensor,
     list_attention_layers,
+    list_unet_layers,
     select_layers,
 )
 
@@ -55,6 +56,102 @@ def test_unknown_layer_and_size_are_explained(extractor):
         select_layers(extractor.unet, layers=("down_blocks.9.attentions.0",))
     with pytest.raises(ConfigError, match=r"sizes are \[8, 16, 32, 64\]"):
         select_layers(extractor.unet, resolutions=(3,), image_size=512, vae_scale=8)
+
+
+def test_resnet_layers_follow_sd_naming_sizes_and_order(extractor):
+    resnets = list_unet_layers(extractor.unet, "resnet")
+    names = [layer.name for layer in resnets]
+    # SD 1.x: 2 resnets in each down block, 2 in the mid block, 3 in each up block
+    assert len(names) == 4 * 2 + 2 + 4 * 3
+    assert names[:3] == [
+        "down_blocks.0.resnets.0",
+        "down_blocks.0.resnets.1",
+        "down_blocks.1.resnets.0",
+    ]
+    by_name = {layer.name: layer for layer in resnets}
+    assert by_name["down_blocks.2.resnets.0"].downsample == 4
+    assert by_name["mid_block.resnets.1"].downsample == 8
+    assert by_name["up_blocks.1.resnets.2"].downsample == 4
+    # tiny block_out_channels (8, 16, 32, 32): down block 1's resnets give 16, up block 3's 8
+    assert by_name["down_blocks.1.resnets.0"].channels == 16
+    assert by_name["up_blocks.3.resnets.2"].channels == 8
+    # execution order interleaves them with the attention layers: resnets.i, attentions.i
+    both = sorted(resnets + list_attention_layers(extractor.unet), key=lambda layer: layer.order)
+    assert [layer.name for layer in both[:4]] == [
+        "down_blocks.0.resnets.0",
+        "down_blocks.0.attentions.0",
+        "down_blocks.0.resnets.1",
+        "down_blocks.0.attentions.1",
+    ]
+    mid = [layer.name for layer in both if layer.name.startswith("mid_block")]
+    assert mid == ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"]
+    # the paper's 16x16 level at 512 input: down block 2's two resnets, up block 1's three
+    at_16 = select_layers(extractor.unet, resolutions=(16,), kind="resnet")
+    assert [layer.name for layer in at_16] == [
+        "down_blocks.2.resnets.0",
+        "down_blocks.2.resnets.1",
+        "up_blocks.1.resnets.0",
+        "up_blocks.1.resnets.1",
+        "up_blocks.1.resnets.2",
+    ]
+    with pytest.raises(ConfigError, match=r"resnet blocks.*features\.resolutions"):
+        select_layers(extractor.unet, layers=PAPER_LAYERS, kind="resnet")
+
+
+def _module_outputs(extractor, names, image, take_input=False):
+    """What the modules ``names`` of the UNet give (or, ``take_input``, are given) in one call
+    of ``extractor``."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        module = extractor.unet.get_submodule(name)
+        if take_input:  # before the module runs: the pass may stop inside it
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda _m, args, kwargs, name=name: seen.__setitem__(
+                        name, kwargs.get("hidden_states", args[0] if args else None)
+                    ),
+                    with_kwargs=True,
+                )
+            )
+        else:
+            handles.append(
+                module.register_forward_hook(
+                    lambda _m, _args, output, name=name: seen.__setitem__(name, output)
+                )
+            )
+    try:
+        extractor([image], seed=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen[name] for name in names]
+
+
+def test_hidden_and_resnet_features_are_the_layers_own_tensors(extractor, tiny_sd_path, photos):
+    """features.kind "hidden" (attn2's input) and "resnet" (resnet outputs), recomputed from
+    hooks the test puts on the modules during the paper features' own UNet pass."""
+    image = photos["astronaut"]
+    inputs = _module_outputs(
+        extractor, [f"{name}.transformer_blocks.0.attn2" for name in PAPER_LAYERS], image, True
+    )
+    resnet_names = [f"down_blocks.2.resnets.{i}" for i in range(2)]
+    resnet_names += [f"up_blocks.1.resnets.{i}" for i in range(3)]
+    outputs = _module_outputs(extractor, resnet_names, image)
+    for kind, taken in (("hidden", inputs), ("resnet", outputs)):
+        config = FeatureConfig(image_size=256, kind=kind, resolutions=(8,))
+        other = DiffusionFeatures.from_pretrained(str(tiny_sd_path), config=config, device=CPU)
+        ours = other([image], seed=0)
+        expected = []
+        for tensor in taken:
+            grid = tensor if tensor.ndim == 4 else tensor.transpose(1, 2).reshape(1, -1, 8, 8)
+            expected.append(
+                F.interpolate(grid, size=(32, 32), mode="bilinear", align_corners=False)
+            )
+        assert ours.shape == (1, other.channels, 32, 32) and other.channels == 5 * 32
+        torch.testing.assert_close(ours, torch.cat(expected, 1))
+        # the pass stops after the last of them and gives what the whole pass gives
+        torch.testing.assert_close(other([image], seed=0, stop_early=False), ours)
 
 
 def test_images_to_tensor_scales_to_minus_one_one():
@@ -253,3 +350,28 @@ def test_several_timesteps_average_or_stack_the_single_timestep_features(tiny_sd
     assert stacked.shape[1] == stacked_extractor.channels == 2 * singles[0].shape[1]
     with pytest.raises(ConfigError, match=r"features\.timesteps"):
         build(timesteps=(0, 5000))
+
+
+@pytest.mark.parametrize("kind", ["hidden", "resnet"])
+def test_the_pipeline_segments_with_hidden_state_and_resnet_features(kind, photos):
+    from freesegdiff import FreeSegDiff
+
+    overrides = {"features.kind": kind, "features.resolutions": [8]}
+    pipe = FreeSegDiff.from_preset("tiny", overrides=overrides)
+    assert [layer.name for layer in pipe.features.layers][-1] == (
+        "up_blocks.1.attentions.2" if kind == "hidden" else "up_blocks.1.resnets.2"
+    )
+    result = pipe(photos["coffee"])
+    assert result.label_map.shape == photos["coffee"].shape[:2]
+    assert np.unique(result.cluster_map).size == 4  # the tiny preset's K
+
+
+def test_layers_of_the_wrong_family_are_refused_before_loading():
+    from freesegdiff.features import check_feature_config
+
+    with pytest.raises(ConfigError, match=r"'resnet' reads resnet blocks.*features\.resolutions"):
+        check_feature_config(FeatureConfig(kind="resnet"))  # the paper's attention layers
+    with pytest.raises(ConfigError, match=r"'hidden' reads attention layers"):
+        check_feature_config(FeatureConfig(kind="hidden", layers=("up_blocks.1.resnets.0",)))
+    check_feature_config(FeatureConfig(kind="resnet", resolutions=(16,)))
+    check_feature_config(FeatureConfig(kind="resnet", layers=("up_blocks.1.resnets.0",)))

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -357,3 +358,12 @@ def test_the_refiner_gets_crf_processes_only_for_pydensecrf():
     single = Refiner(RefineConfig(backend="pydensecrf"))
     RuntimeOptions(crf_processes=1).tune_refiner(single)
     assert single.pool is None
+
+
+def test_resnet_features_are_untouched_by_the_inplace_resnets(tiny_sd_path, images):
+    """features.kind "resnet" hooks the blocks the runtime rewrites: their outputs stay exact."""
+    config = FeatureConfig(image_size=256, kind="resnet", resolutions=(8, 16))
+    make = partial(DiffusionFeatures.from_pretrained, str(tiny_sd_path), config=config, device=CPU)
+    tuned = make(runtime=RuntimeOptions.fast())
+    assert any("forward" in vars(block) for block in tuned.unet.modules())
+    assert torch.equal(tuned(images, seed=0), make()(images, seed=0))

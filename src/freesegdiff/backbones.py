@@ -3,12 +3,14 @@
 
 :class:`PatchFeatures` is a :class:`~freesegdiff.features.FeatureExtractor` over a
 transformers vision transformer: DINOv2 (with or without registers), DINO and other ``ViTModel``
-checkpoints, and CLIP's vision tower. Each image is resized to a square of ``image_size``
-rounded down to the patch size (bilinear, aspect not kept, as the diffusion features), scaled
-with the checkpoint's own mean and std, and encoded once; the features are the patch tokens of
-hidden state ``features.vit_layer`` (``-1``: the last block's output, before the final
-normalisation; ``hidden_states`` numbering: 0 is the patch embedding), class and register
-tokens dropped, laid out on the patch grid and resized bilinearly to ``feature_size``.
+checkpoints, CLIP's vision tower, and MAE's encoder (``ViTMAEModel``, its masking turned off:
+``mask_ratio`` 0 and a fixed patch order, so every patch is encoded and put back in place).
+Each image is resized to a square of ``image_size`` rounded down to the patch size (bilinear,
+aspect not kept, as the diffusion features), scaled with the checkpoint's own mean and std, and
+encoded once; the features are the patch tokens of hidden state ``features.vit_layer`` (``-1``:
+the last block's output, before the final normalisation; ``hidden_states`` numbering: 0 is the
+patch embedding), class and register tokens dropped, laid out on the patch grid and resized
+bilinearly to ``feature_size``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SUPPORTED = {
     "vit": True,
     "clip": True,
     "clip_vision_model": True,
+    "vit_mae": True,  # every patch kept (mask_ratio 0), un-shuffled with ids_restore
 }
 _WHAT = "feature backbone"
 _FLAG = "--backbone-model"
@@ -63,6 +66,10 @@ class PatchFeatures:
         self.patch_size = int(vision.patch_size)
         self.skip_tokens = 1 + int(getattr(vision, "num_register_tokens", 0) or 0)
         self._interpolate = SUPPORTED[model_type]
+        self._mae = model_type == "vit_mae"
+        if self._mae:  # encode every patch: MAE's pre-training masks 75 % of them
+            self.model.config.mask_ratio = 0.0
+            self.model.embeddings.config.mask_ratio = 0.0
         self._mean = torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1)
         self.side = (config.image_size // self.patch_size) * self.patch_size
@@ -88,8 +95,9 @@ class PatchFeatures:
         dtype: torch.dtype = torch.float32,
         load: LoadOptions | None = None,
     ) -> PatchFeatures:
-        """Load a DINOv2, DINO / ViT or CLIP checkpoint (CLIP: its vision tower) and its image
-        processor's mean and std, the weights straight into ``dtype`` on ``device``.
+        """Load a DINOv2, DINO / ViT, CLIP or MAE checkpoint (CLIP: its vision tower; MAE: its
+        encoder) and its image processor's mean and std, the weights straight into ``dtype`` on
+        ``device``.
 
         Raises:
             ConfigError: the checkpoint is not a supported vision transformer.
@@ -136,14 +144,22 @@ class PatchFeatures:
         nothing is random and every block up to the chosen layer runs)."""
         timer = timer or StageTimer(self.device)
         with timer(timing.UNET):
-            extra = {"interpolate_pos_encoding": True} if self._interpolate else {}
+            extra: dict[str, Any] = {}
+            if self._interpolate:
+                extra["interpolate_pos_encoding"] = True
+            grid = self.side // self.patch_size
+            if self._mae:  # a fixed order instead of random noise (which draws from torch's RNG)
+                order = torch.arange(grid * grid, device=self.device, dtype=torch.float32)
+                extra["noise"] = order.expand(len(images), -1)
             output = self.model(
                 pixel_values=self.pixels(images), output_hidden_states=True, **extra
             )
             hidden = output.hidden_states[self.config.vit_layer]  # (B, tokens, C)
         with timer(timing.FEATURES):
             patches = hidden[:, self.skip_tokens :].float()
-            grid = self.side // self.patch_size
+            if self._mae:  # the encoder's order back to the patch grid's
+                restore = output.ids_restore[:, :, None].expand(-1, -1, patches.shape[-1])
+                patches = torch.gather(patches, 1, restore)
             if patches.shape[1] != grid * grid:
                 raise RuntimeError(
                     f"the backbone gave {patches.shape[1]} patch tokens, not {grid}x{grid}"
@@ -176,6 +192,7 @@ def _unsupported(model_type: str, name: str | None = None) -> str:
     return (
         f"{which} a {model_type!r} model; the ViT backbones are DINOv2 ('dinov2', "
         "'dinov2_with_registers', e.g. facebook/dinov2-base), DINO and other ViTs ('vit', e.g. "
-        "facebook/dino-vitb16) and CLIP ('clip', its vision tower). Pass one with "
+        "facebook/dino-vitb16), CLIP ('clip', its vision tower) and MAE ('vit_mae', e.g. "
+        "facebook/vit-mae-base). Pass one with "
         f"{_FLAG}."
     )

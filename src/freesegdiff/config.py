@@ -100,9 +100,11 @@ class FeatureConfig:
     feature_size: int = 32  # each map is resized (bilinear) to feature_size x feature_size
     sample_latent: bool = True  # sample the VAE posterior (paper); False: take its mean
     # what the features are: "queries" (the attn2 query projections, released default),
-    # "attention" (the released attention mode: per head, the queries' scores against the keys
-    # of pooled class-prompt embeddings) or "queries+attention" (attention maps, then queries)
-    kind: Literal["queries", "attention", "queries+attention"] = "queries"
+    # "hidden" (attn2's input hidden states: the query projection's input), "resnet" (the outputs
+    # of the resnet blocks named in layers or chosen by resolutions), "attention" (the released
+    # attention mode: per head, the queries' scores against the keys of pooled class-prompt
+    # embeddings) or "queries+attention" (attention maps, then queries)
+    kind: Literal["queries", "hidden", "resnet", "attention", "queries+attention"] = "queries"
     attention_classes: tuple[str, ...] | None = None  # class names of "attention"; None: VOC19
     # "stable-diffusion" (the method) or "vit": patch tokens of models.backbone (backbones.py)
     extractor: Literal["stable-diffusion", "vit"] = "stable-diffusion"

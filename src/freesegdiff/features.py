@@ -5,9 +5,12 @@ docs/method.md, steps 3 to 7.
 An image is resized to ``image_size`` squared, scaled to [-1, 1], encoded by the VAE (a posterior
 sample times the scaling factor), noised to timestep ``t`` and passed once through the UNet with
 the empty-prompt embedding. Forward hooks take the query projection ``attn2.to_q(hidden_states)``
-of the first transformer block of the chosen attention layers; the UNet stops right after the
-last of them (later blocks would only cost time). Every map is resized bilinearly to
-``feature_size`` squared and the maps are concatenated along channels.
+of the first transformer block of the chosen attention layers (``features.kind``: ``"queries"``,
+the released features; ``"hidden"``, the projection's input, i.e. the cross-attention's input
+hidden states; ``"resnet"``, the outputs of chosen resnet blocks instead; ``"attention"``, the
+released attention maps of the queries); the UNet stops right after the last of them (later
+blocks would only cost time). Every map is resized bilinearly to ``feature_size`` squared and
+the maps are concatenated along channels.
 
 The models run as diffusers releases them. Speed and memory tuning (in-place ResNet forwards,
 channels-last, heap buffers) lives in :mod:`freesegdiff.runtime` and is used only when a
@@ -38,8 +41,18 @@ from freesegdiff.timing import StageTimer
 
 logger = logging.getLogger(__name__)
 
-_ATTENTION = re.compile(r"^(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\.attentions\.(\d+)$")
+_LAYER = re.compile(
+    r"^(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\.(attentions|resnets)\.(\d+)$"
+)
 QUERY_SUFFIX = "transformer_blocks.0.attn2.to_q"
+# features.kind -> the UNet layers it reads ("attentions" or "resnets") and what it takes there
+KINDS = {
+    "queries": "attentions",  # attn2.to_q's output (the released features)
+    "hidden": "attentions",  # attn2.to_q's input: the cross-attention's input hidden states
+    "resnet": "resnets",  # a resnet block's output
+    "attention": "attentions",  # the released attention maps (from the queries)
+    "queries+attention": "attentions",
+}
 
 
 class _StopForward(Exception):
@@ -47,36 +60,52 @@ class _StopForward(Exception):
 
 
 @dataclass(frozen=True)
-class AttentionLayer:
-    """One cross-attention layer of the UNet, as the features see it."""
+class UNetLayer:
+    """One UNet layer the features read (a cross-attention layer or a resnet block)."""
 
-    name: str  # e.g. "up_blocks.1.attentions.0"
+    name: str  # e.g. "up_blocks.1.attentions.0" or "up_blocks.1.resnets.2"
     order: int  # position in the UNet's execution order
     downsample: int  # feature map side = latent side / downsample
-    channels: int  # width of its query projection
+    channels: int  # width of what is taken there (see list_unet_layers)
 
 
-def list_attention_layers(unet: torch.nn.Module) -> list[AttentionLayer]:
-    """Every attention layer of a diffusers ``UNet2DConditionModel``, in execution order."""
+def list_unet_layers(unet: torch.nn.Module, kind: str = "queries") -> list[UNetLayer]:
+    """The layers of a diffusers ``UNet2DConditionModel`` that ``features.kind`` ``kind`` reads,
+    in execution order: the cross-attention layers (``channels``: the query width; for
+    ``"hidden"`` the width of the attention's input) or, for ``"resnet"``, the resnet blocks of
+    every down, mid and up block (``channels``: their output channels)."""
     config: Any = unet.config
     levels = len(config.block_out_channels)
+    family = KINDS.get(kind, "attentions")
     found = []
     for name, module in unet.named_modules():
-        match = _ATTENTION.match(name)
-        if match is None:
+        match = _LAYER.match(name)
+        if match is None or match.group(4) != family:
             continue
-        down, up, index = match.group(2), match.group(3), int(match.group(4))
+        down, up, index = match.group(2), match.group(3), int(match.group(5))
         if down is not None:
             section, block, downsample = 0, int(down), 2 ** int(down)
         elif up is not None:
             section, block, downsample = 2, int(up), 2 ** (levels - 1 - int(up))
         else:
             section, block, downsample = 1, 0, 2 ** (levels - 1)
-        query = module.get_submodule(QUERY_SUFFIX)
-        order = section * 10_000 + block * 100 + index
-        found.append(AttentionLayer(name, order, downsample, int(query.out_features)))
+        # a block runs resnets.i, then attentions.i (the mid block: resnets.0, attentions.0,
+        # resnets.1)
+        order = section * 10_000 + block * 100 + 2 * index + (family == "attentions")
+        if family == "resnets":
+            channels = int(module.out_channels)
+        else:
+            query = module.get_submodule(QUERY_SUFFIX)
+            channels = int(query.in_features if kind == "hidden" else query.out_features)
+        found.append(UNetLayer(name, order, downsample, channels))
     found.sort(key=lambda layer: layer.order)
     return found
+
+
+def list_attention_layers(unet: torch.nn.Module) -> list[UNetLayer]:
+    """Every cross-attention layer of a diffusers ``UNet2DConditionModel``, in execution
+    order."""
+    return list_unet_layers(unet, "queries")
 
 
 def select_layers(
@@ -85,27 +114,36 @@ def select_layers(
     resolutions: Sequence[int] | None = None,
     image_size: int = 512,
     vae_scale: int = 8,
-) -> list[AttentionLayer]:
-    """The attention layers to hook, by name or by feature-map side at ``image_size`` input.
+    kind: str = "queries",
+) -> list[UNetLayer]:
+    """The layers to hook, by name or by feature-map side at ``image_size`` input: attention
+    layers, or resnet blocks when ``kind`` is ``"resnet"``.
 
     Raises :class:`ConfigError` naming the unknown layers or the sizes no layer has.
     """
-    available = list_attention_layers(unet)
+    available = list_unet_layers(unet, kind)
+    what = "resnet blocks" if KINDS.get(kind) == "resnets" else "attention layers"
     if resolutions:
         latent = image_size // vae_scale
         chosen = [layer for layer in available if latent // layer.downsample in set(resolutions)]
         if not chosen:
             sides = sorted({latent // layer.downsample for layer in available})
             raise ConfigError(
-                f"no attention layer has a {list(resolutions)} feature map at image_size "
+                f"no {what[:-1]} has a {list(resolutions)} feature map at image_size "
                 f"{image_size}; this UNet's sizes are {sides}"
             )
         return chosen
     by_name = {layer.name: layer for layer in available}
     unknown = [name for name in layers if name not in by_name]
     if unknown or not layers:
+        hint = (
+            " (features.kind 'resnet' reads resnet blocks: name them in features.layers or "
+            "choose them by size with features.resolutions)"
+            if what == "resnet blocks"
+            else ""
+        )
         raise ConfigError(
-            f"unknown attention layers {unknown or '(none given)'}; this UNet has: "
+            f"unknown {what} {unknown or '(none given)'}{hint}; this UNet has: "
             + ", ".join(by_name)
         )
     return sorted((by_name[name] for name in dict.fromkeys(layers)), key=lambda x: x.order)
@@ -216,10 +254,10 @@ def check_feature_config(features: FeatureConfig) -> None:
         raise ConfigError(
             f"features.extractor must be 'stable-diffusion' or 'vit', got {features.extractor!r}"
         )
-    if features.kind not in ("queries", "attention", "queries+attention"):
+    if features.kind not in KINDS:
         raise ConfigError(
-            "features.kind must be 'queries', 'attention' or 'queries+attention', "
-            f"got {features.kind!r}"
+            "features.kind must be one of " + ", ".join(map(repr, KINDS)) + f", got "
+            f"{features.kind!r}"
         )
     if features.attention_classes is not None and not features.attention_classes:
         raise ConfigError("features.attention_classes is empty: give class names, or null")
@@ -236,6 +274,17 @@ def check_feature_config(features: FeatureConfig) -> None:
             )
     if not features.layers and not features.resolutions:
         raise ConfigError("features.layers is empty: name at least one attention layer")
+    if not features.resolutions:  # layers by name: of the family the kind reads
+        family = KINDS[features.kind]
+        found = {name: _LAYER.match(name) for name in features.layers}
+        wrong = [name for name, match in found.items() if match and match.group(4) != family]
+        if wrong:
+            what = "resnet blocks" if family == "resnets" else "attention layers"
+            raise ConfigError(
+                f"features.kind {features.kind!r} reads {what}, but features.layers names "
+                f"{wrong}; name {what} (e.g. up_blocks.1.{family}.0) or choose them by size "
+                "with features.resolutions"
+            )
 
 
 class FeatureExtractor(Protocol):
@@ -314,7 +363,12 @@ class DiffusionFeatures:
                 f"{self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)} for this model"
             )
         self.layers = select_layers(
-            self.unet, config.layers, config.resolutions, config.image_size, self.vae_scale
+            self.unet,
+            config.layers,
+            config.resolutions,
+            config.image_size,
+            self.vae_scale,
+            config.kind,
         )
         for name, value in (
             ("timestep", config.timestep),
@@ -392,7 +446,7 @@ class DiffusionFeatures:
         per_timestep = 0
         if self.config.kind != "attention":
             per_timestep += sum(layer.channels for layer in self.layers)
-        if self.config.kind != "queries":
+        if self.scores:
             classes = len(self.attention_classes)
             per_timestep += sum(self._attention(layer).heads * classes for layer in self.layers)
         timesteps = self.config.timesteps
@@ -439,7 +493,7 @@ class DiffusionFeatures:
         caption against). SD 1.x's text encoder is 123 M parameters, 0.25 GB in bfloat16.
         """
         self.empty_prompt_embedding()
-        if self.config.kind != "queries":
+        if self.scores:
             self.class_keys()  # the attention features' keys, while the encoder is here
         self.text_encoder.to("meta")
         for module in self.text_encoder.modules():
@@ -489,7 +543,9 @@ class DiffusionFeatures:
     def unet_queries(
         self, latents: torch.Tensor, stop_early: bool = True, timestep: int | None = None
     ) -> dict[str, torch.Tensor]:
-        """Run the UNet on noisy latents; return each hooked layer's query ``(B, h*w, C)``.
+        """Run the UNet on noisy latents; return what each hooked layer gives the features: its
+        query ``(B, h*w, C)`` (``features.kind`` ``"hidden"``: the query projection's input;
+        ``"resnet"``: the resnet block's output ``(B, C, h, w)``).
 
         With ``stop_early`` the pass ends right after the last hooked layer; otherwise the UNet
         runs to the end (used to prove the two give the same features).
@@ -503,16 +559,19 @@ class DiffusionFeatures:
         last = self.layers[-1].name
         handles = []
 
+        take_input = self.config.kind == "hidden"
+
         def make_hook(layer_name: str) -> Any:
-            def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
-                captured[layer_name] = output
+            def hook(_module: Any, inputs: Any, output: torch.Tensor) -> None:
+                captured[layer_name] = inputs[0] if take_input else output
                 if stop_early and layer_name == last:
                     raise _StopForward
 
             return hook
 
+        suffix = "" if self.config.kind == "resnet" else f".{QUERY_SUFFIX}"
         for layer in self.layers:
-            module = self.unet.get_submodule(f"{layer.name}.{QUERY_SUFFIX}")
+            module = self.unet.get_submodule(layer.name + suffix)
             handles.append(module.register_forward_hook(make_hook(layer.name)))
         batch = latents.shape[0]
         context = self.empty_prompt_embedding().expand(batch, -1, -1)
@@ -543,7 +602,7 @@ class DiffusionFeatures:
         Returns:
             model (``"vae"``, ``"unet"``) -> names of the freed modules (outermost only).
         """
-        if self.config.kind != "queries":
+        if self.scores:
             self.class_keys()  # the last layer's to_k never runs in a pass: take its keys first
         entered: dict[str, set[str]] = {"vae": set(), "unet": set()}
         handles = []
@@ -568,21 +627,22 @@ class DiffusionFeatures:
         return self.released
 
     def assemble(self, queries: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Hooked queries -> ``(B, C, F, F)`` float32: each map reshaped to its square grid,
-        resized bilinearly to ``feature_size`` and concatenated in layer order."""
+        """Hooked outputs (:meth:`unet_queries`) -> ``(B, C, F, F)`` float32: each map on its
+        square grid, resized bilinearly to ``feature_size`` and concatenated in layer order."""
         size = self.config.feature_size
         maps = []
         for layer in self.layers:
-            query = queries[layer.name].float()  # (B, h*w, C)
-            batch, tokens, channels = query.shape
-            side = round(tokens**0.5)
-            if side * side != tokens:
-                raise RuntimeError(f"layer {layer.name} gave {tokens} tokens, not a square map")
-            grid = query.transpose(1, 2).reshape(batch, channels, side, side)  # (B, C, h, w)
-            if side != size:
+            grid = queries[layer.name].float()
+            if grid.ndim == 3:  # tokens (B, h*w, C) of an attention layer
+                batch, tokens, channels = grid.shape
+                side = round(tokens**0.5)
+                if side * side != tokens:
+                    raise RuntimeError(f"layer {layer.name} gave {tokens} tokens, not a square map")
+                grid = grid.transpose(1, 2).reshape(batch, channels, side, side)  # (B, C, h, w)
+            if grid.shape[-2:] != (size, size):
                 grid = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
             maps.append(grid)
-        if self.config.kind == "queries":
+        if not self.scores:
             return torch.cat(maps, dim=1)
         attention = self.attention_maps(queries)
         if self.config.kind == "attention":
@@ -606,7 +666,13 @@ class DiffusionFeatures:
             )
         return torch.cat(maps, dim=1)
 
-    def _attention(self, layer: AttentionLayer) -> Any:
+    @property
+    def scores(self) -> bool:
+        """Whether the features hold the released attention score maps (``features.kind``
+        ``"attention"`` or ``"queries+attention"``)."""
+        return self.config.kind in ("attention", "queries+attention")
+
+    def _attention(self, layer: UNetLayer) -> Any:
         return self.unet.get_submodule(f"{layer.name}.{QUERY_SUFFIX.rsplit('.', 1)[0]}")
 
     @property

@@ -133,5 +133,10 @@ def test_a_vit_backbone_gets_its_layout_folder_and_stable_diffusion_is_kept():
     assert "backbone" not in _hub_names(load_preset("paper"))
     tiny = set_by_path(load_preset("tiny"), "features.extractor", "vit")
     assert not _is_tiny(set_by_path(tiny, "models.backbone", "facebook/dinov2-base"))
-    for name in ("facebook/dinov2-base", "facebook/dino-vitb16", "openai/clip-vit-base-patch16"):
+    for name in (
+        "facebook/dinov2-base",
+        "facebook/dino-vitb16",
+        "openai/clip-vit-base-patch16",
+        "facebook/vit-mae-base",
+    ):
         assert hub_layouts.layout_folder(name, Path("/x")).name.endswith("-seed0-v1")

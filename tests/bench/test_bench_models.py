@@ -55,6 +55,7 @@ def test_parameter_counts_are_the_published_ones():
         ("facebook/dinov2-base", 86_580_480),
         ("facebook/dino-vitb16", 85_798_656),  # ViTModel without its pooler, as DINO ships
         ("openai/clip-vit-base-patch16", 149_620_737),
+        ("facebook/vit-mae-base", 111_907_840),  # ViTMAEForPreTraining, decoder included
     ):
         model = models.build_backbone(name, torch.float32, torch.device("meta"))[0]
         assert count(model) == expected, name

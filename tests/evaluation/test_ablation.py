@@ -145,6 +145,9 @@ def test_the_shipped_grid_has_the_paper_axes_and_every_run_is_a_valid_config():
     baseline = [r for r in runs if r.settings == {}]
     assert len(baseline) == 1 and len(baseline[0].appears) == len(grid.studies)
     assert "facebook/dinov2-base" in json.dumps([r.settings for r in runs])
+    assert "facebook/vit-mae-base" in json.dumps([r.settings for r in runs])
+    assert [study.name for study in grid.studies][-1] == "unet-features"
+    assert len(runs) == 23
 
 
 @pytest.mark.heavy  # whole grids of tiny-model runs: the main environment's

@@ -13,8 +13,9 @@ repositories ship:
   ``scheduler/scheduler_config.json`` (the safety checker and its feature extractor, which the
   method never runs, are left out);
 - BLIP base, BLIP-2, CLIP ViT-B/32 and the ViT backbones (DINOv2-B, DINO ViT-B/16, CLIP
-  ViT-B/16): ``config.json``, ``model.safetensors`` (float32; sharded
-  where it is large, as the Hub's BLIP-2), the processor's and tokenizer's files.
+  ViT-B/16, MAE ViT-B/16 with its pre-training decoder): ``config.json``,
+  ``model.safetensors`` (float32; sharded where it is large, as the Hub's BLIP-2), the
+  processor's and tokenizer's files.
 
 Writing takes about a minute for the ``paper`` preset (4.8 GB of files); each folder is written
 in a temporary sibling and renamed into place when complete, so a killed run leaves nothing half
@@ -112,7 +113,7 @@ def write_layout(name: str, folder: Path, seed: int = 0) -> None:
 
         model, processor = build_captioner(name, torch.float32, torch.device("cpu"), seed)
         _save_transformers(model, processor, folder)
-    elif load_architecture(name).get("model_type") in ("dinov2", "vit"):
+    elif load_architecture(name).get("model_type") in ("dinov2", "vit", "vit_mae"):
         from freesegdiff.bench.models import build_backbone
 
         model, processor = build_backbone(name, torch.float32, torch.device("cpu"), seed)

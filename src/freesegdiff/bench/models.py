@@ -48,6 +48,7 @@ ARCHITECTURES: dict[str, str] = {
     "facebook/dinov2-base": "dinov2-base.json",
     "facebook/dino-vitb16": "dino-vitb16.json",
     "openai/clip-vit-base-patch16": "clip-vit-base-patch16.json",
+    "facebook/vit-mae-base": "vit-mae-base.json",
 }
 # Values of the standard-normal pool the weights are tiled from: a prime, so that a matrix wider
 # than the pool does not repeat its rows exactly.
@@ -299,14 +300,17 @@ def build_clip(
 def build_backbone(
     name: str, dtype: torch.dtype, device: torch.device, seed: int = 0
 ) -> tuple[Any, Any]:
-    """A ViT backbone (DINOv2 or DINO / ViT; CLIP: :func:`build_clip`) with real shapes and
-    random weights, and its image processor, as the Hub checkpoint ships them."""
+    """A ViT backbone (DINOv2, DINO / ViT or MAE; CLIP: :func:`build_clip`) with real shapes
+    and random weights, and its image processor, as the Hub checkpoint ships them (MAE: the
+    pre-training model, decoder included, which ``AutoModel`` loads the encoder of)."""
     from transformers import (
         BitImageProcessorPil,
         Dinov2Config,
         Dinov2Model,
         ViTConfig,
         ViTImageProcessorPil,
+        ViTMAEConfig,
+        ViTMAEForPreTraining,
         ViTModel,
     )
 
@@ -326,7 +330,10 @@ def build_backbone(
             resample=processing["resample"],
         )
         return model, processor
-    vit = _empty(ViTModel, ViTConfig(**settings), add_pooling_layer=False)
+    if settings["model_type"] == "vit_mae":
+        vit: Any = _empty(ViTMAEForPreTraining, ViTMAEConfig(**settings))
+    else:
+        vit = _empty(ViTModel, ViTConfig(**settings), add_pooling_layer=False)
     model = materialise(vit, dtype, device, seed)
     side = processing["size"]
     vit_processor = ViTImageProcessorPil(
