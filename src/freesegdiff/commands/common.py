@@ -172,3 +172,58 @@ def pipeline_from_args(args: argparse.Namespace, runtime: Any = None) -> Any:
     from freesegdiff.pipeline import FreeSegDiff
 
     return FreeSegDiff.from_config(config_from_args(args), runtime=runtime)
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]``, ``--ray-actors``, ``--ray-batch-size``
+    (:mod:`freesegdiff.distributed`)."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a pool of Ray actors over Ray Data (the [ray] extra), each loading the "
+        "models once: without ADDRESS on a Ray instance started on this machine; with one "
+        "('auto', 'HOST:6379' or 'ray://HOST:10001') on that cluster, one actor per GPU. "
+        "Models must be in a cache or folder every node can read (HF_HOME on shared storage, "
+        "or local paths that exist on every node); outputs are written by the actors, so "
+        "--output must be shared storage too",
+    )
+    parser.add_argument(
+        "--ray-actors",
+        type=int,
+        default=2,
+        metavar="N",
+        help="CPU actors where the cluster has no GPU (default: 2)",
+    )
+    parser.add_argument(
+        "--ray-batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="images per actor call (default: 1)",
+    )
+
+
+def check_ray_arguments(args: argparse.Namespace) -> None:
+    """With ``--ray``: Ray Data is installed and the pool settings can work (before any model
+    loads); raises :class:`ConfigError` otherwise."""
+    if getattr(args, "ray", None) is None:
+        return
+    from freesegdiff.distributed import RayOptions, require_ray
+
+    RayOptions(actors=args.ray_actors, batch_size=args.ray_batch_size).check()
+    require_ray()
+
+
+def ray_options(args: argparse.Namespace) -> Any:
+    """The :class:`~freesegdiff.distributed.RayOptions` of ``--ray`` and its companions."""
+    from freesegdiff.distributed import RayOptions
+
+    return RayOptions(
+        address=args.ray,
+        actors=args.ray_actors,
+        batch_size=args.ray_batch_size,
+        progress=not args.no_progress,
+    )

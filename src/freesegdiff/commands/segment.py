@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from freesegdiff.commands.common import (
     add_pipeline_arguments,
+    add_ray_arguments,
+    check_ray_arguments,
     config_from_args,
     parse_classes,
     pipeline_from_args,
+    ray_options,
 )
 from freesegdiff.errors import ConfigError, FreeSegDiffError
 from freesegdiff.image_io import iter_image_files
@@ -97,6 +100,7 @@ def add_parser(subparsers: Any) -> None:
         "bfloat16 on the CPU the features round slightly differently without channels-last",
     )
     add_pipeline_arguments(parser)
+    add_ray_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -214,6 +218,12 @@ def run(args: argparse.Namespace) -> int:
     if args.explain_timings and not args.explain:
         raise ConfigError("--explain-timings prints timings in the explain figure: add --explain")
     _require_extras(args, formats)
+    check_ray_arguments(args)
+    if args.ray is not None and "coco-rle" in formats and "png" not in formats:
+        raise ConfigError(
+            "--ray with --format coco-rle needs png too: coco_results.json is then built from "
+            "the files the actors write"
+        )
     output = Path(args.output)
     failures: dict[str, str] = {}
     jobs = _plan(args.inputs, output, failures)  # skips DIR if it exists inside an input
@@ -288,9 +298,31 @@ def _segment(
     """
     if not todo:
         return set(), False, 0.0
+    if getattr(args, "ray", None) is not None:
+        return _segment_on_ray(args, formats, classes, todo, failures)
     from tqdm import tqdm
 
-    from freesegdiff.outputs import write_outputs
+    pipe = _load_pipeline(args, classes)
+    written: set[str] = set()
+    start = time.perf_counter()
+    progress = tqdm(total=len(todo), unit="img", disable=args.no_progress, file=sys.stderr)
+    try:
+        for job, error in _segment_and_write(pipe, args, formats, classes, todo, coco):
+            progress.update(1)
+            if error is not None:
+                failures[str(job.source)] = error
+                progress.write(f"skipped {job.source}: {error}")
+            else:
+                written.add(job.image_id)
+    except KeyboardInterrupt:
+        return written, True, time.perf_counter() - start
+    finally:
+        progress.close()
+    return written, False, time.perf_counter() - start
+
+
+def _load_pipeline(args: argparse.Namespace, classes: list[str] | None) -> Any:
+    """The run's pipeline, tuned unless ``--no-runtime-tuning`` (in a Ray actor: once each)."""
     from freesegdiff.runtime import RuntimeOptions, after_loading
 
     runtime = None if args.no_runtime_tuning else RuntimeOptions.fast()
@@ -299,45 +331,115 @@ def _segment(
         pipe.release_text_encoder()  # open vocabulary embeds only the empty prompt: 0.25 GB back
     if runtime is not None:
         after_loading(runtime)  # copies left behind by layout conversions, freed modules
-    by_name = {str(job.source): job for job in todo}
+    return pipe
+
+
+def _segment_and_write(
+    pipe: Any,
+    args: argparse.Namespace,
+    formats: list[str],
+    classes: list[str] | None,
+    jobs: list[_Job],
+    coco: CocoResults | None,
+) -> Any:
+    """Segment ``jobs`` and write each one's files; yield ``(job, None)`` when its files are
+    complete, ``(job, reason)`` when it failed (unreadable, a pipeline error, a failed write).
+    Ctrl-C during a write waits until that image's files are complete."""
+    from freesegdiff.outputs import write_outputs
+
+    by_name = {str(job.source): job for job in jobs}
     image_formats = [kind for kind in formats if kind != "coco-rle" or coco is not None]
+    for name, outcome, image in pipe.iter_segment_with_images(
+        [job.source for job in jobs], classes=classes
+    ):
+        job = by_name[name]
+        if isinstance(outcome, FreeSegDiffError):
+            yield job, str(outcome)
+            continue
+        error = None
+        with _DeferredInterrupt():  # Ctrl-C now: this image is finished first
+            try:
+                write_outputs(  # the pixels the pipeline read: decoded once per run
+                    outcome,
+                    image,
+                    job.folder,
+                    stem=job.stem,
+                    formats=image_formats,
+                    overlay=not args.no_overlay,
+                    explain=args.explain,
+                    coco=coco,
+                    explain_timings=args.explain_timings,
+                    coco_id=job.image_id,
+                )
+            except (OSError, ValueError) as failure:
+                error = f"writing the results failed: {failure}"
+        yield job, error
+
+
+def _segment_on_ray(
+    args: argparse.Namespace,
+    formats: list[str],
+    classes: list[str] | None,
+    todo: list[_Job],
+    failures: dict[str, str],
+) -> tuple[set[str], bool, float]:
+    """``_segment`` on a Ray actor pool (:mod:`freesegdiff.distributed`): each actor loads the
+    models once and writes its images' files as a local run does."""
+    from freesegdiff.distributed import map_on_actors
+
+    items = [
+        {
+            "source": str(job.source),
+            "folder": str(job.folder),
+            "stem": job.stem,
+            "image_id": job.image_id,
+        }
+        for job in todo
+    ]
     written: set[str] = set()
+    summary: list[Any] = []
     start = time.perf_counter()
-    progress = tqdm(total=len(todo), unit="img", disable=args.no_progress, file=sys.stderr)
     try:
-        for name, outcome, image in pipe.iter_segment_with_images(
-            [job.source for job in todo], classes=classes
+        for row in map_on_actors(
+            items, SegmentWorker(args, formats, classes), ray_options(args), summary
         ):
-            progress.update(1)
-            job = by_name[name]
-            if isinstance(outcome, FreeSegDiffError):
-                failures[name] = str(outcome)
-                progress.write(f"skipped {name}: {outcome}")
-                continue
-            with _DeferredInterrupt():  # Ctrl-C now: this image is finished first
-                try:
-                    write_outputs(  # the pixels the pipeline read: decoded once per run
-                        outcome,
-                        image,
-                        job.folder,
-                        stem=job.stem,
-                        formats=image_formats,
-                        overlay=not args.no_overlay,
-                        explain=args.explain,
-                        coco=coco,
-                        explain_timings=args.explain_timings,
-                        coco_id=job.image_id,
-                    )
-                except (OSError, ValueError) as error:
-                    failures[name] = f"writing the results failed: {error}"
-                    progress.write(f"skipped {name}: writing the results failed: {error}")
-                else:
-                    written.add(job.image_id)
+            if row["error"]:
+                failures[row["source"]] = row["error"]
+                print(f"skipped {row['source']}: {row['error']}", file=sys.stderr)
+            else:
+                written.add(row["image_id"])
     except KeyboardInterrupt:
         return written, True, time.perf_counter() - start
-    finally:
-        progress.close()
+    if summary:
+        print(summary[0].describe(), file=sys.stderr)
     return written, False, time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class SegmentWorker:
+    """Builds one Ray actor's worker: the run's pipeline, loaded once, writing the files of the
+    images it is given (``--ray``)."""
+
+    args: argparse.Namespace
+    formats: list[str]
+    classes: list[str] | None
+
+    def __call__(self) -> Any:
+        pipe = _load_pipeline(self.args, self.classes)
+
+        def work(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            jobs = [
+                _Job(Path(i["source"]), Path(i["folder"]), i["stem"], i["image_id"]) for i in items
+            ]
+            errors = {
+                job.image_id: error or ""
+                for job, error in _segment_and_write(
+                    pipe, self.args, self.formats, self.classes, jobs, None
+                )
+            }
+            return [{"error": errors.get(i["image_id"], "not segmented")} for i in items]
+
+        return work
 
 
 def _write_run_files(
