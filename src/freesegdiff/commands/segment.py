@@ -357,23 +357,29 @@ def _segment_and_write(
             yield job, str(outcome)
             continue
         error = None
-        with _DeferredInterrupt():  # Ctrl-C now: this image is finished first
-            try:
-                write_outputs(  # the pixels the pipeline read: decoded once per run
-                    outcome,
-                    image,
-                    job.folder,
-                    stem=job.stem,
-                    formats=image_formats,
-                    overlay=not args.no_overlay,
-                    explain=args.explain,
-                    coco=coco,
-                    explain_timings=args.explain_timings,
-                    coco_id=job.image_id,
-                )
-            except (OSError, ValueError) as failure:
-                error = f"writing the results failed: {failure}"
+        interrupted = False
+        try:
+            with _DeferredInterrupt():  # Ctrl-C now: this image is finished first
+                try:
+                    write_outputs(  # the pixels the pipeline read: decoded once per run
+                        outcome,
+                        image,
+                        job.folder,
+                        stem=job.stem,
+                        formats=image_formats,
+                        overlay=not args.no_overlay,
+                        explain=args.explain,
+                        coco=coco,
+                        explain_timings=args.explain_timings,
+                        coco_id=job.image_id,
+                    )
+                except (OSError, ValueError) as failure:
+                    error = f"writing the results failed: {failure}"
+        except KeyboardInterrupt:  # after the write: this image's files are complete
+            interrupted = True
         yield job, error
+        if interrupted:
+            raise KeyboardInterrupt
 
 
 def _segment_on_ray(
