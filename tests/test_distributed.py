@@ -1,14 +1,21 @@
-"""``segment --ray``: a local Ray instance with 2 CPU actors writes the files a local run does
-(skipped where the [ray] extra is not installed)."""
+"""``segment --ray`` and ``eval --ray``: a local Ray instance with 2 CPU actors writes the files
+and scores a local run does, also when an actor dies mid-run (skipped where the [ray] extra is
+not installed)."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray.data")
+
+pytestmark = pytest.mark.heavy  # starts Ray and loads the tiny models in every actor
+
+RAY = ["--ray", "--ray-actors", "2"]
 
 
 def _without_timings(path: Path) -> dict:
@@ -17,26 +24,130 @@ def _without_timings(path: Path) -> dict:
     return record
 
 
-@pytest.mark.heavy  # starts Ray and two actors
-def test_segment_on_two_ray_actors_writes_the_local_runs_files(tmp_path, photos):
+def _assert_same_files(ours: Path, theirs: Path, timed: tuple[str, ...] = ("timings",)) -> int:
+    """Every file under ``theirs`` is under ``ours`` with the same bytes; JSON files with the
+    same content but the ``timed`` keys. Returns the number of files."""
+    mine = sorted(p.relative_to(ours) for p in ours.rglob("*") if p.is_file())
+    local = sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
+    assert mine == local
+    for relative in local:
+        a, b = ours / relative, theirs / relative
+        if relative.suffix == ".json" and relative.name != "failures.json":
+            first, second = json.loads(a.read_text()), json.loads(b.read_text())
+            for key in timed:
+                first.pop(key, None)
+                second.pop(key, None)
+            assert first == second, relative
+        else:
+            assert a.read_bytes() == b.read_bytes(), relative
+    return len(local)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, photos):
+    """Three real photos (one in a subfolder) and a file that is not an image."""
     from PIL import Image
 
+    inputs = tmp_path_factory.mktemp("in")
+    (inputs / "more").mkdir()
+    Image.fromarray(photos["astronaut"]).save(inputs / "astronaut.png")
+    Image.fromarray(photos["coffee"]).save(inputs / "coffee.jpg", quality=90)
+    Image.fromarray(photos["chelsea"]).save(inputs / "more" / "chelsea.png")
+    (inputs / "broken.jpg").write_bytes(b"not an image at all")
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def local_run(folder, tmp_path_factory):
     from freesegdiff.cli import main
 
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in ("astronaut", "coffee", "chelsea"):
-        Image.fromarray(photos[name]).save(inputs / f"{name}.png")
-    common = [str(inputs), "--preset", "tiny", "--no-progress"]
-    assert main(["segment", *common, "--output", str(tmp_path / "local")]) == 0
-    ray_args = ["--ray", "--ray-actors", "2"]
-    assert main(["segment", *common, "--output", str(tmp_path / "ray"), *ray_args]) == 0
-    local = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.*"))
-    on_ray = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*.*"))
-    assert local == on_ray and len(local) >= 9
-    for relative in local:
-        ours, theirs = tmp_path / "ray" / relative, tmp_path / "local" / relative
-        if relative.suffix == ".json" and relative.name != "failures.json":
-            assert _without_timings(ours) == _without_timings(theirs), relative
-        else:
-            assert ours.read_bytes() == theirs.read_bytes(), relative
+    out = tmp_path_factory.mktemp("local")
+    assert main(["segment", str(folder), "--preset", "tiny", "--no-progress", "-o", str(out)]) == 1
+    return out
+
+
+def test_segment_on_two_ray_actors_writes_the_local_runs_files(folder, local_run, tmp_path, capsys):
+    from freesegdiff.cli import main
+
+    out = tmp_path / "ray"
+    common = ["segment", str(folder), "--preset", "tiny", "--no-progress", "-o", str(out)]
+    assert main([*common, *RAY]) == 1  # broken.jpg fails, as locally
+    summary = capsys.readouterr().err
+    assert "Ray: 4 images in" in summary and "images/s in all; 2 actors:" in summary
+    # 3 images x (png, overlay, json, thumbnail) + index.html + failures.json
+    assert _assert_same_files(out, local_run) == 14
+    failures = json.loads((out / "failures.json").read_text())["failed"]
+    assert list(failures) == [str(folder / "broken.jpg")]
+    assert "cannot identify image file" in failures[str(folder / "broken.jpg")]
+
+    # A run killed and restarted resumes: an image whose JSON is gone is done again, alone.
+    (out / "more" / "chelsea.json").unlink()
+    assert main([*common, *RAY, "--resume"]) == 1
+    assert "segmented 1 of 4 images" in capsys.readouterr().out
+    _assert_same_files(out, local_run)
+
+
+class _DiesOnce:
+    """A worker factory whose worker kills its actor's process the first time it is given the
+    image ``victim`` (a marker file says it happened), then works as ``inner``'s."""
+
+    def __init__(self, inner, marker: str, victim: str) -> None:
+        self.inner, self.marker, self.victim = inner, marker, victim
+
+    def __call__(self):
+        work = self.inner()
+
+        def dying(items):
+            if any(item["stem"] == self.victim for item in items):
+                if not os.path.exists(self.marker):
+                    Path(self.marker).write_text(str(os.getpid()))
+                    os._exit(1)  # the actor dies mid-batch, nothing written
+            return work(items)
+
+        return dying
+
+
+def test_an_actor_killed_mid_run_is_replaced_and_its_images_redone(
+    folder, local_run, tmp_path, monkeypatch
+):
+    from ray import cloudpickle  # Ray's own copy
+
+    from freesegdiff.cli import main
+    from freesegdiff.commands import segment
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import tests
+    marker = tmp_path / "killed"
+    real = segment.SegmentWorker
+    monkeypatch.setattr(
+        segment, "SegmentWorker", lambda *args: _DiesOnce(real(*args), str(marker), "coffee")
+    )
+    out = tmp_path / "ray"
+    common = ["segment", str(folder), "--preset", "tiny", "--no-progress", "-o", str(out)]
+    assert main([*common, *RAY]) == 1  # only broken.jpg fails
+    assert marker.is_file()  # an actor did die
+    _assert_same_files(out, local_run)
+
+
+def test_eval_on_two_ray_actors_scores_and_caches_as_a_local_run(tmp_path, capsys):
+    from freesegdiff.cli import main
+    from freesegdiff.evaluation.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset("voc21", tmp_path / "data", num_images=4, size=(64, 48), seed=3)
+    broken = sorted((tmp_path / "data").rglob("*.jpg"))[1]
+    broken.write_bytes(b"not an image at all")  # fails its image, in both runs alike
+    common = ["eval", "--dataset", "voc21", "--data-root", str(tmp_path / "data")]
+    common += ["--preset", "tiny", "--no-progress"]
+    for protocol in ("standard", "paper"):
+        local, on_ray = tmp_path / f"local-{protocol}", tmp_path / f"ray-{protocol}"
+        assert main([*common, "--protocol", protocol, "-o", str(local)]) == 1
+        assert main([*common, "--protocol", protocol, "-o", str(on_ray), *RAY]) == 1
+        assert "Ray: 4 images in" in capsys.readouterr().err
+        results = json.loads((on_ray / "results.json").read_text())
+        assert results["predicted_now"] == 3 and list(results["failed"]) == [broken.stem]
+        # predictions, settings, results.md and confusion.png byte for byte; seconds aside
+        (local / "predictions" / "seconds.tsv").unlink()
+        (on_ray / "predictions" / "seconds.tsv").unlink()
+        for folder in (local, on_ray):
+            markdown = (folder / "results.md").read_text().splitlines()
+            (folder / "results.md").write_text("\n".join(markdown[:4] + markdown[7:]))
+        _assert_same_files(on_ray, local, timed=("seconds_per_image",))

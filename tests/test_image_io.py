@@ -154,3 +154,44 @@ def test_fit_longest_side():
     assert fit_longest_side(image, 3000) is image
     assert fit_longest_side(image, None) is image
     assert fit_longest_side(np.zeros((1, 5000, 3), np.uint8), 100).shape == (1, 100, 3)
+
+
+def test_encoded_bytes_decode_and_fail_exactly_as_their_files(tmp_path, photos):
+    """A Ray run reads files in CPU tasks and decodes their bytes in the actors: the pixels and
+    every error message must be the local run's."""
+    from freesegdiff.errors import ImageTooLargeError
+    from freesegdiff.image_io import EncodedImage, read_encoded
+
+    wide = np.zeros((2, 6, 3), np.uint8)
+    wide[:, 0] = 255
+    turned = Image.fromarray(wide)
+    exif = turned.getexif()
+    exif[0x0112] = 6
+    turned.save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    Image.fromarray(photos["coffee"]).save(tmp_path / "coffee.jpg", quality=90)
+    Image.fromarray(photos["chelsea"]).save(tmp_path / "cat.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    fake_png_header(tmp_path / "bomb.png", 30000, 30000)
+    settings = [{}, {"max_pixels": 60_000, "oversize": "downscale"}]
+    for name in ("turned.jpg", "coffee.jpg", "cat.png"):
+        encoded = read_encoded(tmp_path / name)
+        assert encoded == EncodedImage(str(tmp_path / name), (tmp_path / name).read_bytes())
+        for kwargs in settings:
+            assert np.array_equal(
+                load_image(encoded, **kwargs), load_image(tmp_path / name, **kwargs)
+            )
+    assert load_image(read_encoded(tmp_path / "turned.jpg")).shape == (6, 2, 3)
+    for name, error in (("broken.jpg", ImageReadError), ("bomb.png", ImageTooLargeError)):
+        with pytest.raises(error) as from_file:
+            load_image(tmp_path / name)
+        with pytest.raises(error) as from_bytes:
+            load_image(read_encoded(tmp_path / name))
+        assert str(from_bytes.value) == str(from_file.value), name
+        if name == "broken.jpg":  # Pillow's own message names a path but not bytes: ours both
+            broken = repr(str(tmp_path / name))
+            assert str(from_bytes.value).endswith(f"cannot identify image file {broken}")
+    with pytest.raises(ImageReadError) as missing:
+        read_encoded(tmp_path / "missing.png")
+    with pytest.raises(ImageReadError) as missing_file:
+        load_image(tmp_path / "missing.png")
+    assert str(missing.value) == str(missing_file.value)

@@ -1,36 +1,47 @@
 """Runs past one process: the pipeline in a pool of Ray actors over Ray Data (the ``[ray]`` extra).
 
 ``freesegdiff segment ... --ray [ADDRESS]`` and ``freesegdiff eval ... --ray [ADDRESS]`` hand
-their work items (one per image) to :func:`map_on_actors`: a Ray Data dataset of the items, one
-``map_batches`` stage over a pool of actors that each build their worker once (the models load
-once per actor) and call it on batches of items. One actor per GPU where the cluster has GPUs,
+their work items (one per image) to :func:`map_on_actors`: a Ray Data dataset of the items, a
+``map`` stage of CPU tasks that read each image file's bytes, then one ``map_batches`` stage
+over a pool of actors that each build their worker once (the models load once per actor) and
+call it on batches of items, decoding the bytes exactly as a local run decodes the file
+(:class:`~freesegdiff.image_io.EncodedImage`). One actor per GPU where the cluster has GPUs,
 ``RayOptions.actors`` CPU actors otherwise. An actor that dies is replaced (its models load
 again) and its batch is redone; an item that fails inside a worker is that item's failure only,
 reported as in a local run.
 
 The workers are the local run's own code: ``segment``'s actors write each image's files with
-the same atomic writes and names (the driver plans names and ``--resume`` before any actor
-starts); ``eval``'s actors return class-id maps, which the driver caches and scores in dataset
-order, so the numbers equal a single-process run's exactly.
+the same atomic writes and names (the driver lists the files and plans names and ``--resume``
+before any actor starts); ``eval``'s actors return class-id maps (:func:`ray_predictor`), which
+the driver caches and scores in dataset order, so the numbers equal a single-process run's
+exactly.
 
 Nothing else in the package imports Ray.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from freesegdiff.errors import ConfigError
+
+if TYPE_CHECKING:
+    from freesegdiff.evaluation.runner import Predictor
 
 # A worker: items (dicts of plain values) -> one result dict per item, in order.
 Worker = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
 LOCAL = "local"  # --ray without an address: start a Ray instance on this machine
+READ_CPUS = 0.25  # CPUs a file-reading task reserves (it waits on the disk, not the CPU)
 
 
 @dataclass(frozen=True)
@@ -78,9 +89,9 @@ def start(options: RayOptions) -> Any:
         kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
         if options.address == LOCAL:
             kwargs["include_dashboard"] = False
-            kwargs["num_cpus"] = max(
-                os.cpu_count() or 1, int(options.actors * options.cpus_per_actor)
-            )
+            # the actors' CPUs and one more for the reading tasks, on any machine
+            needed = math.ceil(options.actors * options.cpus_per_actor) + 1
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, needed)
         else:
             kwargs["address"] = options.address
         ray.init(**kwargs)
@@ -122,38 +133,74 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
 
 
+def _read_file(key: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A Ray Data CPU task: the bytes of the file ``row[key]`` names, as ``data``, or why they
+    cannot be read, as ``read_error`` (the local run's message)."""
+    from freesegdiff.errors import ImageReadError
+    from freesegdiff.image_io import read_encoded
+
+    try:
+        return {**row, "data": read_encoded(row[key]).data, "read_error": ""}
+    except ImageReadError as error:
+        return {**row, "data": b"", "read_error": str(error)}
+
+
+def encoded_image(item: dict[str, Any], key: str) -> Any:
+    """The :class:`~freesegdiff.image_io.EncodedImage` a reading task made of ``item[key]``'s
+    file, or the :class:`~freesegdiff.errors.ImageReadError` it met (for a worker)."""
+    from freesegdiff.errors import ImageReadError
+    from freesegdiff.image_io import EncodedImage
+
+    if item.get("read_error"):
+        return ImageReadError(item["read_error"])
+    return EncodedImage(str(item[key]), item["data"])
+
+
 @dataclass
 class RaySummary:
-    """What a Ray run did: items, wall seconds, and items per actor."""
+    """What a Ray run did: items, wall seconds, and per actor its items and the seconds its
+    worker spent on them."""
 
     items: int
     seconds: float
     per_actor: dict[str, int]
+    actor_seconds: dict[str, float]
 
     def describe(self) -> str:
+        """One line: images per second in all, and per actor (its images / its busy seconds)."""
         rate = self.items / self.seconds if self.seconds > 0 else 0.0
-        actors = ", ".join(f"{name} {count}" for name, count in sorted(self.per_actor.items()))
-        per = rate / max(len(self.per_actor), 1)
-        return (
-            f"Ray: {self.items} images in {self.seconds:.1f} s, {rate:.3f} images/s in all, "
-            f"{per:.3f} per actor ({len(self.per_actor)} actors: {actors})"
+        actors = ", ".join(
+            f"{name} {count} images at {_rate(count, self.actor_seconds.get(name, 0.0))}/s"
+            for name, count in sorted(self.per_actor.items())
         )
+        return (
+            f"Ray: {self.items} images in {self.seconds:.1f} s, {rate:.3f} images/s in all; "
+            f"{len(self.per_actor)} actors: {actors}"
+        )
+
+
+def _rate(count: int, seconds: float) -> str:
+    return f"{count / seconds:.3f}" if seconds > 0 else "-"
 
 
 def map_on_actors(
     items: list[dict[str, Any]],
     make_worker: Callable[[], Worker],
     options: RayOptions,
-    summary: list[RaySummary] | None = None,
+    read: str | None = None,
+    on_done: Callable[[RaySummary], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Run ``make_worker()``'s worker over ``items`` on a Ray actor pool; yield the results in
-    the items' order (each with the item's keys, the worker's, and ``actor``).
+    the items' order (each with the item's keys, the worker's, ``actor`` and ``actor_seconds``).
 
     Args:
         items: one dict of plain values (str, int, float) per unit of work.
         make_worker: builds one worker; called once in each actor (and again in a replacement).
         options: where to run and how wide (:class:`RayOptions`).
-        summary: when given, a :class:`RaySummary` is appended once every result is out.
+        read: an item key holding a file path: CPU tasks read each file first, and the worker
+            gets its bytes as ``data`` (``read_error`` the reason when it could not be read;
+            :func:`encoded_image`).
+        on_done: called with a :class:`RaySummary` once every result is out.
     """
     options.check()
     if not items:
@@ -167,24 +214,126 @@ def map_on_actors(
     resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": options.cpus_per_actor}
     indexed = [{**item, "_index": index} for index, item in enumerate(items)]
     dataset = ray.data.from_items(indexed, override_num_blocks=max(1, len(items)))
+    if read is not None:
+        dataset = dataset.map(partial(_read_file, read), num_cpus=READ_CPUS)
     results = dataset.map_batches(
         _Actor,
         fn_constructor_args=(make_worker,),
         batch_size=options.batch_size,
         batch_format="numpy",
-        concurrency=min(width, len(items)),
+        compute=ray.data.ActorPoolStrategy(size=min(width, len(items))),
         max_restarts=-1,  # a dead actor is replaced
         max_task_retries=-1,  # and its batch is redone
         **resources,
     )
     started = time.perf_counter()
     counts: Counter[str] = Counter()
+    busy: dict[str, float] = {}
     done = 0
     for row in results.iter_rows():
-        row = {key: _plain(value) for key, value in row.items()}
-        row.pop("_index", None)
-        counts[str(row["actor"])] += 1
+        row = {key: _plain(value) for key, value in row.items() if key not in _INTERNAL}
+        actor = str(row["actor"])
+        counts[actor] += 1
+        busy[actor] = busy.get(actor, 0.0) + float(row["actor_seconds"])
         done += 1
         yield row
-    if summary is not None:
-        summary.append(RaySummary(done, time.perf_counter() - started, dict(counts)))
+    if on_done is not None:
+        on_done(RaySummary(done, time.perf_counter() - started, dict(counts), dict(busy)))
+
+
+_INTERNAL = ("_index", "data")  # not handed back: the order key, a file's bytes
+
+
+def ray_predictor(make_predictor: Callable[[], Predictor], options: RayOptions) -> Predictor:
+    """An evaluation :data:`~freesegdiff.evaluation.runner.Predictor` that predicts on a Ray
+    actor pool: each actor builds ``make_predictor()`` once and predicts the images it is given
+    (read by CPU tasks); the class-id maps come back in the samples' order.
+
+    For :func:`~freesegdiff.evaluation.runner.evaluate`, which then caches and scores them in
+    dataset order as it does a local predictor's, so the numbers are a single-process run's:
+    ``evaluate(dataset, out, lambda: ray_predictor(make_predictor, RayOptions(actors=2)))``.
+    The ground truths stay in the driver (compressed while their predictions are made); an
+    actor gets each image's path, id and ground-truth size.
+    """
+
+    def predict(samples: Iterable[Any]) -> Iterator[Any]:
+        import zlib
+
+        import numpy as np
+
+        from freesegdiff.errors import FreeSegDiffError
+
+        waiting = []  # (sample without its ground truth, the ground truth compressed)
+        items = []
+        for sample in samples:
+            label_map = np.ascontiguousarray(sample.label_map)
+            packed = (zlib.compress(label_map.tobytes(), 1), label_map.shape, label_map.dtype)
+            waiting.append((replace(sample, label_map=np.zeros((0, 0), np.uint8)), packed))
+            height, width = label_map.shape
+            items.append(
+                {
+                    "image_id": sample.image_id,
+                    "path": str(sample.image_path),
+                    "height": int(height),
+                    "width": int(width),
+                }
+            )
+        summary: list[RaySummary] = []
+        rows = map_on_actors(
+            items, _PredictWorker(make_predictor), options, read="path", on_done=summary.append
+        )
+        for (sample, (data, shape, dtype)), row in zip(waiting, rows, strict=True):
+            label_map = np.frombuffer(zlib.decompress(data), dtype=dtype).reshape(shape)
+            sample = replace(sample, label_map=label_map)
+            if row["error"]:
+                yield sample, FreeSegDiffError(row["error"]), None
+            else:
+                prediction = np.frombuffer(row["prediction"], dtype=np.uint8)
+                yield sample, prediction.reshape(shape).copy(), row["seconds"]
+        for done in summary:
+            print(done.describe(), file=sys.stderr)
+
+    return predict
+
+
+@dataclass(frozen=True)
+class _PredictWorker:
+    """Builds one actor's worker for :func:`ray_predictor`."""
+
+    make_predictor: Callable[[], Predictor]
+
+    def __call__(self) -> Worker:
+        import numpy as np
+
+        from freesegdiff.evaluation.datasets import Sample
+
+        predict = self.make_predictor()
+
+        def work(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            results: list[dict[str, Any]] = []
+            readable = []
+            for item in items:
+                image = encoded_image(item, "path")
+                if isinstance(image, Exception):
+                    results.append({"error": str(image)})
+                    continue
+                shape = (int(item["height"]), int(item["width"]))
+                sample = Sample(item["image_id"], Path(item["path"]), np.zeros(shape, np.uint8))
+                readable.append(replace(sample, encoded=image))
+                results.append({})
+            outcomes = iter(predict(readable))
+            for result in results:
+                if result:
+                    continue
+                _, outcome, seconds = next(outcomes)
+                if isinstance(outcome, Exception):
+                    result["error"] = str(outcome)
+                else:
+                    result.update(
+                        error="",
+                        prediction=np.ascontiguousarray(outcome, dtype=np.uint8).tobytes(),
+                        seconds=seconds,
+                    )
+            return results
+
+        return work

@@ -13,17 +13,23 @@ before anything is decoded) is refused with :class:`~freesegdiff.errors.ImageToo
 or with ``oversize="downscale"`` decoded at a reduced size where the format allows it (JPEG's
 draft mode) and resized (PIL's Lanczos) to fit. This limit replaces Pillow's decompression-bomb
 check, whose error would otherwise escape as a foreign exception.
+
+An :class:`EncodedImage` (a file's name and bytes, :func:`read_encoded`) is decoded exactly as
+the file itself would be, with the same messages: a Ray run reads files in CPU tasks and
+decodes them in the actors (:mod:`freesegdiff.distributed`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,7 +40,16 @@ from freesegdiff.errors import ImageReadError, ImageTooLargeError
 if TYPE_CHECKING:
     import torch
 
-ImageInput = str | Path | Image.Image | np.ndarray
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file read but not decoded: its path (the image's name) and its bytes."""
+
+    name: str
+    data: bytes
+
+
+ImageInput = str | Path | Image.Image | np.ndarray | EncodedImage
 
 # With oversize="downscale", a format that cannot be decoded at a reduced size (all but JPEG) is
 # decoded whole first: allowed up to this many times max_pixels (3 bytes a pixel), refused above.
@@ -158,7 +173,8 @@ def load_image(
     """Read one image as an RGB array.
 
     Args:
-        source: a file path, a PIL image, or an array (see the module docstring for dtypes).
+        source: a file path, a PIL image, an array (see the module docstring for dtypes), or
+            an :class:`EncodedImage` (decoded as its file would be).
         max_pixels: most pixels (width x height) an image may have; None: no limit.
         oversize: ``"refuse"`` an image above ``max_pixels`` (:class:`ImageTooLargeError`,
             before a file is decoded) or ``"downscale"`` it to fit (aspect ratio kept).
@@ -181,26 +197,52 @@ def load_image(
         path = Path(source)
         if not path.is_file():
             raise ImageReadError(f"image file {str(path)!r} does not exist")
-        what = repr(str(path))
-        try:
-            with _open_unbounded(path) as image:
-                if _check_size(*image.size, max_pixels, oversize, what):
-                    assert max_pixels is not None
-                    _prepare_downscale(image, max_pixels, what)
-                image.load()
-                return _from_pil(image, max_pixels, oversize, what)
-        except ImageReadError:
-            raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise ImageReadError(f"cannot read {what} as an image: {error}") from error
-        except MemoryError as error:
-            raise ImageReadError(f"not enough memory to decode {what}") from error
+        return _decode(path, repr(str(path)), max_pixels, oversize)
+    if isinstance(source, EncodedImage):
+        return _decode(io.BytesIO(source.data), repr(source.name), max_pixels, oversize)
     raise ImageReadError(
         f"cannot use a {type(source).__name__} as an image; give a path, a PIL image or an array"
     )
 
 
-def _open_unbounded(path: Path) -> Image.Image:
+def read_encoded(path: str | Path) -> EncodedImage:
+    """A file's bytes, to be decoded elsewhere by :func:`load_image` (no pixel is decoded here).
+
+    Raises:
+        ImageReadError: with the message :func:`load_image` would give for the path.
+    """
+    if not Path(path).is_file():
+        raise ImageReadError(f"image file {str(path)!r} does not exist")
+    try:
+        return EncodedImage(str(path), Path(path).read_bytes())
+    except OSError as error:
+        raise ImageReadError(f"cannot read {str(path)!r} as an image: {error}") from error
+    except MemoryError as error:
+        raise ImageReadError(f"not enough memory to decode {str(path)!r}") from error
+
+
+def _decode(file: Path | IO[bytes], what: str, max_pixels: int | None, oversize: str) -> np.ndarray:
+    """Decode a file (a path or its bytes) as :func:`load_image`; ``what``: its name, quoted."""
+    try:
+        with _open_unbounded(file) as image:
+            if _check_size(*image.size, max_pixels, oversize, what):
+                assert max_pixels is not None
+                _prepare_downscale(image, max_pixels, what)
+            image.load()
+            return _from_pil(image, max_pixels, oversize, what)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError as error:  # Pillow names a path, but not bytes, as here
+        raise ImageReadError(
+            f"cannot read {what} as an image: cannot identify image file {what}"
+        ) from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(f"cannot read {what} as an image: {error}") from error
+    except MemoryError as error:
+        raise ImageReadError(f"not enough memory to decode {what}") from error
+
+
+def _open_unbounded(path: Path | IO[bytes]) -> Image.Image:
     """``Image.open`` (the header only) without Pillow's own pixel limit: ours replaces it.
 
     Pillow warns above 89 Mpx and raises above twice that, from inside ``open``; the limit is

@@ -46,7 +46,7 @@ from freesegdiff.errors import (
 )
 from freesegdiff.features import DiffusionFeatures, FeatureExtractor, check_feature_config
 from freesegdiff.hub import LoadOptions, check_models_available
-from freesegdiff.image_io import ImageInput, fit_longest_side, load_image
+from freesegdiff.image_io import EncodedImage, ImageInput, fit_longest_side, load_image
 from freesegdiff.refine import Refiner
 from freesegdiff.result import BACKGROUND, SegmentationResult
 from freesegdiff.runtime import RuntimeOptions, after_loading, tune_process
@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 
 def _source_name(item: ImageInput) -> str | None:
+    if isinstance(item, EncodedImage):
+        return item.name
     return str(item) if isinstance(item, (str, Path)) else None
 
 

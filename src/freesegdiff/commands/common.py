@@ -187,8 +187,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         "models once: without ADDRESS on a Ray instance started on this machine; with one "
         "('auto', 'HOST:6379' or 'ray://HOST:10001') on that cluster, one actor per GPU. "
         "Models must be in a cache or folder every node can read (HF_HOME on shared storage, "
-        "or local paths that exist on every node); outputs are written by the actors, so "
-        "--output must be shared storage too",
+        "or local paths that exist on every node), and so must the images (read by Ray tasks "
+        "on any node); segment's files are written by the actors, so its --output must be "
+        "shared storage too (eval's are written by this process)",
     )
     parser.add_argument(
         "--ray-actors",
@@ -211,9 +212,9 @@ def check_ray_arguments(args: argparse.Namespace) -> None:
     loads); raises :class:`ConfigError` otherwise."""
     if getattr(args, "ray", None) is None:
         return
-    from freesegdiff.distributed import RayOptions, require_ray
+    from freesegdiff.distributed import require_ray
 
-    RayOptions(actors=args.ray_actors, batch_size=args.ray_batch_size).check()
+    ray_options(args).check()
     require_ray()
 
 

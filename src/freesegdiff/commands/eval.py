@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from typing import Any
 
-from freesegdiff.commands.common import add_pipeline_arguments, config_from_args
+from freesegdiff.commands.common import (
+    add_pipeline_arguments,
+    add_ray_arguments,
+    check_ray_arguments,
+    config_from_args,
+    ray_options,
+)
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DATASETS
 from freesegdiff.evaluation.metrics import PROTOCOLS
@@ -83,6 +90,7 @@ def add_parser(subparsers: Any) -> None:
         help="run untuned (freesegdiff.runtime, on by default as in segment): slower",
     )
     add_pipeline_arguments(parser)
+    add_ray_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -97,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     config = config_from_args(args)
+    check_ray_arguments(args)
     try:
         dataset = open_dataset(args.dataset, args.data_root, class_names_file=args.class_names)
     except DatasetError as error:  # no dataset to evaluate: a set-up error (exit 2)
@@ -143,10 +152,16 @@ def run(args: argparse.Namespace) -> int:
         texts = None if open_vocabulary else list(vocabulary.texts)
         return pipeline_predictor(pipe, grounder, texts)
 
+    predictor_factory = make_predictor
+    if args.ray is not None:  # the same predictor in each actor of a Ray pool
+        from freesegdiff.distributed import ray_predictor
+
+        predictor_factory = partial(ray_predictor, make_predictor, ray_options(args))
+
     report = evaluate(
         dataset,
         args.output,
-        make_predictor,
+        predictor_factory,
         protocol=args.protocol,
         limit=args.limit,
         settings=settings,

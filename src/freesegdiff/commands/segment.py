@@ -341,16 +341,20 @@ def _segment_and_write(
     classes: list[str] | None,
     jobs: list[_Job],
     coco: CocoResults | None,
+    images: list[Any] | None = None,
 ) -> Any:
     """Segment ``jobs`` and write each one's files; yield ``(job, None)`` when its files are
     complete, ``(job, reason)`` when it failed (unreadable, a pipeline error, a failed write).
-    Ctrl-C during a write waits until that image's files are complete."""
+    Ctrl-C during a write waits until that image's files are complete.
+
+    ``images``: what the pipeline reads for each job (default its file; a Ray actor gives the
+    file's bytes, read by a CPU task, as an :class:`~freesegdiff.image_io.EncodedImage`)."""
     from freesegdiff.outputs import write_outputs
 
     by_name = {str(job.source): job for job in jobs}
     image_formats = [kind for kind in formats if kind != "coco-rle" or coco is not None]
     for name, outcome, image in pipe.iter_segment_with_images(
-        [job.source for job in jobs], classes=classes
+        images if images is not None else [job.source for job in jobs], classes=classes
     ):
         job = by_name[name]
         if isinstance(outcome, FreeSegDiffError):
@@ -393,7 +397,7 @@ def _segment_on_ray(
     models once and writes its images' files as a local run does."""
     from freesegdiff.distributed import map_on_actors
 
-    items = [
+    items = [  # the files' bytes are read by Ray Data CPU tasks, the images made by the actors
         {
             "source": str(job.source),
             "folder": str(job.folder),
@@ -403,11 +407,14 @@ def _segment_on_ray(
         for job in todo
     ]
     written: set[str] = set()
-    summary: list[Any] = []
     start = time.perf_counter()
     try:
         for row in map_on_actors(
-            items, SegmentWorker(args, formats, classes), ray_options(args), summary
+            items,
+            SegmentWorker(args, formats, classes),
+            ray_options(args),
+            read="source",
+            on_done=lambda summary: print(summary.describe(), file=sys.stderr),
         ):
             if row["error"]:
                 failures[row["source"]] = row["error"]
@@ -416,8 +423,6 @@ def _segment_on_ray(
                 written.add(row["image_id"])
     except KeyboardInterrupt:
         return written, True, time.perf_counter() - start
-    if summary:
-        print(summary[0].describe(), file=sys.stderr)
     return written, False, time.perf_counter() - start
 
 
@@ -431,18 +436,26 @@ class SegmentWorker:
     classes: list[str] | None
 
     def __call__(self) -> Any:
+        from freesegdiff.distributed import encoded_image
+
         pipe = _load_pipeline(self.args, self.classes)
 
         def work(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            jobs = [
-                _Job(Path(i["source"]), Path(i["folder"]), i["stem"], i["image_id"]) for i in items
-            ]
-            errors = {
-                job.image_id: error or ""
-                for job, error in _segment_and_write(
-                    pipe, self.args, self.formats, self.classes, jobs, None
+            errors: dict[str, str] = {}
+            jobs, images = [], []
+            for item in items:
+                image = encoded_image(item, "source")  # the bytes a CPU task read
+                if isinstance(image, Exception):  # the local run's message for this file
+                    errors[item["image_id"]] = str(image)
+                    continue
+                jobs.append(
+                    _Job(Path(item["source"]), Path(item["folder"]), item["stem"], item["image_id"])
                 )
-            }
+                images.append(image)
+            for job, error in _segment_and_write(
+                pipe, self.args, self.formats, self.classes, jobs, None, images
+            ):
+                errors[job.image_id] = error or ""
             return [{"error": errors.get(i["image_id"], "not segmented")} for i in items]
 
         return work

@@ -54,6 +54,7 @@ from PIL import Image
 from freesegdiff.errors import FreeSegDiffError
 from freesegdiff.evaluation.classnames import ClassName, load_class_names
 from freesegdiff.extras import install_hint
+from freesegdiff.image_io import EncodedImage
 
 VOID = 255
 
@@ -68,13 +69,16 @@ class Sample:
 
     ``error`` is set when the ground truth cannot be used (unreadable, values the dataset does
     not define, or not the size of its image); ``label_map`` is then empty, ``(0, 0)``, and the
-    evaluation reports the image instead of scoring it.
+    evaluation reports the image instead of scoring it. ``encoded``: the image file's bytes
+    when they were read already (a Ray run reads them in CPU tasks); predictors decode those
+    instead of opening ``image_path``.
     """
 
     image_id: str  # unique in the split; the prediction cache's file stem
     image_path: Path
     label_map: np.ndarray  # (H, W) uint8 dataset class ids, 255 void
     error: DatasetError | None = None
+    encoded: EncodedImage | None = None
 
 
 class SegmentationDataset(Protocol):

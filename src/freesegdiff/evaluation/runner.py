@@ -42,6 +42,7 @@ from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DatasetError, Sample, SegmentationDataset
 from freesegdiff.evaluation.grounding import NO_CLASS
 from freesegdiff.evaluation.metrics import Evaluator, Protocol, Scores
+from freesegdiff.image_io import EncodedImage
 
 logger = logging.getLogger(__name__)
 
@@ -559,7 +560,8 @@ def pipeline_predictor(
     """Predict with a :class:`~freesegdiff.pipeline.FreeSegDiff` and ground to class ids.
 
     Images go through ``pipe.iter_segment`` (batched, read ahead, a failing image loses only
-    itself); each result becomes a class-id map at the ground truth's size. Model seconds are
+    itself; a sample's ``encoded`` bytes, when read already, are decoded instead of its file);
+    each result becomes a class-id map at the ground truth's size. Model seconds are
     the sum of the result's stage timings, plus ``credit(image)`` when given: the seconds of
     stage outputs that were reused rather than computed (an ablation grid's shared work,
     :meth:`freesegdiff.evaluation.stage_cache.StageStore.credit`). A result of another size than
@@ -571,10 +573,10 @@ def pipeline_predictor(
     def predict(samples: Iterable[Sample]) -> Iterator[Prediction]:
         queued: deque[Sample] = deque()
 
-        def paths() -> Iterator[str]:
+        def paths() -> Iterator[str | EncodedImage]:
             for sample in samples:
                 queued.append(sample)
-                yield str(sample.image_path)
+                yield sample.encoded or str(sample.image_path)
 
         started = time.perf_counter()
         if credit is None:
