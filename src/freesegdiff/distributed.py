@@ -71,14 +71,13 @@ class RayOptions:
 
 
 def require_ray() -> Any:
-    """Import Ray (with Ray Data), or say which extra installs it."""
-    try:
-        import ray
-        import ray.data
-    except ImportError as error:
-        raise ConfigError(
-            f"--ray needs Ray Data ({error}); install the extra: pip install 'freesegdiff[ray]'"
-        ) from error
+    """Import Ray (with Ray Data) and return ``ray``; :class:`~freesegdiff.extras.MissingExtraError`
+    naming the ``[ray]`` extra when it is not installed."""
+    from freesegdiff.extras import require
+
+    require("ray")  # ray.data
+    import ray
+
     return ray
 
 
@@ -221,9 +220,9 @@ def map_on_actors(
         fn_constructor_args=(make_worker,),
         batch_size=options.batch_size,
         batch_format="numpy",
+        # Ray Data's actor pools replace a dead actor and redo its batch (max_restarts and
+        # max_task_retries are -1 unless set: tests/test_distributed.py kills one)
         compute=ray.data.ActorPoolStrategy(size=min(width, len(items))),
-        max_restarts=-1,  # a dead actor is replaced
-        max_task_retries=-1,  # and its batch is redone
         **resources,
     )
     started = time.perf_counter()

@@ -75,6 +75,7 @@ FEATURES: dict[str, Feature] = {
     "supervision": Feature(
         "to_supervision()", "supervision", "supervision", "supervision", "pip install supervision"
     ),
+    "ray": Feature("--ray (a pool of Ray Data actors)", "ray.data", "ray", "ray"),
 }
 
 
