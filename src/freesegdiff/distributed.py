@@ -178,6 +178,12 @@ class RaySummary:
         )
 
 
+def print_summary(summary: RaySummary) -> None:
+    """Print a run's :meth:`RaySummary.describe` line to stderr (an ``on_done`` for
+    :func:`map_on_actors`)."""
+    print(summary.describe(), file=sys.stderr)
+
+
 def _rate(count: int, seconds: float) -> str:
     return f"{count / seconds:.3f}" if seconds > 0 else "-"
 
@@ -277,9 +283,8 @@ def ray_predictor(make_predictor: Callable[[], Predictor], options: RayOptions) 
                     "width": int(width),
                 }
             )
-        summary: list[RaySummary] = []
         rows = map_on_actors(
-            items, _PredictWorker(make_predictor), options, read="path", on_done=summary.append
+            items, _PredictWorker(make_predictor), options, read="path", on_done=print_summary
         )
         for (sample, (data, shape, dtype)), row in zip(waiting, rows, strict=True):
             label_map = np.frombuffer(zlib.decompress(data), dtype=dtype).reshape(shape)
@@ -289,8 +294,6 @@ def ray_predictor(make_predictor: Callable[[], Predictor], options: RayOptions) 
             else:
                 prediction = np.frombuffer(row["prediction"], dtype=np.uint8)
                 yield sample, prediction.reshape(shape).copy(), row["seconds"]
-        for done in summary:
-            print(done.describe(), file=sys.stderr)
 
     return predict
 
@@ -309,26 +312,22 @@ class _PredictWorker:
         predict = self.make_predictor()
 
         def work(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            results: list[dict[str, Any]] = []
-            readable = []
-            for item in items:
+            results: list[dict[str, Any]] = [{} for _ in items]
+            readable: list[tuple[int, Sample]] = []  # (index in items, sample to predict)
+            for index, item in enumerate(items):
                 image = encoded_image(item, "path")
-                if isinstance(image, Exception):
-                    results.append({"error": str(image)})
+                if isinstance(image, Exception):  # the local run's message for this file
+                    results[index]["error"] = str(image)
                     continue
                 shape = (int(item["height"]), int(item["width"]))
                 sample = Sample(item["image_id"], Path(item["path"]), np.zeros(shape, np.uint8))
-                readable.append(replace(sample, encoded=image))
-                results.append({})
-            outcomes = iter(predict(readable))
-            for result in results:
-                if result:
-                    continue
-                _, outcome, seconds = next(outcomes)
+                readable.append((index, replace(sample, encoded=image)))
+            predictions = predict(sample for _, sample in readable)
+            for (index, _), (_, outcome, seconds) in zip(readable, predictions, strict=True):
                 if isinstance(outcome, Exception):
-                    result["error"] = str(outcome)
+                    results[index]["error"] = str(outcome)
                 else:
-                    result.update(
+                    results[index].update(
                         error="",
                         prediction=np.ascontiguousarray(outcome, dtype=np.uint8).tobytes(),
                         seconds=seconds,

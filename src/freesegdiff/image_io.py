@@ -194,9 +194,7 @@ def load_image(
     if isinstance(source, Image.Image):
         return _from_pil(source, max_pixels, oversize)
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ImageReadError(f"image file {str(path)!r} does not exist")
+        path = _existing_file(source)
         return _decode(path, repr(str(path)), max_pixels, oversize)
     if isinstance(source, EncodedImage):
         return _decode(io.BytesIO(source.data), repr(source.name), max_pixels, oversize)
@@ -205,16 +203,23 @@ def load_image(
     )
 
 
+def _existing_file(source: str | Path) -> Path:
+    """``source`` as a path; :class:`ImageReadError` when no such file exists."""
+    path = Path(source)
+    if not path.is_file():
+        raise ImageReadError(f"image file {str(path)!r} does not exist")
+    return path
+
+
 def read_encoded(path: str | Path) -> EncodedImage:
     """A file's bytes, to be decoded elsewhere by :func:`load_image` (no pixel is decoded here).
 
     Raises:
         ImageReadError: with the message :func:`load_image` would give for the path.
     """
-    if not Path(path).is_file():
-        raise ImageReadError(f"image file {str(path)!r} does not exist")
+    path = _existing_file(path)
     try:
-        return EncodedImage(str(path), Path(path).read_bytes())
+        return EncodedImage(str(path), path.read_bytes())
     except OSError as error:
         raise ImageReadError(f"cannot read {str(path)!r} as an image: {error}") from error
     except MemoryError as error:

@@ -395,7 +395,7 @@ def _segment_on_ray(
 ) -> tuple[set[str], bool, float]:
     """``_segment`` on a Ray actor pool (:mod:`freesegdiff.distributed`): each actor loads the
     models once and writes its images' files as a local run does."""
-    from freesegdiff.distributed import map_on_actors
+    from freesegdiff.distributed import map_on_actors, print_summary
 
     items = [  # the files' bytes are read by Ray Data CPU tasks, the images made by the actors
         {
@@ -414,7 +414,7 @@ def _segment_on_ray(
             SegmentWorker(args, formats, classes),
             ray_options(args),
             read="source",
-            on_done=lambda summary: print(summary.describe(), file=sys.stderr),
+            on_done=print_summary,
         ):
             if row["error"]:
                 failures[row["source"]] = row["error"]
