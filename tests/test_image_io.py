@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -72,6 +75,60 @@ def test_unreadable_inputs_raise_clear_errors(tmp_path):
         load_image(np.full((2, 2), np.nan))
     with pytest.raises(ImageReadError, match="cannot use a int"):
         load_image(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("https://example.com/cat.jpg", "'https://example.com/cat.jpg' is a URL: freesegdiff"),
+        ("", "'' is empty: give an image file's path"),
+        ("   ", "is empty"),
+        (".", "'.' is a folder, not an image file"),
+        ("/dev/zero", "'/dev/zero' is a character device, not a regular file"),
+    ],
+)
+def test_paths_that_are_no_image_file_say_what_they_are(source, message):
+    with pytest.raises(ImageReadError, match=re.escape(message)):
+        load_image(source)
+
+
+def test_fifos_and_broken_links_say_what_they_are(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageReadError, match=r"pipe\.png' is a FIFO \(named pipe\), not a regular"):
+        load_image(tmp_path / "pipe.png")  # (never opened: reading a FIFO would wait forever)
+    (tmp_path / "gone.png").symlink_to(tmp_path / "deleted.png")
+    with pytest.raises(ImageReadError, match=r"gone\.png' is a broken symbolic link \(to '"):
+        load_image(tmp_path / "gone.png")
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.array([[object()]]), "must hold numbers (bool, integers or floats); got dtype object"),
+        (np.zeros((2, 2), np.complex64), "got dtype complex64"),
+        (np.array([["a", "b"]]), "must hold numbers"),
+        (np.full((2, 2), -3, np.int16), "must hold values 0 to 255 (or 65535); it holds -3"),
+        (np.full((2, 2), 70000, np.int32), "up to 65535; it holds 70000"),
+        (np.full((2, 2), 254.0), "in [0, 1]; it holds 254 to 254: divide by 255"),
+        (np.full((2, 2), -0.5), "in [0, 1]; it holds -0.5 to -0.5: rescale it to [0, 1]"),
+        (np.zeros((5, 6, 2), np.uint8), "(H, W), (H, W, 1|3|4) or (1|3|4, H, W)"),
+        (np.full((2, 2), np.inf), "NaN or infinite"),
+    ],
+)
+def test_arrays_the_readme_does_not_allow_are_refused_with_what_to_pass(array, message):
+    with pytest.raises(ImageReadError, match=re.escape(message)):
+        load_image(array)
+
+
+def test_arrays_within_the_rules_are_read_exactly():
+    floats = np.array([[0.0, 0.5, 1.0, 1.0004]])  # rounding above 1 is clipped
+    assert load_image(floats)[0, :, 0].tolist() == [0, 128, 255, 255]
+    assert load_image(np.array([[0, 65535]], np.int32))[0, :, 0].tolist() == [0, 255]
+    assert load_image(np.array([[True, False]]))[0, :, 0].tolist() == [255, 0]
+    assert load_image(np.zeros((3, 5, 2), np.uint8)).shape == (5, 2, 3)  # channel first
+    # A PIL "LA" image is unambiguous: gray and alpha, composited over white
+    la = Image.fromarray(np.array([[[0, 0], [0, 255]]], np.uint8), mode="LA")
+    assert load_image(la)[0, :, 0].tolist() == [255, 0]
 
 
 def test_folders_are_expanded_sorted_and_recursively(tmp_path):

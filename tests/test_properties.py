@@ -47,6 +47,25 @@ def check_rgb(image: object, size: tuple[int, int] | None) -> None:
         assert image.shape[:2] == size
 
 
+def refusal(array: np.ndarray) -> str | None:
+    """What the loader must say about an array it refuses (None: it must read it), written
+    from the rule itself: numbers only; integers 0..65535; floats finite and in [0, 1] (up to
+    rounding); (H, W, 2) is ambiguous unless it reads as channel first."""
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            return "NaN or infinite"
+        if array.size and (array.min() < -1e-3 or array.max() > 1 + 1e-3):
+            return "must hold values in [0, 1]"
+    if array.dtype.kind in "iu" and array.size and array.min() < 0:
+        return "must hold values 0 to 255"
+    if array.dtype.kind in "iu" and array.size and array.max() > 65535:
+        return "must hold values up to 65535"
+    channel_first = array.ndim == 3 and array.shape[0] in CHANNEL_MARKERS
+    if array.ndim == 3 and array.shape[2] == 2 and not channel_first:
+        return "got shape"
+    return None
+
+
 @st.composite
 def image_arrays(draw: st.DrawFn) -> tuple[np.ndarray, tuple[int, int] | None]:
     """A random image array and the (H, W) the loader must read it as (None: ambiguous)."""
@@ -79,10 +98,12 @@ def test_load_image_on_random_arrays(drawn: tuple[np.ndarray, tuple[int, int] | 
     array, expected = drawn
     try:
         image = load_image(array)
-    except ImageReadError:
-        # only NaN or infinite floats may be refused: every shape drawn here is readable
-        assert array.dtype.kind == "f" and not np.isfinite(array).all()
+    except ImageReadError as error:
+        # refused exactly when the README's rule for arrays is broken, and told why
+        assert refusal(array) is not None, f"refused {array.dtype} {array.shape}: {error}"
+        assert refusal(array) in str(error)
         return
+    assert refusal(array) is None, f"accepted: {refusal(array)}"
     check_rgb(image, expected)
     if array.dtype == np.uint8 and array.ndim == 2:
         assert np.array_equal(image[..., 0], array)  # grey is repeated, untouched
