@@ -125,8 +125,10 @@ def test_user_errors_give_messages_not_tracebacks(photos, tmp_path, capsys, monk
     assert "3 models cannot be loaded" in error and "Traceback" not in error
     assert f"the CLIP model '{missing}-clip' (--clip-model): the folder does not exist" in error
     assert "the captioner model 'Salesforce/blip-image-captioning-base'" in error
-    assert main(["segment", str(tmp_path / "nope.png"), "-o", out, "--preset", "tiny"]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    # nothing can run: a usage error, named (an input that is missing beside others: exit 1,
+    # tests/test_segment_robustness.py)
+    assert main(["segment", str(tmp_path / "nope.png"), "-o", out, "--preset", "tiny"]) == 2
+    assert "nope.png': the input does not exist" in capsys.readouterr().err
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     assert main(["segment", str(photo), "-o", out, "--preset", "paper", "--offline"]) == 2
     error = capsys.readouterr().err
@@ -212,6 +214,15 @@ def test_config_file_merges_over_the_preset_section_by_section(tmp_path):
         (["--max-pixels", "0"], "limits.max_pixels must be at least 1 or null"),
         (["--working-size", "-5"], "limits.working_size must be at least 1 or null"),
         (["--oversize", "crop"], "limits.oversize must be one of 'refuse', 'downscale'"),
+        (["--seed", "-1"], "seed must be in 0..4294967295"),
+        (["--set", "seed=4294967296"], "seed must be in 0..4294967295"),
+        (["--set", "seed=1e23"], "seed must be an integer or null, got 1e+23"),
+        (["--k", "1000000"], "clustering.k asks for 1000000 clusters, but an image has 1024"),
+        (["--k-range", "2", "5000"], "clustering.k_range asks for 5000 clusters"),
+        (["--feature-size", "8", "--k", "65"], "an image has 64 feature vectors (8 x 8"),
+        (["--set", "clustering.n_init=0"], "clustering.n_init must be at least 1"),
+        (["--set", "clustering.max_iter=0"], "clustering.max_iter must be at least 1"),
+        (["--set", "clustering.tol=-1"], "clustering.tol must be 0 or more"),
     ],
 )
 def test_invalid_settings_exit_2_before_any_model_loads(photos, tmp_path, capsys, options, message):

@@ -19,6 +19,16 @@ needs_ray = pytest.mark.skipif(
 )
 
 
+def test_texts_cross_arrow_as_utf8_and_come_back_exact():
+    from freesegdiff.distributed import _from_arrow, _to_arrow
+
+    for text in [ODD, "plain", "100%", "%25 and %FF", "/x/café \udce9.jpg", "%"]:
+        crossed = _to_arrow(text)
+        crossed.encode("utf-8")  # Arrow can hold it
+        assert _from_arrow(crossed) == text
+    assert _to_arrow(ODD) == "caf%E9 %FF" and _to_arrow(3) == 3
+
+
 @pytest.mark.parametrize("command", ["segment", "eval"])
 def test_ray_settings_and_the_extra_are_checked_before_anything_runs(
     command, tmp_path, monkeypatch, capsys
@@ -63,16 +73,22 @@ def _assert_same_files(
     return len(local)
 
 
+# A file name that is not UTF-8: Arrow (Ray Data's blocks) holds only UTF-8 text, so the name
+# crosses escaped (distributed._to_arrow) and must come back as the exact file.
+ODD = os.fsdecode(b"caf\xe9 \xff")
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, photos):
-    """Three real photos (one in a subfolder) and a file that is not an image."""
+    """Three real photos (one in a subfolder, named in bytes that are not UTF-8) and a file
+    that is not an image."""
     from PIL import Image
 
     inputs = tmp_path_factory.mktemp("in")
     (inputs / "more").mkdir()
     Image.fromarray(photos["astronaut"]).save(inputs / "astronaut.png")
     Image.fromarray(photos["coffee"]).save(inputs / "coffee.jpg", quality=90)
-    Image.fromarray(photos["chelsea"]).save(inputs / "more" / "chelsea.png")
+    Image.fromarray(photos["chelsea"]).save(inputs / "more" / f"{ODD}.png")
     (inputs / "broken.jpg").write_bytes(b"not an image at all")
     return inputs
 
@@ -96,14 +112,14 @@ def test_segment_on_two_ray_actors_writes_the_local_runs_files(folder, local_run
     assert main([*common, *RAY]) == 1  # broken.jpg fails, as locally
     summary = capsys.readouterr().err
     assert "Ray: 4 images in" in summary and "images/s in all; 2 actors:" in summary
-    # 3 images x (png, overlay, json, thumbnail) + index.html + failures.json
-    assert _assert_same_files(out, local_run) == 14
+    # 3 images x (png, overlay, json, thumbnail) + index.html + failures.json + the manifest
+    assert _assert_same_files(out, local_run) == 15
     failures = json.loads((out / "failures.json").read_text())["failed"]
     assert list(failures) == [str(folder / "broken.jpg")]
     assert "cannot identify image file" in failures[str(folder / "broken.jpg")]
 
     # A run killed and restarted resumes: an image whose JSON is gone is done again, alone.
-    (out / "more" / "chelsea.json").unlink()
+    (out / "more" / f"{ODD}.json").unlink()
     assert main([*common, *RAY, "--resume"]) == 1
     assert "segmented 1 of 4 images" in capsys.readouterr().out
     _assert_same_files(out, local_run)

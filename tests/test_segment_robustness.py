@@ -157,7 +157,8 @@ def test_names_mirror_the_input_tree_and_never_clash(photos, tmp_path):
         "x.png-2.json": "elsewhere/x.png",  # the same name from a second input, after it
     }
     summaries = sorted(name for name in final_files(out) if name.endswith(".json"))
-    assert summaries == sorted(expected)
+    assert summaries == sorted([*expected, "freesegdiff-run.json"])
+    summaries.remove("freesegdiff-run.json")
     for json_name, source in expected.items():
         summary = json.loads((out / json_name).read_text())
         assert summary["image"] == str(tmp_path / source)
@@ -415,3 +416,300 @@ def test_sigkill_at_any_moment_leaves_complete_files_and_resume_finishes(
     assert main([*resume, "--resume"]) == 0
     assert not temporaries(out)
     assert_same_outputs(reference, out)
+
+
+# -- hostile names ----------------------------------------------------------------------------
+
+ODD = os.fsdecode(b"caf\xe9 \xff")  # a stem that is not UTF-8 (Latin-1 bytes, a stray 0xFF)
+
+
+def test_a_file_name_that_is_not_utf8_is_written_listed_and_resumed(photo_dir, tmp_path, capsys):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    (folder / f"{ODD}.png").write_bytes((photo_dir / "coffee.png").read_bytes())
+    (folder / "chelsea.jpg").write_bytes((photo_dir / "chelsea.jpg").read_bytes())
+    assert main(["segment", str(folder), "-o", str(out), *TINY]) == 0
+    assert segmented_count(capsys.readouterr().out) == (2, 2)
+    # JSON: ASCII escapes of the surrogates, which Python reads back to the exact file
+    raw = (out / f"{ODD}.json").read_bytes()
+    assert b'caf\\udce9 \\udcff.png"' in raw and raw.isascii()
+    summary = json.loads(raw)
+    assert summary["image"] == str(folder / f"{ODD}.png")
+    assert os.fsencode(summary["image"]).endswith(b"caf\xe9 \xff.png")
+    assert summary["files"] == {"png": f"{ODD}.png", "overlay": f"{ODD}_overlay.png"}
+    # the page: valid UTF-8, the name shown with \xNN, linked by its bytes
+    page = (out / "index.html").read_bytes().decode("utf-8")  # strict: fails on a surrogate
+    assert "<b>caf\\xe9 \\xff</b>" in page
+    assert 'href="caf%E9%20%FF_overlay.png"' in page
+    assert (out / "thumbnails" / f"{ODD}.jpg").is_file()
+    # every later run into the folder works: --resume, and a failing file of such a name
+    broken = folder / os.fsdecode(b"broken-\xfe.jpg")
+    broken.write_bytes(b"not an image at all")
+    assert main(["segment", str(folder), "-o", str(out), *TINY, "--resume"]) == 1
+    printed = capsys.readouterr().out
+    assert "2 skipped, already complete" in printed and "broken-\\xfe.jpg" in printed
+    failures = json.loads((out / "failures.json").read_text())["failed"]
+    assert list(failures) == [str(broken)] and "cannot read" in failures[str(broken)]
+    page = (out / "index.html").read_bytes().decode("utf-8")
+    assert "broken-\\xfe.jpg" in page and "failed" in page
+    assert_all_complete(out)
+
+
+def test_long_names_are_written_and_names_too_long_for_the_folder_are_shortened(
+    photo_dir, tmp_path, capsys
+):
+    """A 230-byte stem's longest file (``_overlay.png``) takes 242 bytes: written as is (the
+    temporary name is 33 bytes whatever the final one). A 250-byte stem's would take 262, more
+    than a folder holds: its stem is cut and tagged with a hash, and the JSON names its files."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    long_stem, longest_stem = "l" * 230, "é" * 125  # 230 and 250 bytes
+    for stem, photo in ((long_stem, "coffee.png"), (longest_stem, "astronaut.png")):
+        (folder / f"{stem}.png").write_bytes((photo_dir / photo).read_bytes())
+    assert main(["segment", str(folder), "-o", str(out), *TINY]) == 0
+    assert (out / f"{long_stem}_overlay.png").is_file() and (out / f"{long_stem}.json").is_file()
+    (cut,) = [path for path in out.glob("é*.json")]
+    assert len(cut.name.encode()) <= 255 - len("_overlay.png") + len(".json")
+    summary = json.loads(cut.read_text())
+    assert summary["image"] == str(folder / f"{longest_stem}.png")
+    stem = cut.name[: -len(".json")]
+    assert re.fullmatch("é+~[0-9a-f]{8}", stem)
+    assert summary["files"] == {"png": f"{stem}.png", "overlay": f"{stem}_overlay.png"}
+    assert all(len(name.encode()) <= 255 for name in os.listdir(out))
+    capsys.readouterr()
+    assert main(["segment", str(folder), "-o", str(out), *TINY, "--resume"]) == 0
+    assert "2 skipped" in capsys.readouterr().out
+
+
+# -- inputs that are no image file --------------------------------------------------------------
+
+
+def test_inputs_that_cannot_be_read_fail_alone_and_odd_entries_are_counted(
+    photo_dir, tmp_path, capsys
+):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes((photo_dir / "chelsea.jpg").read_bytes())
+    os.mkfifo(folder / "pipe.png")
+    deleted = tmp_path / "deleted.png"
+    (folder / "gone.png").symlink_to(deleted)
+    (folder / "photo.avif").write_bytes(b"an AVIF")
+    (folder / "logo.svg").write_text("<svg/>")
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.jpg"
+    named = [missing, folder / "ok.jpg", folder / "gone.png", folder / "pipe.png", "/dev/zero"]
+    assert main(["segment", *map(str, named), "-o", str(out), *TINY]) == 1
+    assert segmented_count(capsys.readouterr().out) == (1, 1)
+    assert json.loads((out / "failures.json").read_text())["failed"] == {
+        str(missing): "the input does not exist",
+        str(folder / "gone.png"): f"the input is a broken symbolic link (to '{deleted}')",
+        str(folder / "pipe.png"): "the input is a FIFO (named pipe), not a regular file",
+        "/dev/zero": "the input is a character device, not a regular file",
+    }
+    assert (out / "ok.json").is_file()
+    # in a folder, such entries are not inputs: counted in the summary, and the run succeeds
+    assert main(["segment", str(folder), "-o", str(tmp_path / "out2"), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "4 folder entries skipped: other extensions 2 (.avif 1, .svg 1), FIFO (named pipe) 1, "
+        "broken symbolic link 1; images are read from .jpg .jpeg .png" in printed
+    )
+    # nothing at all can run: a usage error (exit 2), said once, no folder made
+    assert main(["segment", str(missing), "-o", str(tmp_path / "out3"), *TINY]) == 2
+    error = capsys.readouterr().err
+    assert f"nothing to segment: '{missing}': the input does not exist" in error
+    assert not (tmp_path / "out3").exists()
+
+
+# -- resume and settings ----------------------------------------------------------------------
+
+
+def test_results_of_other_settings_are_never_resumed_nor_mixed(
+    photo_dir, tmp_path, capsys, monkeypatch
+):
+    import freesegdiff.commands.segment as segment
+
+    out = tmp_path / "out"
+    both = [str(photo_dir / "chelsea.jpg"), str(photo_dir / "coffee.png")]
+    assert main(["segment", *both, "-o", str(out), *TINY]) == 0
+    manifest = json.loads((out / "freesegdiff-run.json").read_text())
+    assert manifest["preset"] == "tiny" and manifest["classes"] is None
+    assert (
+        manifest["models"]["clip"] == "tiny:clip" and manifest["settings"]["clustering"]["k"] == 4
+    )
+    first = {name: (out / name).read_bytes() for name in final_files(out)}
+    assert json.loads(first["coffee.json"])["settings_id"] == manifest["settings_id"]
+
+    def no_models(*args, **kwargs):
+        pytest.fail("a model was loaded for a run that is refused")
+
+    monkeypatch.setattr(segment, "pipeline_from_args", no_models)
+    for options, difference in [
+        (["--classes", "cat,dog", *TINY], "classes: None then, ['cat', 'dog'] now"),
+        (["--k", "3", *TINY], "settings.clustering.k: 4 then, 3 now"),
+        (["--preset", "paper", "--no-progress"], "settings.models.diffusion: 'tiny:stable-"),
+    ]:
+        for resume in ([], ["--resume"]):
+            assert main(["segment", *both, "-o", str(out), *options, *resume]) == 2
+            error = capsys.readouterr().err
+            assert "were made with other settings" in error and difference in error
+            assert "--overwrite" in error and "another --output" in error
+            assert error.count("\n") == 1
+    assert {name: (out / name).read_bytes() for name in final_files(out)} == first
+    monkeypatch.undo()
+    # what does not change outputs (the batch size, the device) resumes
+    assert main(["segment", *both, "-o", str(out), *TINY, "--batch-size", "2", "--resume"]) == 0
+    assert "2 skipped, already complete" in capsys.readouterr().out
+    # --overwrite: this run's settings replace the folder's; an image of the old settings that
+    # this run does not segment is deleted, not left beside the new results
+    command = ["segment", both[0], "-o", str(out), *TINY, "--k", "3", "--overwrite"]
+    assert main(command) == 0
+    assert "files of other settings deleted" in capsys.readouterr().err
+    manifest = json.loads((out / "freesegdiff-run.json").read_text())
+    assert manifest["settings"]["clustering"]["k"] == 3
+    assert json.loads((out / "chelsea.json").read_text())["settings_id"] == manifest["settings_id"]
+    assert not any(name.startswith(("coffee", "thumbnails/coffee")) for name in final_files(out))
+    assert "coffee" not in (out / "index.html").read_text()
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+class FullDisk:
+    """``os.write`` in the atomic writer on a disk with ``room`` bytes left: a short write,
+    then ENOSPC; ``room`` can be raised again (space freed)."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def __call__(self, descriptor: int, data) -> int:
+        count = min(len(data), self.room)
+        if count == 0:
+            raise OSError(28, "No space left on device")
+        self.room -= count
+        return os.write(descriptor, bytes(memoryview(data)[:count]))
+
+
+class DiskOs:
+    """The ``os`` module as the atomic writer sees it, its ``write`` replaced by ``disk``."""
+
+    def __init__(self, disk) -> None:
+        self.write = disk
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+
+def test_a_disk_that_fills_mid_run_fails_the_images_it_stops_and_resume_finishes(
+    photo_dir, reference, tmp_path, monkeypatch, capsys
+):
+    """Room for the manifest and the first image's files and a little more: the next image's
+    files are cut by ENOSPC, every later file too. Each image that could not be written is a
+    failure with a clear message, the run files' failures are said in one line each, no file
+    is published short, and after space is freed --resume gives the uninterrupted run's files."""
+    import freesegdiff.atomic as atomic
+
+    first = ["freesegdiff-run.json", "astronaut.png", "astronaut_overlay.png", "astronaut.json"]
+    room = sum((reference / name).stat().st_size for name in first) + 2000
+    out = tmp_path / "out"
+    command = ["segment", str(photo_dir), "-o", str(out), *TINY, "--format", "png,coco-rle"]
+    monkeypatch.setattr(atomic, "os", DiskOs(FullDisk(room)))
+    assert main(command) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert segmented_count(captured.out) == (1, 4)
+    assert captured.out.count("no space left on device: free some space, then run the same") == 3
+    for name in ("coco_results.json", "index.html"):
+        assert f"{out / name}: writing it failed: no space left on device" in captured.err
+    assert "failures.json could not be written (no space left on device" in captured.err
+    assert not temporaries(out)
+    assert_all_complete(out)
+    assert [name for name in final_files(out) if name.endswith(".json")] == first[3:] + first[:1]
+    monkeypatch.undo()  # space freed
+    assert main([*command, "--resume"]) == 0
+    assert "1 skipped" in capsys.readouterr().out
+    assert_same_outputs(reference, out)
+
+
+def _tmpfs_shell() -> list[str] | None:
+    """A command prefix that runs a shell in a mount namespace of its own (where a tmpfs can be
+    mounted): as root, or through a user namespace; None where neither is allowed."""
+    import shutil
+
+    if shutil.which("unshare") is None or sys.platform != "linux":
+        return None
+    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        probe = subprocess.run(
+            [*prefix, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+            capture_output=True,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+@pytest.mark.heavy
+def test_a_real_small_file_system_fills_and_resume_finishes(photo_dir, reference, tmp_path):
+    """The tester's case: the output on a small tmpfs. Mounted in a mount namespace of the
+    test's own: the run fills it, its files are copied out, the tmpfs is grown and the run
+    resumed, all inside; then both copies are checked here."""
+    prefix = _tmpfs_shell()
+    if prefix is None:
+        pytest.skip("no mount namespace here (unshare --mount needs root or user namespaces)")
+    mount, full, resumed = tmp_path / "mount", tmp_path / "full", tmp_path / "resumed"
+    for folder in (mount, full, resumed):
+        folder.mkdir()
+    room = sum(path.stat().st_size for path in reference.glob("astronaut*")) + 16 * 1024
+    segment = [sys.executable, "-m", "freesegdiff", "segment", str(photo_dir), "-o", str(mount)]
+    segment += [*TINY, "--format", "png,coco-rle"]
+    script = (
+        f"mount -t tmpfs -o size={room} tmpfs {mount} || exit 90; "
+        f"{' '.join(segment)} > {tmp_path}/first.out 2> {tmp_path}/first.err; "
+        f"echo $? > {tmp_path}/first.code; cp -a {mount}/. {full}/; "
+        f"mount -o remount,size=64m {mount} || exit 91; "
+        f"{' '.join(segment)} --resume > {tmp_path}/second.out 2>&1; "
+        f"echo $? > {tmp_path}/second.code; cp -a {mount}/. {resumed}/"
+    )
+    done = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    first_err = (tmp_path / "first.err").read_text()
+    assert (tmp_path / "first.code").read_text().strip() == "1", first_err
+    assert "Traceback" not in first_err
+    assert "no space left on device" in (tmp_path / "first.out").read_text() + first_err
+    assert not temporaries(full)
+    assert_all_complete(full)  # nothing published short: every PNG, JPEG and JSON whole
+    assert (tmp_path / "second.code").read_text().strip() == "0"
+    assert_same_outputs(reference, resumed)
+
+
+# -- SIGTERM ----------------------------------------------------------------------------------
+
+
+@pytest.mark.heavy
+def test_sigterm_is_handled_as_ctrl_c(photo_dir, tmp_path):
+    """What timeout, docker, systemd and Slurm send: the image in hand is finished or
+    abandoned, index.html written, the resume command printed, no temporary file left, exit
+    143; the resumed run equals an uninterrupted one."""
+    pytest.importorskip("matplotlib", reason="the slower explain run needs matplotlib")
+    options = [*TINY, "--explain"]  # about a second an image: time to stop it mid-run
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(["segment", str(photo_dir), "-o", str(uninterrupted), *options]) == 0
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "freesegdiff", "segment", str(photo_dir), "-o", str(out)]
+    process = subprocess.Popen([*command, *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while _count(out, "*.json") < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)  # (the manifest, then the first image)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    errors = stderr.decode(errors="replace")
+    assert process.returncode == 143, errors
+    assert "terminated (SIGTERM)" in errors and "--resume" in errors and "Traceback" not in errors
+    done, total = segmented_count(stdout.decode())
+    assert 1 <= done < total == 4
+    assert not temporaries(out)
+    assert_all_complete(out)
+    assert (out / "index.html").is_file() and not (out / "failures.json").exists()
+    assert main(["segment", str(photo_dir), "-o", str(out), *options, "--resume"]) == 0
+    assert_same_outputs(uninterrupted, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -14,6 +15,7 @@ from freesegdiff import __version__
 from freesegdiff.commands import COMMANDS
 from freesegdiff.errors import ConfigError, FreeSegDiffError, ModelUnavailableError
 from freesegdiff.extras import MissingExtraError
+from freesegdiff.interrupts import Terminated, exit_code, signals_as_interrupts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code.
 
     0: all done; 1: some work failed (the command says which); 2: a usage or set-up error
-    (a setting that cannot work, a missing model or extra), reported before any work; 130: Ctrl-C.
+    (a setting that cannot work, a missing model or extra), reported before any work; 130:
+    Ctrl-C; 143: SIGTERM (handled as Ctrl-C is: :mod:`freesegdiff.interrupts`).
     """
+    # A file name that is not UTF-8 (PEP 383 surrogates) must never stop a print: its bytes are
+    # shown as \xNN (stderr does this already).
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.verbose:
@@ -69,17 +76,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        code: int = args.run(args)
-        return code
+        with signals_as_interrupts() as signals:
+            code: int = args.run(args)
+        # a command whose library swallowed the SIGTERM (the demo's server loop) still says so
+        return exit_code(Terminated()) if signals.terminated and code == 0 else code
     except (ConfigError, ModelUnavailableError, MissingExtraError) as error:  # nothing ran
         print(f"freesegdiff {args.command}: error: {error}", file=sys.stderr)
         return 2
     except FreeSegDiffError as error:
         print(f"freesegdiff {args.command}: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM (Terminated)
+        print("terminated" if isinstance(error, Terminated) else "interrupted", file=sys.stderr)
+        return exit_code(error)
 
 
 if __name__ == "__main__":

@@ -347,3 +347,22 @@ def set_by_path(config: PipelineConfig, dotted: str, value: Any) -> PipelineConf
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return merge_config(config, nested)
+
+
+# Settings that change where models come from or how fast a run goes, never its outputs: a
+# cache of earlier outputs (eval's predictions, segment's --resume) ignores them, at any depth.
+NOT_IN_OUTPUTS = ("device", "batch_size", "cache_dir", "offline")
+
+
+def settings_differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """What differs between two settings as JSON values, one line each, e.g.
+    ``"clustering.k: 4 then, 5 now"``; the keys of :data:`NOT_IN_OUTPUTS` are left out."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            if key in NOT_IN_OUTPUTS:
+                continue
+            path = f"{where}.{key}" if where else key
+            found += settings_differences(old.get(key), new.get(key), path)
+        return found
+    return [] if old == new else [f"{where}: {old!r} then, {new!r} now"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -116,11 +117,11 @@ class _Actor:
         seconds = (time.perf_counter() - started) / max(len(items), 1)
         if len(results) != len(items):
             raise RuntimeError(f"the worker gave {len(results)} results for {len(items)} items")
-        columns: dict[str, Any] = {"actor": np.array([self.name] * len(items))}
+        columns: dict[str, Any] = {"actor": np.array([_to_arrow(self.name)] * len(items))}
         columns["actor_seconds"] = np.full(len(items), seconds)
         merged = [{**item, **result} for item, result in zip(items, results, strict=True)]
         for key in sorted({key for result in merged for key in result}):
-            values = [result.get(key) for result in merged]
+            values = [_to_arrow(result.get(key)) for result in merged]
             array = np.empty(len(values), dtype=object)
             array[:] = values
             columns[key] = array
@@ -129,7 +130,32 @@ class _Actor:
 
 def _plain(value: Any) -> Any:
     """A numpy scalar from a Ray Data batch as the Python value it was."""
-    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+    value = value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+    return _from_arrow(value)
+
+
+# Arrow (Ray Data's blocks) holds text as UTF-8, which a file name of undecodable bytes (PEP 383
+# surrogates, freesegdiff.filenames) is not: every text crosses as UTF-8 with "%" written "%25"
+# and each undecodable byte 0xNN written "%NN", and is turned back on the other side.
+def _to_arrow(value: Any) -> Any:
+    """A value of an item or a result as Ray Data may hold it (texts escaped)."""
+    if not isinstance(value, str):
+        return value
+    escaped = value.replace("%", "%25")
+    if escaped.isascii():
+        return escaped
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in escaped)
+
+
+def _from_arrow(value: Any) -> Any:
+    """The value :func:`_to_arrow` was given."""
+    if not isinstance(value, str) or "%" not in value:
+        return value
+    return re.sub(
+        r"%([0-9A-F]{2})",
+        lambda match: "%" if match[1] == "25" else chr(0xDC00 + int(match[1], 16)),
+        value,
+    )
 
 
 def _read_file(key: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -139,9 +165,9 @@ def _read_file(key: str, row: dict[str, Any]) -> dict[str, Any]:
     from freesegdiff.image_io import read_encoded
 
     try:
-        return {**row, "data": read_encoded(row[key]).data, "read_error": ""}
+        return {**row, "data": read_encoded(_from_arrow(row[key])).data, "read_error": ""}
     except ImageReadError as error:
-        return {**row, "data": b"", "read_error": str(error)}
+        return {**row, "data": b"", "read_error": _to_arrow(str(error))}
 
 
 def encoded_image(item: dict[str, Any], key: str) -> Any:
@@ -217,7 +243,10 @@ def map_on_actors(
     gpus = int(ray.cluster_resources().get("GPU", 0))
     width = gpus if gpus else options.actors
     resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": options.cpus_per_actor}
-    indexed = [{**item, "_index": index} for index, item in enumerate(items)]
+    indexed = [
+        {**{key: _to_arrow(value) for key, value in item.items()}, "_index": index}
+        for index, item in enumerate(items)
+    ]
     dataset = ray.data.from_items(indexed, override_num_blocks=max(1, len(items)))
     if read is not None:
         dataset = dataset.map(partial(_read_file, read), num_cpus=READ_CPUS)

@@ -18,18 +18,22 @@ Robustness (what ``freesegdiff segment`` builds on):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from freesegdiff.atomic import save_image, temporary_name, write_text
+from freesegdiff.config import NOT_IN_OUTPUTS, settings_differences
 from freesegdiff.errors import ConfigError
 from freesegdiff.export import COCO_RESULTS_NAME
+from freesegdiff.filenames import fit_name_length, quoted
 from freesegdiff.image_io import ImageInput, load_image
 from freesegdiff.visualize.colors import palette_for
 from freesegdiff.visualize.explain import EXPLAIN_SUFFIX, write_explain
@@ -42,23 +46,29 @@ if TYPE_CHECKING:
 OVERLAY_SUFFIX = "_overlay.png"
 FORMATS = ("png", "coco-rle")  # the choices of ``freesegdiff segment --format``
 FAILURES_NAME = "failures.json"  # the run's failed inputs, in the output folder
+MANIFEST_NAME = "freesegdiff-run.json"  # the settings the folder's results were made with
 # Files of a whole run, at the top of the output folder: no image's files may take these names.
-RUN_FILE_NAMES = ("index.html", COCO_RESULTS_NAME, FAILURES_NAME)
+RUN_FILE_NAMES = ("index.html", COCO_RESULTS_NAME, FAILURES_NAME, MANIFEST_NAME)
 
 __all__ = [
     "EXPLAIN_SUFFIX",
     "FAILURES_NAME",
     "FORMATS",
+    "MANIFEST_NAME",
     "OVERLAY_SUFFIX",
     "RUN_FILE_NAMES",
+    "RunManifest",
     "assign_stems",
+    "check_manifest",
     "expected_files",
     "label_png",
     "output_names",
     "outputs_complete",
     "prepare_output_folder",
     "read_saved_result",
+    "remove_other_results",
     "write_failures",
+    "write_manifest",
     "write_outputs",
 ]
 
@@ -92,6 +102,7 @@ def write_outputs(
     coco: CocoResults | None = None,
     explain_timings: bool = False,
     coco_id: str | None = None,
+    settings_id: str | None = None,
 ) -> dict[str, Path]:
     """Write the files of one segmented image into ``folder`` (created if missing).
 
@@ -117,6 +128,8 @@ def write_outputs(
         explain_timings: print the seconds per stage in the explain figure (then its bytes
             differ from run to run); off by default.
         coco_id: the COCO ``image_id``; default: ``stem``.
+        settings_id: written into the JSON as ``"settings_id"``: the
+            :meth:`RunManifest.settings_id` of the run (what ``--resume`` compares).
 
     Returns:
         ``{"png", "overlay", "json", "explain"}``: the paths of the files written.
@@ -155,6 +168,8 @@ def write_outputs(
         if "png" in formats:
             summary = result.to_json()
             summary["files"] = {kind: path.name for kind, path in written.items()}
+            if settings_id is not None:
+                summary["settings_id"] = settings_id
             written["json"] = write_text(out / names["json"], json.dumps(summary, indent=2) + "\n")
     except BaseException:
         for path in written.values():  # abandon the image cleanly: no part of a set is left
@@ -217,13 +232,14 @@ def outputs_complete(
     overlay: bool = True,
     explain: bool = False,
     source: str | None = None,
+    settings_id: str | None = None,
 ) -> bool:
     """Whether the image ``stem`` in ``folder`` was completely written with these settings.
 
     True when ``<stem>.json`` parses, lists exactly :func:`expected_files` (so a run with other
-    ``overlay``/``explain`` settings does not count), names ``source`` as its image (when given)
-    and every file it lists exists. :func:`write_outputs` writes the JSON last, each file
-    atomically, so this cannot be true of a half-written image.
+    ``overlay``/``explain`` settings does not count), names ``source`` as its image and carries
+    ``settings_id`` (each when given), and every file it lists exists. :func:`write_outputs`
+    writes the JSON last, each file atomically, so this cannot be true of a half-written image.
     """
     out = Path(folder)
     try:
@@ -234,6 +250,8 @@ def outputs_complete(
     if not isinstance(summary, dict) or summary.get("files") != expected:
         return False
     if source is not None and summary.get("image") != source:
+        return False
+    if settings_id is not None and summary.get("settings_id") != settings_id:
         return False
     return all((out / name).is_file() for name in expected.values())
 
@@ -258,7 +276,9 @@ def assign_stems(files: Sequence[tuple[str, str]]) -> list[str]:
         that clash keeps its extension in its stem (``x.jpg`` -> ``x.jpg``: ``x.jpg.png``,
         ``x.jpg_overlay.png``, ``x.jpg.json``). Names are compared case-insensitively (as macOS
         and Windows file systems do). A clash left after that (the same file name from two
-        input folders) is resolved in order by ``-2``, ``-3``, ... after the later stem.
+        input folders) is resolved in order by ``-2``, ``-3``, ... after the later stem. A stem
+        whose longest file name would pass the file system's 255 bytes is cut and tagged with
+        a hash (:func:`~freesegdiff.filenames.fit_name_length`).
     """
     by_folder: dict[str, list[int]] = {}
     for index, (folder, _) in enumerate(files):
@@ -271,9 +291,9 @@ def assign_stems(files: Sequence[tuple[str, str]]) -> list[str]:
         used = set(reserved)
         for index, stem in zip(indices, natural, strict=True):
             base = files[index][1] if _clashes(stem, counts, reserved) else stem
-            candidate, number = base, 2
+            candidate, number = _fit(base), 2
             while _file_keys(candidate) & used:
-                candidate, number = f"{base}-{number}", number + 1
+                candidate, number = _fit(f"{base}-{number}"), number + 1
             used |= _file_keys(candidate)
             stems[index] = candidate
     return stems
@@ -288,6 +308,14 @@ def _clashes(stem: str, counts: Counter[str], reserved: set[str]) -> bool:
         if key + suffix in counts or (key.endswith(suffix) and key[: -len(suffix)] in counts):
             return True
     return False
+
+
+_LONGEST_SUFFIX = max(len(name.encode()) for name in output_names("").values())
+
+
+def _fit(stem: str) -> str:
+    """``stem``, shortened if its longest output name would not fit in a folder."""
+    return fit_name_length(stem, _LONGEST_SUFFIX)
 
 
 def _file_keys(stem: str) -> set[str]:
@@ -397,3 +425,126 @@ def write_failures(folder: str | Path, failures: Mapping[str, str]) -> Path | No
         return None
     failed = {str(name): str(reason) for name, reason in sorted(failures.items())}
     return write_text(path, json.dumps({"failed": failed, "count": len(failed)}, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """What produced the results of an output folder: ``<DIR>/freesegdiff-run.json``.
+
+    ``settings``: every pipeline setting (:meth:`PipelineConfig.to_dict`); ``classes``: the
+    fixed vocabulary, or None (open vocabulary); ``preset``: the preset the settings started
+    from (for the reader: the settings themselves are compared). Two runs whose settings differ
+    only in :data:`~freesegdiff.config.NOT_IN_OUTPUTS` (device, batch sizes, cache folder,
+    offline) have the same :meth:`settings_id`.
+    """
+
+    settings: dict[str, Any]
+    classes: list[str] | None
+    preset: str | None = None
+
+    def compared(self) -> dict[str, Any]:
+        """What must be equal for two runs' results to be interchangeable."""
+        return {"settings": self.settings, "classes": self.classes}
+
+    def settings_id(self) -> str:
+        """16 hex digits of the SHA-256 of :meth:`compared` (speed-only settings left out)."""
+        kept = _without(self.compared(), NOT_IN_OUTPUTS)
+        text = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest file's content."""
+        from freesegdiff import __version__
+
+        return {
+            "settings_id": self.settings_id(),
+            "preset": self.preset,
+            "classes": self.classes,
+            "models": self.settings.get("models"),
+            "settings": self.settings,
+            "freesegdiff": __version__,
+        }
+
+
+def _without(value: Any, keys: tuple[str, ...]) -> Any:
+    """``value`` (JSON) with the dictionary keys ``keys`` removed at every depth."""
+    if isinstance(value, dict):
+        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [_without(v, keys) for v in value]
+    return value
+
+
+def check_manifest(folder: str | Path, manifest: RunManifest, *, overwrite: bool) -> bool:
+    """Whether ``folder`` holds results of other settings than ``manifest``'s.
+
+    Returns False when the folder has no manifest or the same settings, True when the settings
+    differ and ``overwrite`` allows replacing them.
+
+    Raises:
+        ConfigError: the settings differ (or the manifest cannot be read) and not
+            ``overwrite``; the message lists the differences and the ways out.
+    """
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return False
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        old = RunManifest(stored["settings"], stored["classes"], stored.get("preset"))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        differences = [f"{MANIFEST_NAME} cannot be read ({error})"]
+    else:
+        if old.settings_id() == manifest.settings_id():
+            return False
+        differences = settings_differences(old.compared(), manifest.compared())
+    if overwrite:
+        return True
+    shown = "; ".join(differences[:6]) + (
+        f"; and {len(differences) - 6} more" if len(differences) > 6 else ""
+    )
+    raise ConfigError(
+        f"the results in {quoted(folder)} were made with other settings ({shown}). To replace "
+        "them, run again with --overwrite (their files are deleted); to keep them, choose "
+        "another --output"
+    )
+
+
+def write_manifest(folder: str | Path, manifest: RunManifest) -> Path:
+    """Write ``<folder>/freesegdiff-run.json`` (atomically)."""
+    text = json.dumps(manifest.to_json(), indent=2) + "\n"
+    return write_text(Path(folder) / MANIFEST_NAME, text)
+
+
+def remove_other_results(folder: str | Path, settings_id: str) -> list[Path]:
+    """Delete the image results under ``folder`` whose JSON does not carry ``settings_id``.
+
+    Only files freesegdiff writes are touched: an image's ``<stem>.json`` (one that lists its
+    ``files`` and ``labels``), the files it lists under their own names
+    (:func:`output_names`) and its thumbnail. Returns the paths deleted.
+    """
+    from freesegdiff.visualize.index_page import THUMBNAIL_FOLDER
+
+    root = Path(folder)
+    removed: list[Path] = []
+    for summary_path in sorted(root.rglob("*.json")):
+        if THUMBNAIL_FOLDER in summary_path.relative_to(root).parts[:1]:
+            continue
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        files = summary.get("files") if isinstance(summary, dict) else None
+        if not isinstance(files, dict) or "labels" not in summary:
+            continue  # not an image's summary
+        if summary.get("settings_id") == settings_id:
+            continue
+        stem = summary_path.name[: -len(".json")]
+        names = set(output_names(stem).values())
+        relative = summary_path.parent.relative_to(root) / stem
+        thumbnail = root / THUMBNAIL_FOLDER / f"{relative.as_posix()}.jpg"
+        targets = [summary_path.parent / name for name in files.values() if name in names]
+        for path in [summary_path, *targets, thumbnail]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed

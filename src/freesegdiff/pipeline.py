@@ -164,6 +164,11 @@ def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
     require_for_config(config)  # an optional package the settings need (pydensecrf, ...)
     if config.batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {config.batch_size}")
+    if config.seed is not None and not 0 <= config.seed <= MAX_SEED:
+        raise ConfigError(
+            f"seed must be in 0..{MAX_SEED} (the range of numpy's and torch's seeds) or null, "
+            f"got {config.seed}"
+        )
     if config.models.captioner:
         check_caption_config(config.caption)
     entities = EntityExtractor(config.entities)
@@ -177,12 +182,41 @@ def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
             "features.extractor 'vit' takes its features from models.backbone: pass a DINOv2, "
             "DINO or CLIP checkpoint with --backbone-model (e.g. facebook/dinov2-base)"
         )
+    _check_cluster_counts(config)
     limits = config.limits
     for name in ("max_pixels", "working_size"):
         value = getattr(limits, name)
         if value is not None and value < 1:
             raise ConfigError(f"limits.{name} must be at least 1 or null (no limit), got {value}")
     return device, dtype
+
+
+MAX_SEED = 2**32 - 1  # numpy's RandomState (the released k-means) takes seeds below 2^32
+
+
+def _check_cluster_counts(config: PipelineConfig) -> None:
+    """The k-means settings against what they can mean: K (and a K range) at most the number
+    of feature vectors of an image (``features.feature_size`` squared for Stable Diffusion's
+    features; a ViT's patch grid is known when its model loads), at least one restart and one
+    iteration, a tolerance of 0 or more."""
+    clustering = config.clustering
+    if clustering.max_iter < 1:
+        raise ConfigError(f"clustering.max_iter must be at least 1, got {clustering.max_iter}")
+    if clustering.n_init < 1:
+        raise ConfigError(f"clustering.n_init must be at least 1, got {clustering.n_init}")
+    if not clustering.tol >= 0 or clustering.tol == float("inf"):
+        raise ConfigError(f"clustering.tol must be 0 or more, got {clustering.tol}")
+    if config.features.extractor != "stable-diffusion":
+        return
+    points = config.features.feature_size**2
+    largest = clustering.k_range[1] if clustering.k_range is not None else clustering.k
+    if clustering.adaptive_offset is None and largest > points:
+        setting = "clustering.k_range" if clustering.k_range is not None else "clustering.k"
+        side = config.features.feature_size
+        raise ConfigError(
+            f"{setting} asks for {largest} clusters, but an image has {points} feature vectors "
+            f"({side} x {side}, features.feature_size): give at most {points}"
+        )
 
 
 def unused_models(config: PipelineConfig, pruning: bool = False) -> tuple[str, ...]:

@@ -99,3 +99,59 @@ def test_options_that_cannot_work_are_reported_before_the_models_load(
     argv = ["demo", "--preset", "tiny", "--port", str(_free_port()), *options]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.heavy
+def test_sigterm_stops_the_demo_and_removes_its_files(tmp_path: Path) -> None:
+    """docker, systemd and Slurm stop a server with SIGTERM: the demo stops as on Ctrl-C, its
+    request folders (under the system temporary folder) and Gradio's cached uploads are
+    removed, and it exits with 143."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    gradio_client = pytest.importorskip("gradio_client")
+    system_tmp, cache = tmp_path / "tmp", tmp_path / "gradio-cache"
+    system_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(system_tmp), "GRADIO_TEMP_DIR": str(cache)}
+    port = _free_port()
+    command = [sys.executable, "-m", "freesegdiff", "demo", "--preset", "tiny", "--port", str(port)]
+    server = subprocess.Popen(
+        [*command, "--examples"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.communicate()[0].decode(errors="replace")
+            assert time.monotonic() < deadline, "the demo did not answer within 180 s"
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        photo = tmp_path / "cat.png"
+        from freesegdiff.demo.app import bundled_examples
+
+        photo.write_bytes(next(p for p in bundled_examples() if p.name == "cat.jpg").read_bytes())
+        client = gradio_client.Client(
+            url, verbose=False, analytics_enabled=False, download_files=False
+        )
+        outputs = client.predict(gradio_client.handle_file(str(photo)), "", api_name="/segment")
+        client.close()
+        assert len(outputs) == 6
+        assert list(system_tmp.glob("freesegdiff-demo-*/request-*"))  # a request's files
+        assert [path for path in cache.rglob("*") if path.is_file()]  # the upload, the outputs
+        server.send_signal(signal.SIGTERM)
+        log = server.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 143, log
+    assert "Traceback" not in log
+    assert not list(system_tmp.glob("freesegdiff-demo-*")), "request folders left behind"
+    assert not [path for path in cache.rglob("*") if path.is_file()], "Gradio's cache left"

@@ -14,6 +14,7 @@ from freesegdiff.evaluation.classnames import label_texts, load_class_names
 from freesegdiff.evaluation.datasets import open_dataset
 from freesegdiff.evaluation.runner import prediction_palette
 from freesegdiff.evaluation.synthetic import write_synthetic_dataset
+from freesegdiff.interrupts import Terminated
 
 LAYOUTS = [
     ("voc21", "stuff"),
@@ -192,3 +193,59 @@ def test_open_vocabulary_grounds_caption_entities(tmp_path, monkeypatch, tiny_pi
     with Image.open(out / "predictions" / f"{image_id}.png") as cached:
         values = set(np.unique(np.asarray(cached)).tolist())
     assert values <= set(range(20)) | {255}  # VOC20 class ids, or 255 where nothing was named
+
+
+def test_an_id_listed_twice_is_scored_once_with_a_warning(tmp_path, monkeypatch, caplog):
+    """``good`` and ``  good  `` in val.txt: one image, predicted and scored once."""
+    written = write_synthetic_dataset("voc21", tmp_path / "data", num_images=2)
+    split = tmp_path / "data" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+    first, second = sorted(written.labels)
+    split.write_text(f"{first}\n  {first}  \n{second}\n{first}\n")
+    with caplog.at_level("WARNING"):
+        dataset = open_dataset("voc21", tmp_path / "data")
+    assert [sample.image_id for sample in dataset] == [first, second]
+    message = caplog.text
+    assert (
+        "lists 2 image ids again" in message and f"'{first}' on line 2 (first on line 1)" in message
+    )
+    oracle = OraclePipe("voc21", tmp_path / "data")
+    monkeypatch.setattr(
+        "freesegdiff.commands.common.pipeline_from_args", lambda args, runtime=None: oracle
+    )
+    out = tmp_path / "out"
+    assert (
+        run_eval("--dataset", "voc21", "--data-root", str(tmp_path / "data"), "-o", str(out)) == 0
+    )
+    assert read_results(out)["images"] == 2 and oracle.calls == 2
+
+
+@pytest.mark.parametrize(("stop", "code"), [(KeyboardInterrupt, 130), (Terminated, 143)])
+def test_ctrl_c_or_sigterm_keeps_the_predictions_and_says_how_to_finish(
+    tmp_path, monkeypatch, capsys, stop, code
+):
+    write_synthetic_dataset("voc21", tmp_path / "data", num_images=3)
+    oracle = OraclePipe("voc21", tmp_path / "data")
+    real = oracle.iter_segment
+
+    def stopped_after_two(paths, classes):
+        for count, outcome in enumerate(real(paths, classes)):
+            if count == 2:
+                raise stop
+            yield outcome
+
+    monkeypatch.setattr(oracle, "iter_segment", stopped_after_two)
+    monkeypatch.setattr(
+        "freesegdiff.commands.common.pipeline_from_args", lambda args, runtime=None: oracle
+    )
+    out = tmp_path / "out"
+    data = ["--dataset", "voc21", "--data-root", str(tmp_path / "data"), "-o", str(out)]
+    assert run_eval(*data) == code
+    error = capsys.readouterr().err
+    assert "2 predictions are cached" in error and "run the same command again" in error
+    assert "Traceback" not in error
+    assert len(list((out / "predictions").glob("*.png"))) == 2
+    assert not [path for path in out.rglob("*") if path.name.endswith(".tmp")]
+    monkeypatch.setattr(oracle, "iter_segment", real)
+    assert run_eval(*data) == 0
+    results = read_results(out)
+    assert (results["from_cache"], results["predicted_now"], results["miou"]) == (2, 1, 100.0)

@@ -9,6 +9,7 @@ from typing import Any
 from freesegdiff.commands.common import add_pipeline_arguments, config_from_args
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DATASETS
+from freesegdiff.interrupts import Terminated, exit_code
 
 
 def add_parser(subparsers: Any) -> None:
@@ -137,9 +138,10 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             progress=not args.no_progress,
         )
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume (finished work is kept)")
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM
+        stopped = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"{stopped}: run the same command again to resume (finished work is kept)")
+        return exit_code(stop)
     summary = store.summary()
     print(f"table: {args.output}/ablation.md, ablation.csv")
     print(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from freesegdiff.commands.common import (
@@ -16,6 +18,7 @@ from freesegdiff.commands.common import (
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DATASETS
 from freesegdiff.evaluation.metrics import PROTOCOLS
+from freesegdiff.interrupts import Terminated, exit_code
 
 SHOWN_FAILURES = 20  # failed images listed with their reason in the summary (all: results.json)
 
@@ -96,7 +99,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate; return 0, or 1 when some image failed (listed with its reason; scored as
-    unpredicted, or left out of the scores when its ground truth is unusable)."""
+    unpredicted, or left out of the scores when its ground truth is unusable); 130 on Ctrl-C and
+    143 on SIGTERM, the predictions made so far kept for the next run."""
     from freesegdiff.evaluation.classnames import label_texts
     from freesegdiff.evaluation.datasets import DatasetError, open_dataset
     from freesegdiff.evaluation.grounding import NO_CLASS, Grounder
@@ -158,16 +162,29 @@ def run(args: argparse.Namespace) -> int:
 
         predictor_factory = partial(ray_predictor, make_predictor, ray_options(args))
 
-    report = evaluate(
-        dataset,
-        args.output,
-        predictor_factory,
-        protocol=args.protocol,
-        limit=args.limit,
-        settings=settings,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    try:
+        report = evaluate(
+            dataset,
+            args.output,
+            predictor_factory,
+            protocol=args.protocol,
+            limit=args.limit,
+            settings=settings,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the predictions made are kept
+        from freesegdiff.evaluation.runner import PREDICTIONS
+
+        kept = sum(1 for _ in (Path(args.output) / PREDICTIONS).rglob("*.png"))
+        stopped = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(
+            f"freesegdiff eval: {stopped}; {kept} predictions are cached in "
+            f"{Path(args.output) / PREDICTIONS}. To finish, run the same command again: it "
+            "predicts only the images left, then scores the whole split.",
+            file=sys.stderr,
+        )
+        return exit_code(stop)
     scores = report.scores
 
     def show(value: float | None) -> str:

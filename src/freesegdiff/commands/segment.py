@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from freesegdiff.atomic import describe_write_error
 from freesegdiff.commands.common import (
     add_pipeline_arguments,
     add_ray_arguments,
@@ -23,7 +23,9 @@ from freesegdiff.commands.common import (
     ray_options,
 )
 from freesegdiff.errors import ConfigError, FreeSegDiffError
-from freesegdiff.image_io import iter_image_files
+from freesegdiff.filenames import display_name, quoted
+from freesegdiff.image_io import IMAGE_SUFFIXES, SkippedEntries, iter_image_files
+from freesegdiff.interrupts import DeferredInterrupt, Terminated, exit_code
 from freesegdiff.outputs import FAILURES_NAME, FORMATS
 
 if TYPE_CHECKING:
@@ -51,12 +53,19 @@ def add_parser(subparsers: Any) -> None:
             "checked writable before any model loads; DIR itself is never read as input. "
             "The same inputs and seed give the same bytes in every file but the JSON's "
             "timings. "
-            "Failures: an image or folder that cannot be read or segmented is reported, listed "
-            "in DIR/failures.json and skipped. Ctrl-C finishes the file being written, writes "
-            "index.html and failures.json for what was done, and says how to go on (the same "
-            "command with --resume). "
+            "Settings: DIR/freesegdiff-run.json records the settings, classes and models of "
+            "its results; a run with other settings into DIR is refused (exit 2) unless "
+            "--overwrite. "
+            "Inputs: folders are searched for " + " ".join(IMAGE_SUFFIXES) + " files; other "
+            "entries (other extensions, FIFOs, devices, broken links) are counted in the "
+            "summary. "
+            "Failures: an input, image or folder that cannot be read or segmented, or whose "
+            "files cannot be written (a full disk), is reported, listed in DIR/failures.json "
+            "and skipped; the others are done. Ctrl-C or SIGTERM finishes the image being "
+            "written, writes index.html and failures.json for what was done, and says how to "
+            "go on (the same command with --resume). "
             "Exit code: 0 all done, 1 some input failed, 2 a usage or set-up error (nothing "
-            "ran), 130 interrupted."
+            "ran), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."
         ),
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
@@ -87,8 +96,16 @@ def add_parser(subparsers: Any) -> None:
         "--resume",
         action="store_true",
         help="skip images whose files are complete in DIR from an earlier run with the same "
-        "settings (JSON present, parsing and listing the PNG, overlay and explain files, all "
-        "present) and segment the rest; index.html and coco_results.json then cover all",
+        "settings (JSON present, parsing, made with the settings recorded in "
+        "DIR/freesegdiff-run.json and listing the PNG, overlay and explain files, all "
+        "present) and segment the rest; index.html and coco_results.json then cover all. A "
+        "folder of other settings is refused: see --overwrite",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="DIR holds results of other settings: delete them (the files freesegdiff wrote "
+        "for them) and write this run's, instead of refusing",
     )
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay PNGs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -122,11 +139,15 @@ class _Job:
     image_id: str  # the stem relative to DIR ("more/x"): the COCO image_id
 
 
-def _plan(inputs: list[str], output: Path, failures: dict[str, str]) -> list[_Job]:
+def _plan(
+    inputs: list[str], output: Path, failures: dict[str, str], skipped: SkippedEntries
+) -> list[_Job]:
     """Every image of the inputs, in order, each with its output folder and stem.
 
-    Folders that cannot be read go to ``failures``; DIR (when inside an input) is not searched;
-    a file found twice (named twice, or in a folder and by name) is taken once.
+    Inputs that are no file or folder (missing, a broken link, a FIFO or device) and folders
+    that cannot be read go to ``failures``; folder entries that are no image file to
+    ``skipped``; DIR (when inside an input) is not searched; a file found twice (named twice,
+    or in a folder and by name) is taken once.
     """
     from freesegdiff.outputs import assign_stems
 
@@ -135,7 +156,7 @@ def _plan(inputs: list[str], output: Path, failures: dict[str, str]) -> list[_Jo
     for entry in inputs:
         root = Path(entry)
         is_folder = root.is_dir()
-        for path in iter_image_files([root], exclude=[output], errors=failures):
+        for path in iter_image_files([entry], exclude=[output], errors=failures, skipped=skipped):
             key = os.path.normcase(os.path.abspath(path))
             if key in seen:
                 continue
@@ -154,48 +175,11 @@ def _plan(inputs: list[str], output: Path, failures: dict[str, str]) -> list[_Jo
     ]
 
 
-class _DeferredInterrupt:
-    """Inside the block, Ctrl-C (SIGINT) waits until the block ends, then raises.
-
-    So the image being written is completed rather than abandoned. Only in the main thread
-    (elsewhere signals cannot be handled, and this does nothing).
-    """
-
-    def __init__(self) -> None:
-        self.pending = False
-        self._previous: Any = None
-        self._installed = False
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.pending = True
-
-    def __enter__(self) -> _DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            try:
-                self._previous = signal.signal(signal.SIGINT, self._handler)
-                self._installed = True
-            except (ValueError, OSError):
-                self._installed = False
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._installed:
-            previous = self._previous if self._previous is not None else signal.SIG_DFL
-            signal.signal(signal.SIGINT, previous)
-        if self.pending and kind is None:
-            raise KeyboardInterrupt
-
-
-def _require_extras(args: argparse.Namespace, formats: list[str]) -> None:
+def _require_extras(args: argparse.Namespace, config: Any, formats: list[str]) -> None:
     """Fail now, naming the extra, if the run needs one that is not installed."""
     from freesegdiff.extras import require, require_for_config
 
-    require_for_config(config_from_args(args))
+    require_for_config(config)
     if args.explain:
         require("explain")
     if "coco-rle" in formats:
@@ -203,21 +187,32 @@ def _require_extras(args: argparse.Namespace, formats: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Segment every input; return 0 when all succeeded, 1 when any failed, 130 on Ctrl-C.
+    """Segment every input; return 0 when all succeeded, 1 when any failed, 130 on Ctrl-C, 143
+    on SIGTERM.
 
     Usage and set-up errors (:class:`ConfigError`, exit code 2 in :func:`freesegdiff.cli.main`)
-    are raised before any model loads: bad settings, an output folder that is a file or not
-    writable, a missing extra.
+    are raised before any model loads: bad settings, no input that can be read, an output
+    folder that is a file, not writable or holding results of other settings, a missing extra.
     """
     from freesegdiff.atomic import remove_stale_temporaries
     from freesegdiff.export import CocoResults
-    from freesegdiff.outputs import outputs_complete, prepare_output_folder
+    from freesegdiff.outputs import (
+        RunManifest,
+        check_manifest,
+        outputs_complete,
+        prepare_output_folder,
+        remove_other_results,
+        write_manifest,
+    )
+    from freesegdiff.pipeline import check_settings
 
     formats = _formats(args.format)
     classes = parse_classes(args.classes)
     if args.explain_timings and not args.explain:
         raise ConfigError("--explain-timings prints timings in the explain figure: add --explain")
-    _require_extras(args, formats)
+    config = config_from_args(args)
+    _require_extras(args, config, formats)
+    check_settings(config)  # every setting's value and range, before anything is read
     check_ray_arguments(args)
     if args.ray is not None and "coco-rle" in formats and "png" not in formats:
         raise ConfigError(
@@ -226,11 +221,28 @@ def run(args: argparse.Namespace) -> int:
         )
     output = Path(args.output)
     failures: dict[str, str] = {}
-    jobs = _plan(args.inputs, output, failures)  # skips DIR if it exists inside an input
-    if not jobs and not failures:
-        raise FreeSegDiffError(f"no image files found in {', '.join(args.inputs)}")
+    entries = SkippedEntries()
+    jobs = _plan(args.inputs, output, failures, entries)  # skips DIR if inside an input
+    if not jobs:  # nothing can run: a usage error
+        raise ConfigError(_nothing_to_segment(args.inputs, failures, entries))
+    manifest = RunManifest(config.to_dict(), classes, args.preset)
+    replacing = check_manifest(output, manifest, overwrite=args.overwrite)  # before any write
     prepare_output_folder(output)  # a ConfigError (exit 2) before any model loads
     remove_stale_temporaries(output)  # the .tmp files of a killed run
+    settings_id = manifest.settings_id()
+
+    def claim_folder() -> None:
+        """Once the models are loaded, before the first image's files: DIR's results are this
+        run's settings from now on (a run that cannot load its models leaves DIR as it was)."""
+        if replacing:
+            removed = remove_other_results(output, settings_id)
+            print(
+                f"--overwrite: {len(removed)} files of other settings deleted from "
+                f"{display_name(output)}",
+                file=sys.stderr,
+            )
+        write_manifest(output, manifest)
+
     skipped: list[_Job] = []
     if args.resume and "png" not in formats:
         print(
@@ -248,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
                 overlay=not args.no_overlay,
                 explain=args.explain,
                 source=str(job.source),
+                settings_id=settings_id,
             )
         ]
     done_ids = {job.image_id for job in skipped}
@@ -255,29 +268,48 @@ def run(args: argparse.Namespace) -> int:
     # With png the COCO file is built from the files written, resumed images included; without,
     # from the results in memory.
     coco = CocoResults(classes) if "coco-rle" in formats and "png" not in formats else None
-    written, interrupted, elapsed = _segment(args, formats, classes, todo, failures, coco)
+    written, interrupt, elapsed = _segment(
+        args, formats, classes, todo, failures, coco, settings_id, claim_folder
+    )
     _write_run_files(args, formats, classes, jobs, done_ids | written, failures, coco)
     count = len(written)
     message = (
         f"segmented {count} of {len(jobs)} images in {elapsed:.1f} s "
-        f"({elapsed / max(count, 1):.2f} s/image) -> {output}"
+        f"({elapsed / max(count, 1):.2f} s/image) -> {display_name(output)}"
     )
     if skipped:
         message += f"; {len(skipped)} skipped, already complete (--resume)"
     if failures:
-        message += f"; {len(failures)} failed: {', '.join(failures)} (see {FAILURES_NAME})"
+        names = ", ".join(display_name(name) for name in failures)
+        message += f"; {len(failures)} failed: {names} (see {FAILURES_NAME})"
     print(message)
-    if interrupted:
+    if entries:
+        print(entries.describe())
+    if interrupt is not None:
         complete = done_ids | written
         left = sum(job.image_id not in complete and str(job.source) not in failures for job in jobs)
+        stopped = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
         print(
-            f"freesegdiff segment: interrupted; {left} images not done. Every file in "
-            f"{output} is complete; to finish, run the same command again with --resume "
-            "(complete images are skipped).",
+            f"freesegdiff segment: {stopped}; {left} images not done. Every file in "
+            f"{display_name(output)} is complete; to finish, run the same command again with "
+            "--resume (complete images are skipped).",
             file=sys.stderr,
         )
-        return 130
+        return exit_code(interrupt)
     return 1 if failures else 0
+
+
+def _nothing_to_segment(
+    inputs: list[str], failures: dict[str, str], entries: SkippedEntries
+) -> str:
+    """The message of a run with no image to segment."""
+    if failures:
+        reasons = "; ".join(f"{quoted(name)}: {reason}" for name, reason in failures.items())
+        return f"nothing to segment: {reasons}"
+    searched = ", ".join(quoted(entry) for entry in inputs)
+    if entries:
+        return f"no image files found in {searched}: {entries.describe()}"
+    return f"no image files found in {searched} (images are read from {' '.join(IMAGE_SUFFIXES)})"
 
 
 def _segment(
@@ -287,38 +319,48 @@ def _segment(
     todo: list[_Job],
     failures: dict[str, str],
     coco: CocoResults | None,
-) -> tuple[set[str], bool, float]:
+    settings_id: str,
+    claim_folder: Callable[[], None],
+) -> tuple[set[str], KeyboardInterrupt | None, float]:
     """Load the models (only if there is work) and segment and write ``todo``.
 
-    ``coco``: where write_outputs collects COCO entries (None: not in memory).
+    ``coco``: where write_outputs collects COCO entries (None: not in memory);
+    ``settings_id``: the run's, written into each JSON; ``claim_folder``: called once the
+    models are loaded (Ray: before the actors start), before any image's files are written.
 
     Returns:
-        The image ids written completely, whether Ctrl-C stopped the run, and the seconds spent
-        after the models loaded. Images that failed are added to ``failures``.
+        The image ids written completely, the Ctrl-C or SIGTERM (:class:`Terminated`) that
+        stopped the run (None: it ran to the end), and the seconds spent after the models
+        loaded. Images that failed are added to ``failures``.
     """
     if not todo:
-        return set(), False, 0.0
+        claim_folder()
+        return set(), None, 0.0
     if getattr(args, "ray", None) is not None:
-        return _segment_on_ray(args, formats, classes, todo, failures)
+        claim_folder()
+        return _segment_on_ray(args, formats, classes, todo, failures, settings_id)
     from tqdm import tqdm
 
-    pipe = _load_pipeline(args, classes)
     written: set[str] = set()
     start = time.perf_counter()
     progress = tqdm(total=len(todo), unit="img", disable=args.no_progress, file=sys.stderr)
     try:
-        for job, error in _segment_and_write(pipe, args, formats, classes, todo, coco):
+        pipe = _load_pipeline(args, classes)
+        claim_folder()
+        start = time.perf_counter()
+        jobs = _segment_and_write(pipe, args, formats, classes, todo, coco, settings_id)
+        for job, error in jobs:
             progress.update(1)
             if error is not None:
                 failures[str(job.source)] = error
-                progress.write(f"skipped {job.source}: {error}")
+                progress.write(f"skipped {display_name(job.source)}: {error}")
             else:
                 written.add(job.image_id)
-    except KeyboardInterrupt:
-        return written, True, time.perf_counter() - start
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM
+        return written, interrupt, time.perf_counter() - start
     finally:
         progress.close()
-    return written, False, time.perf_counter() - start
+    return written, None, time.perf_counter() - start
 
 
 def _load_pipeline(args: argparse.Namespace, classes: list[str] | None) -> Any:
@@ -341,11 +383,12 @@ def _segment_and_write(
     classes: list[str] | None,
     jobs: list[_Job],
     coco: CocoResults | None,
+    settings_id: str | None,
     images: list[Any] | None = None,
 ) -> Any:
     """Segment ``jobs`` and write each one's files; yield ``(job, None)`` when its files are
-    complete, ``(job, reason)`` when it failed (unreadable, a pipeline error, a failed write).
-    Ctrl-C during a write waits until that image's files are complete.
+    complete, ``(job, reason)`` when it failed (unreadable, a pipeline error, a failed write,
+    a full disk). Ctrl-C or SIGTERM during a write waits until that image's files are complete.
 
     ``images``: what the pipeline reads for each job (default its file; a Ray actor gives the
     file's bytes, read by a CPU task, as an :class:`~freesegdiff.image_io.EncodedImage`)."""
@@ -361,9 +404,9 @@ def _segment_and_write(
             yield job, str(outcome)
             continue
         error = None
-        interrupted = False
+        interrupted: KeyboardInterrupt | None = None
         try:
-            with _DeferredInterrupt():  # Ctrl-C now: this image is finished first
+            with DeferredInterrupt():  # Ctrl-C now: this image is finished first
                 try:
                     write_outputs(  # the pixels the pipeline read: decoded once per run
                         outcome,
@@ -376,14 +419,15 @@ def _segment_and_write(
                         coco=coco,
                         explain_timings=args.explain_timings,
                         coco_id=job.image_id,
+                        settings_id=settings_id,
                     )
                 except (OSError, ValueError) as failure:
-                    error = f"writing the results failed: {failure}"
-        except KeyboardInterrupt:  # after the write: this image's files are complete
-            interrupted = True
+                    error = f"writing its files failed: {describe_write_error(failure)}"
+        except KeyboardInterrupt as stop:  # after the write: this image's files are complete
+            interrupted = stop
         yield job, error
-        if interrupted:
-            raise KeyboardInterrupt
+        if interrupted is not None:
+            raise interrupted
 
 
 def _segment_on_ray(
@@ -392,7 +436,8 @@ def _segment_on_ray(
     classes: list[str] | None,
     todo: list[_Job],
     failures: dict[str, str],
-) -> tuple[set[str], bool, float]:
+    settings_id: str,
+) -> tuple[set[str], KeyboardInterrupt | None, float]:
     """``_segment`` on a Ray actor pool (:mod:`freesegdiff.distributed`): each actor loads the
     models once and writes its images' files as a local run does."""
     from freesegdiff.distributed import map_on_actors, print_summary
@@ -411,19 +456,19 @@ def _segment_on_ray(
     try:
         for row in map_on_actors(
             items,
-            SegmentWorker(args, formats, classes),
+            SegmentWorker(args, formats, classes, settings_id),
             ray_options(args),
             read="source",
             on_done=print_summary,
         ):
             if row["error"]:
                 failures[row["source"]] = row["error"]
-                print(f"skipped {row['source']}: {row['error']}", file=sys.stderr)
+                print(f"skipped {display_name(row['source'])}: {row['error']}", file=sys.stderr)
             else:
                 written.add(row["image_id"])
-    except KeyboardInterrupt:
-        return written, True, time.perf_counter() - start
-    return written, False, time.perf_counter() - start
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM
+        return written, interrupt, time.perf_counter() - start
+    return written, None, time.perf_counter() - start
 
 
 @dataclass(frozen=True)
@@ -434,6 +479,7 @@ class SegmentWorker:
     args: argparse.Namespace
     formats: list[str]
     classes: list[str] | None
+    settings_id: str
 
     def __call__(self) -> Any:
         from freesegdiff.distributed import encoded_image
@@ -453,7 +499,7 @@ class SegmentWorker:
                 )
                 images.append(image)
             for job, error in _segment_and_write(
-                pipe, self.args, self.formats, self.classes, jobs, None, images
+                pipe, self.args, self.formats, self.classes, jobs, None, self.settings_id, images
             ):
                 errors[job.image_id] = error or ""
             return [{"error": errors.get(i["image_id"], "not segmented")} for i in items]
@@ -472,6 +518,10 @@ def _write_run_files(
 ) -> None:
     """Write DIR's files of the whole run: coco_results.json, index.html, failures.json.
 
+    None of them can end a run that segmented its images: a file that cannot be written (a
+    full disk) is a failure of its own, under its name in ``failures`` and failures.json, and
+    a failures.json that cannot be written is said in one line.
+
     Args:
         complete: the image ids whose files are complete (written now or resumed).
         coco: the entries collected in memory (formats without png), else None: then the COCO
@@ -479,8 +529,18 @@ def _write_run_files(
     """
     from freesegdiff.export import COCO_RESULTS_NAME, CocoResults
     from freesegdiff.outputs import read_saved_result, write_failures
+    from freesegdiff.visualize.index_page import INDEX_NAME, write_index_page
 
     output = Path(args.output)
+
+    def attempt(name: str, write: Callable[[], object]) -> None:
+        try:
+            write()
+        except (OSError, ValueError) as error:
+            reason = f"writing it failed: {describe_write_error(error)}"
+            failures[str(output / name)] = reason
+            print(f"freesegdiff segment: {display_name(output / name)}: {reason}", file=sys.stderr)
+
     if "coco-rle" in formats:
         if coco is None:
             coco = CocoResults(classes)
@@ -494,9 +554,15 @@ def _write_run_files(
                         f"its files could not be read back for {COCO_RESULTS_NAME} ({error}); "
                         "segment it again without --resume"
                     )
-        coco.write(output)
+        attempt(COCO_RESULTS_NAME, partial(coco.write, output))
     if "png" in formats and not args.no_overlay:
-        from freesegdiff.visualize.index_page import write_index_page
-
-        write_index_page(output, failures=failures)
-    write_failures(output, failures)
+        # (a failure of its own is listed in the page too: failures.json comes after it)
+        attempt(INDEX_NAME, partial(write_index_page, output, failures=dict(failures)))
+    try:
+        write_failures(output, failures)
+    except (OSError, ValueError) as error:
+        print(
+            f"freesegdiff segment: {FAILURES_NAME} could not be written "
+            f"({describe_write_error(error)}); the failures are listed above",
+            file=sys.stderr,
+        )

@@ -42,6 +42,7 @@ with what was looked for; samples are read lazily while iterating.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -55,6 +56,8 @@ from freesegdiff.errors import FreeSegDiffError
 from freesegdiff.evaluation.classnames import ClassName, load_class_names
 from freesegdiff.extras import install_hint
 from freesegdiff.image_io import EncodedImage
+
+logger = logging.getLogger(__name__)
 
 VOID = 255
 
@@ -312,7 +315,32 @@ class LabelFileDataset:
 
 
 def _read_split(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    """The image ids a split file lists, one per line, stripped, each once.
+
+    An id listed twice (``good`` and ``  good  ``) would be predicted and scored twice, which
+    skews every metric: the later lines are dropped with a warning that names them.
+    """
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
+    repeated: list[str] = []
+    lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    for number, line in enumerate(lines, start=1):
+        image_id = line.strip()
+        if not image_id:
+            continue
+        if image_id in first_line:
+            repeated.append(f"{image_id!r} on line {number} (first on line {first_line[image_id]})")
+            continue
+        first_line[image_id] = number
+        ids.append(image_id)
+    if repeated:
+        shown = "; ".join(repeated[:5]) + (
+            f"; and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        )
+        logger.warning(
+            "%s lists %d image ids again: %s; each image is scored once", path, len(repeated), shown
+        )
+    return ids
 
 
 def _voc(root: Path, name: str) -> LabelFileDataset:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,10 +37,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from freesegdiff import atomic
+from freesegdiff.config import settings_differences
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DatasetError, Sample, SegmentationDataset
 from freesegdiff.evaluation.grounding import NO_CLASS
 from freesegdiff.evaluation.metrics import Evaluator, Protocol, Scores
+from freesegdiff.filenames import display_name
 from freesegdiff.image_io import EncodedImage
 
 logger = logging.getLogger(__name__)
@@ -54,8 +56,6 @@ Predictor = Callable[[Iterable[Sample]], Iterator[Prediction]]
 PREDICTIONS = "predictions"
 SETTINGS_FILE = "settings.json"
 SECONDS_FILE = "seconds.tsv"
-# Settings that change speed but not predictions: ignored when checking a cache.
-_SPEED_ONLY = ("device", "batch_size")
 
 
 def prediction_palette() -> list[int]:
@@ -101,20 +101,20 @@ class PredictionCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         image = Image.fromarray(np.asarray(prediction, dtype=np.uint8))  # mode L
         image.putpalette(self._palette)  # L -> P, the pixel values kept
-        partial = path.with_name(f".{path.name}.partial")
-        image.save(partial, format="PNG")
-        os.replace(partial, path)  # a reader never sees half a file
+        atomic.save_image(image, path)  # a reader never sees half a file
 
     def record_seconds(self, image_id: str, seconds: float) -> None:
-        with open(self.folder / SECONDS_FILE, "a") as handle:
-            handle.write(f"{image_id}\t{seconds:.6f}\n")
+        # (surrogateescape: an image id of undecodable bytes is written as those bytes)
+        with open(self.folder / SECONDS_FILE, "a", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(f"{image_id}\t{seconds:.6f}\n")
 
     def seconds(self) -> dict[str, float]:
         """Model seconds of every image predicted so far (last record wins)."""
         path = self.folder / SECONDS_FILE
         found: dict[str, float] = {}
         if path.is_file():
-            for line in path.read_text().splitlines():
+            text = path.read_text(encoding="utf-8", errors="surrogateescape")
+            for line in text.splitlines():
                 image_id, _, value = line.partition("\t")
                 try:
                     found[image_id] = float(value)
@@ -129,7 +129,7 @@ class PredictionCache:
             shutil.rmtree(self.folder)
         if path.is_file():
             stored = json.loads(path.read_text())
-            differences = _differences(stored, settings)
+            differences = settings_differences(stored, settings)
             if differences:
                 raise ConfigError(
                     f"the predictions in {str(self.folder)!r} were made with other settings ("
@@ -143,20 +143,7 @@ class PredictionCache:
                 f"{SETTINGS_FILE}); pass --overwrite to discard them, or choose another --output"
             )
         self.folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-
-
-def _differences(old: Any, new: Any, where: str = "") -> list[str]:
-    """Human-readable differences between two JSON values, ignoring speed-only settings."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        found = []
-        for key in sorted(set(old) | set(new)):
-            if key in _SPEED_ONLY:
-                continue
-            path = f"{where}.{key}" if where else key
-            found += _differences(old.get(key), new.get(key), path)
-        return found
-    return [] if old == new else [f"{where}: {old!r} then, {new!r} now"]
+        atomic.write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def prediction_problem(
@@ -274,6 +261,7 @@ def evaluate(
     """
     output = Path(output)
     settings = json.loads(json.dumps(settings or {}))  # as stored: tuples become lists
+    atomic.remove_stale_temporaries(output)  # the unfinished writes of a killed run
     cache = PredictionCache(output / PREDICTIONS)
     cache.check_settings({"dataset": dataset.name, **settings}, overwrite)
     total = len(dataset) if limit is None else min(limit, len(dataset))
@@ -410,9 +398,9 @@ def write_report(report: EvaluationReport, output: Path) -> dict[str, Path]:
         "markdown": output / "results.md",
         "confusion": output / "confusion.png",
     }
-    paths["json"].write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    paths["markdown"].write_text(render_markdown(report))
-    render_confusion(report.confusion, report.class_names).save(paths["confusion"])
+    atomic.write_text(paths["json"], json.dumps(report.to_json(), indent=2) + "\n")
+    atomic.write_text(paths["markdown"], render_markdown(report))
+    atomic.save_image(render_confusion(report.confusion, report.class_names), paths["confusion"])
     return paths
 
 
@@ -462,6 +450,7 @@ def render_markdown(report: EvaluationReport) -> str:
     if unscored:
         lines += ["", f"{len(unscored)} images have an unusable ground truth (not scored):", ""]
         lines += [f"- `{image_id}`: {report.failed[image_id]}" for image_id in report.unscored]
+    lines = [display_name(line) for line in lines]  # image ids of undecodable bytes: \xNN
     lines += ["", "IoU and accuracy in percent; `-`: the class never occurs (no IoU).", ""]
     return "\n".join(lines)
 

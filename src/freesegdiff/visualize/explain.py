@@ -24,6 +24,7 @@ from PIL import Image
 
 from freesegdiff.atomic import save_with
 from freesegdiff.extras import require
+from freesegdiff.filenames import display_name
 from freesegdiff.image_io import fit_longest_side, load_image
 from freesegdiff.result import SegmentationResult
 from freesegdiff.visualize.cluster_map import cluster_palette
@@ -93,8 +94,9 @@ def _text_block(result: SegmentationResult, timings: bool = True) -> str:
         stages = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.timings.items())
         lines.append(f"timings: {stages} (total {total:.2f}s)")
     wrapped: list[str] = []
-    for line in lines:
-        wrapped.extend(textwrap.wrap(line, TEXT_WIDTH, subsequent_indent="    ") or [""])
+    for line in lines:  # (display_name: a file name that is not UTF-8 shows its bytes as \xNN)
+        text = display_name(line)
+        wrapped.extend(textwrap.wrap(text, TEXT_WIDTH, subsequent_indent="    ") or [""])
     return "\n".join(wrapped)
 
 

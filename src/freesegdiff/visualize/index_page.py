@@ -9,9 +9,10 @@ The page is built from what is in the folder, so it can be (re)written after any
 - ``coco_results.json`` is linked at the top when present.
 
 Thumbnails are JPEG files under ``<folder>/thumbnails/`` so a folder of large photos opens fast.
-Every name written into the page is HTML-escaped and every link URL-quoted. The page and the
-thumbnails are written atomically (:mod:`freesegdiff.atomic`), and the same folder always gives
-the same bytes.
+Every name written into the page is HTML-escaped and every link URL-quoted; a file name that is
+not UTF-8 is shown with ``\\xNN`` for its undecodable bytes and linked by its exact bytes
+(:mod:`freesegdiff.filenames`). The page and the thumbnails are written atomically
+(:mod:`freesegdiff.atomic`), and the same folder always gives the same bytes.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 from PIL import Image
 
 from freesegdiff.atomic import save_image, write_text
 from freesegdiff.export import COCO_RESULTS_NAME
+from freesegdiff.filenames import display_name, url_path
 from freesegdiff.outputs import EXPLAIN_SUFFIX, OVERLAY_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -117,21 +118,26 @@ def collect_cards(
     return cards
 
 
+def _text(text: str) -> str:
+    """Any text (a file name of any bytes too) as HTML."""
+    return html.escape(display_name(text))
+
+
 def _link(path: str, text: str) -> str:
-    return f'<a href="{html.escape(quote(path))}">{html.escape(text)}</a>'
+    return f'<a href="{html.escape(url_path(path))}">{_text(text)}</a>'
 
 
 def _card_html(card: IndexCard) -> str:
-    stem = html.escape(card.stem)
+    stem = _text(card.stem)
     if card.error is not None:
         return (
             f'<figure class="card failed"><div class="missing">failed</div>'
-            f"<figcaption><b>{stem}</b><p class=error>{html.escape(card.error)}</p>"
+            f"<figcaption><b>{stem}</b><p class=error>{_text(card.error)}</p>"
             f"</figcaption></figure>"
         )
     target = card.explain or card.overlay or ""
     if card.thumbnail:
-        picture = f'<img src="{html.escape(quote(card.thumbnail))}" alt="{stem} overlay">'
+        picture = f'<img src="{html.escape(url_path(card.thumbnail))}" alt="{stem} overlay">'
     else:
         picture = '<div class="missing">no thumbnail</div>'
     links = [
@@ -144,12 +150,10 @@ def _card_html(card: IndexCard) -> str:
         )
         if path
     ]
-    caption = f"<p class=caption>{html.escape(card.caption)}</p>" if card.caption else ""
-    labels = (
-        "<p class=labels>" + html.escape(", ".join(card.labels)) + "</p>" if card.labels else ""
-    )
+    caption = f"<p class=caption>{_text(card.caption)}</p>" if card.caption else ""
+    labels = "<p class=labels>" + _text(", ".join(card.labels)) + "</p>" if card.labels else ""
     return (
-        f'<figure class="card"><a href="{html.escape(quote(target))}">{picture}</a>'
+        f'<figure class="card"><a href="{html.escape(url_path(target))}">{picture}</a>'
         f"<figcaption><b>{stem}</b>{caption}{labels}"
         f"<p class=links>{' · '.join(links)}</p></figcaption></figure>"
     )
@@ -183,8 +187,8 @@ def render_index_html(cards: list[IndexCard], title: str, coco: str | None = Non
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n"
-        f"<body><h1>{html.escape(title)}</h1><p>{summary}{extra}. Click a picture for its "
+        f"<title>{_text(title)}</title><style>{_STYLE}</style></head>\n"
+        f"<body><h1>{_text(title)}</h1><p>{summary}{extra}. Click a picture for its "
         f'explain figure.</p>\n<div class="grid">\n{body}\n</div></body></html>\n'
     )
 

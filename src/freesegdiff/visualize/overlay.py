@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from freesegdiff.compose import resize_label_map
+from freesegdiff.filenames import display_name
 from freesegdiff.image_io import fit_longest_side, load_image
 from freesegdiff.result import SegmentationResult
 from freesegdiff.visualize.colors import Color, colors_for, hashed_color
@@ -115,6 +116,7 @@ def _color(table: np.ndarray, label_id: int) -> Color:
 
 
 def _short(name: str) -> str:
+    name = display_name(name)  # (a name given as undecodable bytes: shown as \xNN)
     return name if len(name) <= MAX_NAME_CHARS else name[: MAX_NAME_CHARS - 1] + "…"
 
 
