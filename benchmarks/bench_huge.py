@@ -39,8 +39,8 @@ def main() -> None:
 
     from freesegdiff.bench.runner import build_pipeline
     from freesegdiff.config import set_by_path
+    from freesegdiff.infra.tuning import RuntimeOptions
     from freesegdiff.presets import load_preset
-    from freesegdiff.runtime import RuntimeOptions
 
     config = set_by_path(load_preset("paper"), "dtype", args.dtype)
     runtime = RuntimeOptions.fast()

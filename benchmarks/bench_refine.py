@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from freesegdiff.config import RefineConfig
-from freesegdiff.refine import refine_masks
+from freesegdiff.stages.refine import refine_masks
 
 WIDTH, HEIGHT = 500, 375
 GRID = 32

@@ -1,4 +1,4 @@
-"""Each trick of freesegdiff.runtime on and off: the SD 1.4 VAE encoder at 512x512.
+"""Each trick of freesegdiff.infra.tuning on and off: the SD 1.4 VAE encoder at 512x512.
 
     python benchmarks/bench_runtime.py [--dtype bfloat16] [--runs 5] [--rounds 2] [--base ...]
 
@@ -40,9 +40,14 @@ def configs(base: tuple[str, ...]) -> dict[str, dict[str, bool]]:
 CHILD = """
 import json, resource, sys, time
 import torch
-from freesegdiff import memory
+from freesegdiff.infra import memory
 from freesegdiff.bench.models import _empty, load_architecture, materialise
-from freesegdiff.runtime import RuntimeOptions, after_loading, tune_process, use_inplace_resnets
+from freesegdiff.infra.tuning import (
+    RuntimeOptions,
+    after_loading,
+    tune_process,
+    use_inplace_resnets,
+)
 from diffusers import AutoencoderKL
 
 chosen, dtype_name, runs = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])

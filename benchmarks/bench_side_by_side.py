@@ -67,9 +67,9 @@ def _save_maps(args: argparse.Namespace, maps: list[np.ndarray]) -> str:
 def run_freesegdiff(args: argparse.Namespace) -> dict:
     """The package's side, in this (fresh) process."""
     from freesegdiff.config import set_by_path
+    from freesegdiff.infra.tuning import RuntimeOptions, after_loading
     from freesegdiff.pipeline import FreeSegDiff
     from freesegdiff.presets import load_preset
-    from freesegdiff.runtime import RuntimeOptions, after_loading
 
     config = set_by_path(load_preset(args.preset), "dtype", args.dtype)
     for key, folder in _folders(args.preset).items():

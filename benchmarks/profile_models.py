@@ -49,7 +49,7 @@ def main() -> None:
         bench_images,
         build_pipeline,
     )
-    from freesegdiff.runtime import RuntimeOptions, after_loading
+    from freesegdiff.infra.tuning import RuntimeOptions, after_loading
 
     dtype = getattr(torch, args.dtype)
     peak = matmul_peak(dtype)

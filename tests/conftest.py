@@ -29,7 +29,7 @@ def photos() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Stable Diffusion folder (model_index.json, unet, vae, ...)."""
-    from freesegdiff.tiny.diffusion import build_stable_diffusion
+    from freesegdiff.infra.tiny.diffusion import build_stable_diffusion
 
     folder = tmp_path_factory.mktemp("tiny-sd")
     build_stable_diffusion(folder, seed=0)
@@ -39,7 +39,7 @@ def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random CLIP model + processor folder."""
-    from freesegdiff.tiny.clip import build_clip
+    from freesegdiff.infra.tiny.clip import build_clip
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     build_clip(folder, seed=0)
@@ -49,7 +49,7 @@ def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_blip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BLIP captioner folder."""
-    from freesegdiff.tiny.captioner import build_blip
+    from freesegdiff.infra.tiny.captioner import build_blip
 
     folder = tmp_path_factory.mktemp("tiny-blip")
     build_blip(folder, seed=0)

@@ -152,8 +152,7 @@ def test_an_actor_killed_mid_run_is_replaced_and_its_images_redone(
 ):
     from ray import cloudpickle  # Ray's own copy
 
-    from freesegdiff.cli import main
-    from freesegdiff.commands import segment
+    from freesegdiff.cli import main, segment
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import tests
     marker = tmp_path / "killed"

@@ -145,9 +145,9 @@ def test_the_graph_sees_module_level_imports_only() -> None:
         "if TYPE_CHECKING:\n    from freesegdiff.h import i\n"
         "def later():\n    from freesegdiff.j import k\n"
     )
-    names = set(imported_names("freesegdiff.visualize.overlay", tree))
-    assert {"freesegdiff.a", "freesegdiff.b", "freesegdiff.visualize.c"} <= names
-    assert {"freesegdiff.visualize.d", "freesegdiff.visualize.d.e", "freesegdiff.f"} <= names
+    names = set(imported_names("freesegdiff.io.visualize.overlay", tree))
+    assert {"freesegdiff.a", "freesegdiff.b", "freesegdiff.io.visualize.c"} <= names
+    assert {"freesegdiff.io.visualize.d", "freesegdiff.io.visualize.d.e", "freesegdiff.f"} <= names
     assert not any(name.startswith(("freesegdiff.h", "freesegdiff.j")) for name in names)
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
@@ -155,8 +155,8 @@ def test_the_graph_sees_module_level_imports_only() -> None:
 
 def test_every_module_is_in_the_graph() -> None:
     graph = import_graph()
-    assert {"freesegdiff", "freesegdiff.result", "freesegdiff.outputs"} <= set(graph)
-    assert "freesegdiff.visualize.overlay" in graph["freesegdiff.outputs"]
+    assert {"freesegdiff", "freesegdiff.result", "freesegdiff.io.outputs"} <= set(graph)
+    assert "freesegdiff.io.visualize.overlay" in graph["freesegdiff.io.outputs"]
 
 
 def test_the_module_import_graph_has_no_cycle() -> None:
@@ -212,7 +212,7 @@ def _closure(extras: dict[str, list[str]], extra: str) -> set[str]:
 
 
 def test_every_feature_names_an_extra_that_installs_its_package() -> None:
-    from freesegdiff.extras import FEATURES
+    from freesegdiff.infra.extras import FEATURES
 
     extras = _optional_dependencies()
     core = {_distribution(requirement) for requirement in extras[""]}
@@ -251,7 +251,7 @@ def test_a_missing_extra_says_which_to_install(
     feature: str, extra: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from freesegdiff.errors import FreeSegDiffError
-    from freesegdiff.extras import FEATURES, MissingExtraError, require
+    from freesegdiff.infra.extras import FEATURES, MissingExtraError, require
 
     block(monkeypatch, FEATURES[feature].module.split(".")[0])
     with pytest.raises(MissingExtraError) as caught:
@@ -267,10 +267,10 @@ def test_the_features_raise_the_missing_extra_where_they_are_used(
 ) -> None:
     import numpy as np
 
-    from freesegdiff.export import encode_rle
-    from freesegdiff.extras import MissingExtraError
-    from freesegdiff.refine.densecrf_reference import pydensecrf_refine
-    from freesegdiff.visualize.explain import explain_figure
+    from freesegdiff.infra.extras import MissingExtraError
+    from freesegdiff.io.export import encode_rle
+    from freesegdiff.io.visualize.explain import explain_figure
+    from freesegdiff.stages.refine.densecrf_reference import pydensecrf_refine
 
     for top in ("matplotlib", "pycocotools", "pydensecrf"):
         block(monkeypatch, top)
@@ -301,8 +301,7 @@ def test_segment_names_a_missing_extra_before_loading_models(
     import numpy as np
     from PIL import Image
 
-    from freesegdiff.cli import main
-    from freesegdiff.commands import segment
+    from freesegdiff.cli import main, segment
 
     photo = tmp_path / "photo.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)

@@ -84,7 +84,7 @@ def test_open_vocabulary_without_distractors_scores_the_entities_alone(
 
 
 def test_blip2_captioner_runs_in_the_pipeline(tiny_sd_path, tiny_clip_path, tmp_path, photos):
-    from freesegdiff.tiny.captioner import build_blip2
+    from freesegdiff.infra.tiny.captioner import build_blip2
 
     build_blip2(tmp_path / "blip2")
     pipe = FreeSegDiff.from_config(make_config(tiny_sd_path, tiny_clip_path, tmp_path / "blip2"))
@@ -296,7 +296,7 @@ def test_an_image_above_the_working_size_is_worked_on_smaller_and_mapped_back(
     cols = np.floor((np.arange(451) + 0.5) * 200 / 451).astype(int)
     assert np.array_equal(result.label_map, work[rows][:, cols])
     assert sum(s.area for s in result.segments) + result.background_area == 300 * 451
-    from freesegdiff.outputs import write_outputs
+    from freesegdiff.io.outputs import write_outputs
 
     explain = importlib.util.find_spec("matplotlib") is not None  # the [viz] extra
     written = write_outputs(result, image, tmp_path, explain=explain)  # masks at 200 x 133

@@ -28,7 +28,7 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from freesegdiff.errors import FreeSegDiffError, ImageReadError  # noqa: E402
-from freesegdiff.image_io import load_image  # noqa: E402
+from freesegdiff.io.images import load_image  # noqa: E402
 
 QUICK = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,7 +5,7 @@ their work items (one per image) to :func:`map_on_actors`: a Ray Data dataset of
 ``map`` stage of CPU tasks that read each image file's bytes, then one ``map_batches`` stage
 over a pool of actors that each build their worker once (the models load once per actor) and
 call it on batches of items, decoding the bytes exactly as a local run decodes the file
-(:class:`~freesegdiff.image_io.EncodedImage`). One actor per GPU where the cluster has GPUs,
+(:class:`~freesegdiff.io.images.EncodedImage`). One actor per GPU where the cluster has GPUs,
 ``RayOptions.actors`` CPU actors otherwise. An actor that dies is replaced (its models load
 again) and its batch is redone; an item that fails inside a worker is that item's failure only,
 reported as in a local run.
@@ -72,9 +72,10 @@ class RayOptions:
 
 
 def require_ray() -> Any:
-    """Import Ray (with Ray Data) and return ``ray``; :class:`~freesegdiff.extras.MissingExtraError`
-    naming the ``[ray]`` extra when it is not installed."""
-    from freesegdiff.extras import require
+    """Import Ray (with Ray Data) and return ``ray``;
+    :class:`~freesegdiff.infra.extras.MissingExtraError` naming the ``[ray]`` extra when it is
+    not installed."""
+    from freesegdiff.infra.extras import require
 
     require("ray")  # ray.data
     import ray
@@ -135,7 +136,7 @@ def _plain(value: Any) -> Any:
 
 
 # Arrow (Ray Data's blocks) holds text as UTF-8, which a file name of undecodable bytes (PEP 383
-# surrogates, freesegdiff.filenames) is not: every text crosses as UTF-8 with "%" written "%25"
+# surrogates, freesegdiff.io.filenames) is not: every text crosses as UTF-8 with "%" written "%25"
 # and each undecodable byte 0xNN written "%NN", and is turned back on the other side.
 def _to_arrow(value: Any) -> Any:
     """A value of an item or a result as Ray Data may hold it (texts escaped)."""
@@ -162,7 +163,7 @@ def _read_file(key: str, row: dict[str, Any]) -> dict[str, Any]:
     """A Ray Data CPU task: the bytes of the file ``row[key]`` names, as ``data``, or why they
     cannot be read, as ``read_error`` (the local run's message)."""
     from freesegdiff.errors import ImageReadError
-    from freesegdiff.image_io import read_encoded
+    from freesegdiff.io.images import read_encoded
 
     try:
         return {**row, "data": read_encoded(_from_arrow(row[key])).data, "read_error": ""}
@@ -171,10 +172,10 @@ def _read_file(key: str, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def encoded_image(item: dict[str, Any], key: str) -> Any:
-    """The :class:`~freesegdiff.image_io.EncodedImage` a reading task made of ``item[key]``'s
+    """The :class:`~freesegdiff.io.images.EncodedImage` a reading task made of ``item[key]``'s
     file, or the :class:`~freesegdiff.errors.ImageReadError` it met (for a worker)."""
     from freesegdiff.errors import ImageReadError
-    from freesegdiff.image_io import EncodedImage
+    from freesegdiff.io.images import EncodedImage
 
     if item.get("read_error"):
         return ImageReadError(item["read_error"])

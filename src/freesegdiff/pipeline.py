@@ -1,20 +1,20 @@
 """The FreeSeg-Diff pipeline: builds the stages, owns the models, and calls the stages in order.
 
 No algorithm lives here. The steps of :meth:`FreeSegDiff.segment_arrays` are those of
-docs/method.md, each done by the stage that owns it:
+docs/method.md, each done by the stage that owns it, in :mod:`freesegdiff.stages`:
 
-====  =====================  ======================================================
-step  stage                  file
-====  =====================  ======================================================
-1     caption                ``captioner.py``  (:class:`~freesegdiff.captioner.Captioner`)
+====  =====================  ==================================================
+step  stage                  where
+====  =====================  ==================================================
+1     caption                ``captioner.py`` (:class:`Captioner`)
 2, 9  entities, label texts  ``entities.py``, ``vocabulary.py`` (:class:`LabelVocabulary`)
-3-7   features               ``features.py``   (:class:`~freesegdiff.features.FeatureExtractor`)
-8     clusters               ``clustering.py`` (:class:`~freesegdiff.clustering.Clusterer`)
-10-11 naming                 ``classify.py``   (:class:`~freesegdiff.classify.MaskNamer`)
-12    refinement             ``refine/``       (:class:`~freesegdiff.refine.Refiner`)
-13    composition            ``compose.py``    (:func:`~freesegdiff.compose.compose`)
-14    back to the image size ``compose.py``    (:func:`~freesegdiff.compose.resize_composition`)
-====  =====================  ======================================================
+3-7   features               ``features/`` (:class:`FeatureExtractor`)
+8     clusters               ``clustering/`` (:class:`Clusterer`)
+10-11 naming                 ``naming/`` (:class:`MaskNamer`)
+12    refinement             ``refine/`` (:class:`Refiner`)
+13    composition            ``compose.py`` (:func:`compose`)
+14    back to the image size ``compose.py`` (:func:`resize_composition`)
+====  =====================  ==================================================
 """
 
 from __future__ import annotations
@@ -31,27 +31,31 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-from freesegdiff import timing
-from freesegdiff.classify import MaskClassifier, MaskNamer, Naming
-from freesegdiff.clustering import Clusterer
-from freesegdiff.compose import Composition, compose, resize_composition
 from freesegdiff.config import CaptionConfig, FeatureConfig, PipelineConfig, set_by_path
-from freesegdiff.devices import resolve_device, resolve_dtype
-from freesegdiff.entities import EntityExtractor
 from freesegdiff.errors import (
     ConfigError,
     EmptyVocabularyError,
     FreeSegDiffError,
     ImageReadError,
 )
-from freesegdiff.features import DiffusionFeatures, FeatureExtractor, check_feature_config
-from freesegdiff.hub import LoadOptions, check_models_available
-from freesegdiff.image_io import EncodedImage, ImageInput, fit_longest_side, load_image
-from freesegdiff.refine import Refiner
+from freesegdiff.infra import timing
+from freesegdiff.infra.devices import resolve_device, resolve_dtype
+from freesegdiff.infra.hub import LoadOptions, check_models_available
+from freesegdiff.infra.timing import StageTimer
+from freesegdiff.infra.tuning import RuntimeOptions, after_loading, tune_process
+from freesegdiff.io.images import EncodedImage, ImageInput, fit_longest_side, load_image
 from freesegdiff.result import BACKGROUND, SegmentationResult
-from freesegdiff.runtime import RuntimeOptions, after_loading, tune_process
-from freesegdiff.timing import StageTimer
-from freesegdiff.vocabulary import ImageVocabulary, LabelVocabulary, TextEmbedder
+from freesegdiff.stages.clustering.kmeans import Clusterer
+from freesegdiff.stages.compose import Composition, compose, resize_composition
+from freesegdiff.stages.entities import EntityExtractor
+from freesegdiff.stages.features.diffusion import (
+    DiffusionFeatures,
+    FeatureExtractor,
+    check_feature_config,
+)
+from freesegdiff.stages.naming.masked_crops import MaskClassifier, MaskNamer, Naming
+from freesegdiff.stages.refine import Refiner
+from freesegdiff.stages.vocabulary import ImageVocabulary, LabelVocabulary, TextEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +86,7 @@ def normalise_classes(classes: Sequence[str] | None) -> list[str] | None:
 def _pretrained_text(
     name: str, device: torch.device, dtype: torch.dtype, load: LoadOptions
 ) -> TextEmbedder:
-    from freesegdiff.vocabulary import load_text_embedder
+    from freesegdiff.stages.vocabulary import load_text_embedder
 
     return load_text_embedder(name, device, dtype, load)
 
@@ -93,7 +97,7 @@ class ModelSource:
     :class:`~freesegdiff.config.ModelConfig`.
 
     ``features(name, feature_config, device, dtype, load, runtime) -> FeatureExtractor``
-    (:class:`~freesegdiff.features.DiffusionFeatures` by default);
+    (:class:`~freesegdiff.stages.features.diffusion.DiffusionFeatures` by default);
     ``clip(name, device, dtype, load) -> (CLIPModel, CLIPProcessor)``;
     ``captioner(name, caption_config, device, dtype, load) -> Captioner``;
     ``text(name, device, dtype, load) -> TextEmbedder``: Stable Diffusion's text encoder alone,
@@ -115,7 +119,7 @@ def _pretrained_features(
     runtime: RuntimeOptions | None,
 ) -> FeatureExtractor:
     if config.extractor == "vit":
-        from freesegdiff.backbones import PatchFeatures
+        from freesegdiff.stages.features.vit import PatchFeatures
 
         return PatchFeatures.from_pretrained(
             name, config=config, device=device, dtype=dtype, load=load
@@ -128,7 +132,7 @@ def _pretrained_features(
 def _pretrained_clip(
     name: str, device: torch.device, dtype: torch.dtype, load: LoadOptions
 ) -> tuple[Any, Any]:
-    from freesegdiff.classify import load_clip
+    from freesegdiff.stages.naming.masked_crops import load_clip
 
     return load_clip(name, dtype, load, device)
 
@@ -136,7 +140,7 @@ def _pretrained_clip(
 def _pretrained_captioner(
     name: str, config: CaptionConfig, device: torch.device, dtype: torch.dtype, load: LoadOptions
 ) -> Any:
-    from freesegdiff.captioner import Captioner
+    from freesegdiff.stages.captioner import Captioner
 
     return Captioner.from_pretrained(name, config=config, device=device, dtype=dtype, load=load)
 
@@ -156,8 +160,8 @@ def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
     Raises:
         ConfigError: the first setting that cannot work, named.
     """
-    from freesegdiff.captioner import check_caption_config
-    from freesegdiff.extras import require_for_config
+    from freesegdiff.infra.extras import require_for_config
+    from freesegdiff.stages.captioner import check_caption_config
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -282,7 +286,7 @@ class FreeSegDiff:
         """Build the pipeline of ``config``: check its settings, get its models, build the stages.
 
         Args:
-            runtime: speed and memory tuning (:mod:`freesegdiff.runtime`), e.g.
+            runtime: speed and memory tuning (:mod:`freesegdiff.infra.tuning`), e.g.
                 ``RuntimeOptions.fast()``; None (default) leaves the process and the models
                 as they are. The command line switches it on.
             source: where the networks come from; None: :data:`PRETRAINED`, each library's

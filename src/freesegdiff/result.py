@@ -1,7 +1,7 @@
 """What the pipeline returns for one image: plain data and pure conversions.
 
-Writing files and drawing pictures of a result live in :mod:`freesegdiff.outputs` and
-:mod:`freesegdiff.visualize`, which import this module (never the other way round).
+Writing files and drawing pictures of a result live in :mod:`freesegdiff.io.outputs` and
+:mod:`freesegdiff.io.visualize`, which import this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class SegmentationResult:
     ) -> dict[str, Path]:
         """Write ``<stem>.png`` (palette label map), ``<stem>_overlay.png`` and ``<stem>.json``.
 
-        A shortcut for :func:`freesegdiff.outputs.write_outputs` (which also writes the explain
+        A shortcut for :func:`freesegdiff.io.outputs.write_outputs` (which also writes the explain
         figure and COCO results).
 
         Args:
@@ -129,6 +129,6 @@ class SegmentationResult:
         Returns:
             ``{"png": path, "json": path, "overlay": path}`` for the files written.
         """
-        from freesegdiff.outputs import write_outputs  # outputs imports this module
+        from freesegdiff.io.outputs import write_outputs  # outputs imports this module
 
         return write_outputs(self, image, folder, stem=stem)

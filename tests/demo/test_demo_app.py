@@ -132,7 +132,7 @@ def test_demo_command_parses_and_launches_with_the_limits(
 ) -> None:
     pytest.importorskip("gradio", reason="the web demo needs gradio")
     from freesegdiff.cli import build_parser
-    from freesegdiff.commands import demo as demo_command
+    from freesegdiff.cli import demo as demo_command
 
     args = build_parser().parse_args(
         [
@@ -181,8 +181,8 @@ def test_demo_command_parses_and_launches_with_the_limits(
 
 def test_max_pixels_given_on_the_command_line_is_the_demos_limit() -> None:
     from freesegdiff.cli import build_parser
-    from freesegdiff.commands.common import config_from_args
-    from freesegdiff.commands.demo import demo_limits
+    from freesegdiff.cli.common import config_from_args
+    from freesegdiff.cli.demo import demo_limits
 
     args = build_parser().parse_args(["demo", "--preset", "tiny", "--max-pixels", "90000000"])
     assert demo_limits(args, config_from_args(args)).max_pixels == 90_000_000

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from freesegdiff.cli import demo as demo_command
 from freesegdiff.cli import main
-from freesegdiff.commands import demo as demo_command
 from freesegdiff.errors import ConfigError
-from freesegdiff.extras import MissingExtraError
+from freesegdiff.infra.extras import MissingExtraError
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from freesegdiff.demo.app import DemoLimits, bundled_examples, serve_demo
-from freesegdiff.memory import return_freed_memory
+from freesegdiff.infra.memory import return_freed_memory
 
 pytest.importorskip("gradio", reason="the web demo needs gradio (pip install gradio)")
 pytest.importorskip("gradio_client", reason="the load test needs gradio_client")

@@ -136,7 +136,7 @@ def test_cli_summary_lists_each_failed_image_with_its_reason(voc, tmp_path, monk
                 yield path, SimpleNamespace(label_map=label_map, vocabulary=classes, timings={})
 
     monkeypatch.setattr(
-        "freesegdiff.commands.common.pipeline_from_args", lambda args, runtime=None: Oracle()
+        "freesegdiff.cli.common.pipeline_from_args", lambda args, runtime=None: Oracle()
     )
     out = tmp_path / "out"
     data = ["--dataset", "voc21", "--data-root", str(voc.root), "-o", str(out)]

@@ -14,7 +14,7 @@ from freesegdiff.evaluation.classnames import label_texts, load_class_names
 from freesegdiff.evaluation.datasets import open_dataset
 from freesegdiff.evaluation.runner import prediction_palette
 from freesegdiff.evaluation.synthetic import write_synthetic_dataset
-from freesegdiff.interrupts import Terminated
+from freesegdiff.infra.interrupts import Terminated
 
 LAYOUTS = [
     ("voc21", "stuff"),
@@ -76,7 +76,7 @@ def test_perfect_predictions_score_100_in_every_layout(tmp_path, monkeypatch, na
     write_synthetic_dataset(name, tmp_path / "data", num_images=2, coco_source=source)
     oracle = OraclePipe(name, tmp_path / "data", mode)
     monkeypatch.setattr(
-        "freesegdiff.commands.common.pipeline_from_args", lambda args, runtime=None: oracle
+        "freesegdiff.cli.common.pipeline_from_args", lambda args, runtime=None: oracle
     )
     out = tmp_path / "out"
     texts = ["--set", f'vocabulary.dataset_texts="{mode}"']
@@ -102,7 +102,7 @@ def test_perfect_predictions_score_100_in_every_layout(tmp_path, monkeypatch, na
 @pytest.fixture(scope="module")
 def tiny_pipe():
     """The real tiny pipeline, loaded once for the module."""
-    from freesegdiff.commands.common import pipeline_from_args
+    from freesegdiff.cli.common import pipeline_from_args
 
     loaded = {}
 
@@ -118,7 +118,7 @@ def tiny_pipe():
 def test_tiny_pipeline_end_to_end_resume_and_rescore(tmp_path, monkeypatch, tiny_pipe):
     pytest.importorskip("diffusers")
     written = write_synthetic_dataset("voc21", tmp_path / "data", num_images=3, size=(40, 32))
-    monkeypatch.setattr("freesegdiff.commands.common.pipeline_from_args", tiny_pipe)
+    monkeypatch.setattr("freesegdiff.cli.common.pipeline_from_args", tiny_pipe)
     data = ["--dataset", "voc21", "--data-root", str(tmp_path / "data")]
 
     # interrupted after one image, then resumed, versus one uninterrupted run
@@ -139,7 +139,7 @@ def test_tiny_pipeline_end_to_end_resume_and_rescore(tmp_path, monkeypatch, tiny
     def no_models(args, runtime=None):
         raise AssertionError("re-scoring must not load the models")
 
-    monkeypatch.setattr("freesegdiff.commands.common.pipeline_from_args", no_models)
+    monkeypatch.setattr("freesegdiff.cli.common.pipeline_from_args", no_models)
 
     def score(predictions_by_id):
         for image_id, prediction in predictions_by_id.items():
@@ -179,7 +179,7 @@ def test_cli_errors_are_messages(tmp_path, capsys):
 def test_open_vocabulary_grounds_caption_entities(tmp_path, monkeypatch, tiny_pipe):
     pytest.importorskip("diffusers")
     written = write_synthetic_dataset("voc20", tmp_path / "data", num_images=1, size=(40, 32))
-    monkeypatch.setattr("freesegdiff.commands.common.pipeline_from_args", tiny_pipe)
+    monkeypatch.setattr("freesegdiff.cli.common.pipeline_from_args", tiny_pipe)
     out = tmp_path / "out"
     code = run_eval(
         "--dataset", "voc20", "--data-root", str(tmp_path / "data"), "-o", str(out),
@@ -210,7 +210,7 @@ def test_an_id_listed_twice_is_scored_once_with_a_warning(tmp_path, monkeypatch,
     )
     oracle = OraclePipe("voc21", tmp_path / "data")
     monkeypatch.setattr(
-        "freesegdiff.commands.common.pipeline_from_args", lambda args, runtime=None: oracle
+        "freesegdiff.cli.common.pipeline_from_args", lambda args, runtime=None: oracle
     )
     out = tmp_path / "out"
     assert (
@@ -235,7 +235,7 @@ def test_ctrl_c_or_sigterm_keeps_the_predictions_and_says_how_to_finish(
 
     monkeypatch.setattr(oracle, "iter_segment", stopped_after_two)
     monkeypatch.setattr(
-        "freesegdiff.commands.common.pipeline_from_args", lambda args, runtime=None: oracle
+        "freesegdiff.cli.common.pipeline_from_args", lambda args, runtime=None: oracle
     )
     out = tmp_path / "out"
     data = ["--dataset", "voc21", "--data-root", str(tmp_path / "data"), "-o", str(out)]

@@ -12,7 +12,7 @@ filled from a pool of standard-normal values:
 - embeddings and free parameters (class tokens, position tables, query tokens): ``N(0, 0.02^2)``;
 - CLIP's ``logit_scale``: the config's initial value.
 
-Tokenizers are the tiny models' (:mod:`freesegdiff.tiny.vocab`: a few hundred real English
+Tokenizers are the tiny models' (:mod:`freesegdiff.infra.tiny.vocab`: a few hundred real English
 words) while the embedding tables keep the real vocabulary sizes, so every matrix has its real
 shape. The captioners' output layers are biased towards whole words of that vocabulary, as the
 tiny builders do, so that captions decode into words that parse into entities.
@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from freesegdiff.captioner import Captioner
 from freesegdiff.errors import ConfigError
+from freesegdiff.stages.captioner import Captioner
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
@@ -197,7 +197,7 @@ def _empty(build: Any, *args: Any, **kwargs: Any) -> Any:
 def _clip_tokenizer(folder: Path) -> Any:
     from transformers import CLIPTokenizer
 
-    from freesegdiff.tiny.vocab import write_clip_tokenizer
+    from freesegdiff.infra.tiny.vocab import write_clip_tokenizer
 
     write_clip_tokenizer(folder)
     return CLIPTokenizer.from_pretrained(folder)
@@ -214,8 +214,8 @@ def _allowed_bias(bias: torch.Tensor, allowed: Iterable[int], banned: float = BA
 # ------------------------------------------------------------------------------ models
 @dataclass
 class StableDiffusionParts:
-    """The four networks and the tokenizer :class:`~freesegdiff.features.DiffusionFeatures`
-    takes."""
+    """The four networks and the tokenizer
+    :class:`~freesegdiff.stages.features.diffusion.DiffusionFeatures` takes."""
 
     vae: Any
     unet: Any
@@ -234,7 +234,8 @@ def build_stable_diffusion(
     """SD 1.x UNet, VAE and CLIP text encoder with real shapes and random weights.
 
     ``channels_last``: lay the UNet's and VAE's convolutions out channels-last (as
-    :class:`~freesegdiff.features.DiffusionFeatures` will want them on this device and dtype).
+    :class:`~freesegdiff.stages.features.diffusion.DiffusionFeatures` will want them on this
+    device and dtype).
     """
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -377,7 +378,7 @@ def _build_blip(
 ) -> tuple[Any, Any]:
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
-    from freesegdiff.tiny.vocab import WORDS, write_bert_vocab
+    from freesegdiff.infra.tiny.vocab import WORDS, write_bert_vocab
 
     with tempfile.TemporaryDirectory(prefix="freesegdiff-bench-") as folder:
         write_bert_vocab(Path(folder))
@@ -411,8 +412,8 @@ def _build_blip2(
 ) -> tuple[Any, Any]:
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
-    from freesegdiff.tiny.captioner import IMAGE_TOKEN, opt_tokenizer
-    from freesegdiff.tiny.vocab import WORDS
+    from freesegdiff.infra.tiny.captioner import IMAGE_TOKEN, opt_tokenizer
+    from freesegdiff.infra.tiny.vocab import WORDS
 
     tokenizer = opt_tokenizer()
     token_ids = tokenizer.get_vocab()

@@ -8,9 +8,9 @@ memory of loading are the user's.
 N photos (the bundled examples, resized to a VOC-like 500x375 and mirrored for variety) are
 written as JPEG files, then each batch is read, segmented and its label maps written back as PNG
 files, the way ``freesegdiff segment`` treats a folder, after one warm-up batch. Every stage the
-pipeline times (:class:`~freesegdiff.timing.StageTimer`) is kept per image; the file reading and
-writing is the ``io`` stage. Then the model forward passes alone are timed on the same inputs
-(the *model floor*): what is left when every other cost is gone.
+pipeline times (:class:`~freesegdiff.infra.timing.StageTimer`) is kept per image; the file
+reading and writing is the ``io`` stage. Then the model forward passes alone are timed on the
+same inputs (the *model floor*): what is left when every other cost is gone.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import torch
 
 from freesegdiff.config import CaptionConfig, PipelineConfig, set_by_path
 from freesegdiff.errors import ConfigError
-from freesegdiff.hub import LoadOptions
+from freesegdiff.infra.hub import LoadOptions
+from freesegdiff.infra.timing import STAGES, StageTimer
+from freesegdiff.infra.tuning import RuntimeOptions, after_loading
 from freesegdiff.pipeline import PRETRAINED, FreeSegDiff, ModelSource
-from freesegdiff.runtime import RuntimeOptions, after_loading
-from freesegdiff.timing import STAGES, StageTimer
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class BenchSettings:
     device: str | None = None  # None: the preset's
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted settings, e.g. refine.method
-    # speed and memory tuning (freesegdiff.runtime); None: the models run untuned
+    # speed and memory tuning (freesegdiff.infra.tuning); None: the models run untuned
     runtime: RuntimeOptions | None = field(default_factory=RuntimeOptions.fast)
 
 
@@ -263,7 +263,7 @@ def device_name(device: torch.device) -> str:
 
 
 def _write_label_map(label_map: np.ndarray, labels: dict[int, str], path: Path) -> None:
-    from freesegdiff.outputs import label_png
+    from freesegdiff.io.outputs import label_png
 
     label_png(label_map, labels).save(path)
 
@@ -276,7 +276,7 @@ class _Measured:
 
 def _run_images(pipe: FreeSegDiff, paths: Sequence[Path], out: Path, batch_size: int) -> _Measured:
     """Read, segment and write ``paths`` batch by batch; per-image stage seconds and totals."""
-    from freesegdiff.image_io import load_image
+    from freesegdiff.io.images import load_image
 
     measured = _Measured([], [])
     for start in range(0, len(paths), batch_size):
@@ -335,7 +335,7 @@ def model_floor(
 
 def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[[], object]]:
     """Each model's forward pass on this batch's prepared inputs, ready to call."""
-    from freesegdiff.features import DiffusionFeatures
+    from freesegdiff.stages.features.diffusion import DiffusionFeatures
 
     features, classifier, device, config = pipe.features, pipe.classifier, pipe.device, pipe.config
     forwards: dict[str, Callable[[], object]] = {}
@@ -353,8 +353,8 @@ def _diffusion_forwards(
     features: Any, batch: list[np.ndarray], config: PipelineConfig
 ) -> dict[str, Callable[[], object]]:
     """The VAE's and the UNet's forward passes on this batch's prepared inputs."""
-    from freesegdiff.devices import image_generators
-    from freesegdiff.features import images_to_tensor
+    from freesegdiff.infra.devices import image_generators
+    from freesegdiff.stages.features.diffusion import images_to_tensor
 
     device = features.device
     forwards: dict[str, Callable[[], object]] = {}

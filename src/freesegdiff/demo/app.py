@@ -47,12 +47,12 @@ import numpy as np
 from PIL import Image
 
 from freesegdiff.errors import ConfigError, FreeSegDiffError, ImageReadError, ImageTooLargeError
-from freesegdiff.extras import require
-from freesegdiff.image_io import IMAGE_SUFFIXES, load_image
-from freesegdiff.outputs import write_outputs
+from freesegdiff.infra.extras import require
+from freesegdiff.io.images import IMAGE_SUFFIXES, load_image
+from freesegdiff.io.outputs import write_outputs
+from freesegdiff.io.visualize.cluster_map import render_cluster_map
+from freesegdiff.io.visualize.colors import colors_for
 from freesegdiff.result import SegmentationResult
-from freesegdiff.visualize.cluster_map import render_cluster_map
-from freesegdiff.visualize.colors import colors_for
 
 TITLE = "FreeSeg-Diff: training-free open-vocabulary segmentation"
 INTRO = (
@@ -231,7 +231,7 @@ def annotations_for(
     Returns:
         ``[(mask (H, W) float32 0/1, "label score")]`` per segment with a non-empty mask, in
         painting order, and ``{"label score": "#rrggbb"}`` with the label colours of
-        :mod:`freesegdiff.visualize.colors` (the overlay's colours).
+        :mod:`freesegdiff.io.visualize.colors` (the overlay's colours).
     """
     colors = colors_for(result.labels)
     label_map = np.asarray(result.label_map)

@@ -51,10 +51,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from freesegdiff import atomic
 from freesegdiff.config import PipelineConfig, set_by_path
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.stage_cache import digest
+from freesegdiff.io import atomic
 
 logger = logging.getLogger(__name__)
 

@@ -54,8 +54,8 @@ from PIL import Image
 
 from freesegdiff.errors import FreeSegDiffError
 from freesegdiff.evaluation.classnames import ClassName, load_class_names
-from freesegdiff.extras import install_hint
-from freesegdiff.image_io import EncodedImage
+from freesegdiff.infra.extras import install_hint
+from freesegdiff.io.images import EncodedImage
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ CITYSCAPES_ID_TO_TRAIN_ID = {
 
 
 def _voc_palette() -> np.ndarray:
-    from freesegdiff.visualize.colors import voc_color
+    from freesegdiff.io.visualize.colors import voc_color
 
     return np.array([voc_color(i) for i in range(256)], dtype=np.uint8)
 

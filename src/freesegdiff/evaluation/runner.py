@@ -37,14 +37,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from freesegdiff import atomic
 from freesegdiff.config import settings_differences
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DatasetError, Sample, SegmentationDataset
 from freesegdiff.evaluation.grounding import NO_CLASS
 from freesegdiff.evaluation.metrics import Evaluator, Protocol, Scores
-from freesegdiff.filenames import display_name
-from freesegdiff.image_io import EncodedImage
+from freesegdiff.io import atomic
+from freesegdiff.io.filenames import display_name
+from freesegdiff.io.images import EncodedImage
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ SECONDS_FILE = "seconds.tsv"
 
 def prediction_palette() -> list[int]:
     """The VOC palette (768 ints), so VOC predictions look like VOC ground truth."""
-    from freesegdiff.visualize.colors import voc_color
+    from freesegdiff.io.visualize.colors import voc_color
 
     return [channel for index in range(256) for channel in voc_color(index)]
 

@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from freesegdiff import atomic, timing
-from freesegdiff.timing import StageTimer
+from freesegdiff.infra import timing
+from freesegdiff.infra.timing import StageTimer
+from freesegdiff.io import atomic
 
 if TYPE_CHECKING:
     from freesegdiff.pipeline import ModelSource
@@ -234,8 +235,8 @@ def feature_setting(
 
 def run_feature_setting(config: Any) -> dict[str, Any]:
     """:func:`feature_setting` of a :class:`~freesegdiff.config.PipelineConfig`'s run."""
-    from freesegdiff.devices import resolve_device, resolve_dtype
-    from freesegdiff.hub import LoadOptions
+    from freesegdiff.infra.devices import resolve_device, resolve_dtype
+    from freesegdiff.infra.hub import LoadOptions
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -264,7 +265,7 @@ class CachedCaptioner:
         self._load = load
         self.store = store
         self.folder = folder
-        self.generate_options: Any = None  # set by freesegdiff.runtime, given to the model
+        self.generate_options: Any = None  # set by freesegdiff.infra.tuning, given to the model
 
     def caption(self, images: Sequence[np.ndarray]) -> list[str]:
         keys = [image_key(image) for image in images]
@@ -311,7 +312,8 @@ class CachedEntities:
 
 
 class CachedFeatures:
-    """The feature stage through the store (a :class:`~freesegdiff.features.FeatureExtractor`).
+    """The feature stage through the store (a
+    :class:`~freesegdiff.stages.features.diffusion.FeatureExtractor`).
 
     The extractor is loaded when an image's features are missing; its closed-vocabulary text
     embedder is :meth:`CachingSource.text`'s (Stable Diffusion's text encoder alone, cached).

@@ -64,7 +64,7 @@ def _write_image(path: Path, rng: np.random.Generator, height: int, width: int) 
 def _write_label(path: Path, raw: np.ndarray, palette: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if palette:
-        from freesegdiff.visualize.colors import voc_color
+        from freesegdiff.io.visualize.colors import voc_color
 
         image = Image.fromarray(raw, mode="P")
         image.putpalette([channel for i in range(256) for channel in voc_color(i)])

@@ -1,0 +1,230 @@
+"""Command-line options shared by every command that builds a pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from freesegdiff.config import PipelineConfig, merge_config, set_by_path
+from freesegdiff.errors import ConfigError
+
+# flag -> (dotted setting, type, help); all default to "keep the preset's value".
+SHORTCUTS: dict[str, tuple[str, Any, str]] = {
+    "--device": ("device", str, "cpu, cuda, cuda:N, mps or auto"),
+    "--dtype": ("dtype", str, "float32, bfloat16 (CPU), float16 (CUDA) or auto"),
+    "--seed": ("seed", int, "seed for latent sampling, noise and k-means"),
+    "--batch-size": ("batch_size", int, "images per model forward"),
+    "--diffusion-model": ("models.diffusion", str, "Stable Diffusion: Hub id or diffusers folder"),
+    "--captioner-model": ("models.captioner", str, "BLIP / BLIP-2: Hub id or folder"),
+    "--clip-model": ("models.clip", str, "CLIP: Hub id or transformers folder"),
+    "--backbone-model": (
+        "models.backbone",
+        str,
+        "with --set features.extractor='\"vit\"': DINOv2 / DINO / CLIP ViT, Hub id or folder",
+    ),
+    "--revision": ("models.revision", str, "Hub revision for every model"),
+    "--cache-dir": ("models.cache_dir", str, "Hugging Face cache folder"),
+    "--variant": (
+        "models.variant",
+        str,
+        "weight files of a variant, e.g. fp16 (*.fp16.safetensors: half the download)",
+    ),
+    "--image-size": ("features.image_size", int, "side the image is resized to for SD (512)"),
+    "--timestep": ("features.timestep", int, "noise timestep t (paper: 0)"),
+    "--feature-size": ("features.feature_size", int, "side of the feature grid (32)"),
+    "--k": ("clustering.k", int, "number of k-means clusters (4)"),
+    "--cluster-method": ("clustering.method", str, "kmeans or agglomerative"),
+    "--entity-rule": ("entities.rule", str, "paper (released) or extended"),
+    "--refine": ("refine.method", str, "crf (default), pamr or none"),
+    "--crf-backend": ("refine.backend", str, "pydensecrf (released) or torch (any device)"),
+    "--crf-iterations": ("refine.iterations", int, "mean-field iterations (10)"),
+    "--max-pixels": (
+        "limits.max_pixels",
+        int,
+        "most pixels an image may have; above it refused unread, or see --oversize (100000000)",
+    ),
+    "--oversize": ("limits.oversize", str, "refuse (default) or downscale images above the limit"),
+    "--working-size": (
+        "limits.working_size",
+        int,
+        "longest side at which masks, CLIP and the CRF work; larger images are worked on at "
+        "this size and the label map resized back (2048)",
+    ),
+}
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --preset, model, device and hyper-parameter options to ``parser``."""
+    from freesegdiff.presets import available_presets
+
+    presets = available_presets()
+    group = parser.add_argument_group("pipeline")
+    group.add_argument(
+        "--preset",
+        default="paper",
+        choices=sorted(presets),
+        help="settings to start from: "
+        + "; ".join(f"{name}: {text}" for name, text in presets.items()),
+    )
+    group.add_argument(
+        "--config", metavar="FILE", help="JSON file of settings merged over the preset"
+    )
+    for flag, (path, kind, text) in SHORTCUTS.items():
+        group.add_argument(flag, type=kind, default=None, help=f"{text} [{path}]")
+    group.add_argument(
+        "--k-range",
+        type=int,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="choose K in [LO, HI] by silhouette instead of a fixed K",
+    )
+    group.add_argument("--layers", help="comma-separated UNet attention layers to hook")
+    group.add_argument(
+        "--resolutions", help="comma-separated feature-map sides; hooks every layer at those"
+    )
+    group.add_argument(
+        "--no-captioner", action="store_true", help="run without a captioner (needs --classes)"
+    )
+    group.add_argument(
+        "--no-prune",
+        action="store_true",
+        help="with --classes: keep every class a candidate instead of pruning with the caption",
+    )
+    group.add_argument(
+        "--offline", action="store_true", help="never contact the Hub (as HF_HUB_OFFLINE=1)"
+    )
+    group.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any setting by dotted name, value as JSON (e.g. --set refine.gt_prob=0.8)",
+    )
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """The :class:`PipelineConfig` the options describe: preset, then file, then flags."""
+    from freesegdiff.presets import load_preset
+
+    config = load_preset(args.preset)
+    if args.config:
+        try:
+            with open(args.config) as handle:
+                values = json.load(handle)
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"cannot read settings file {args.config!r}: {error}") from error
+        config = merge_config(config, values)  # over the preset, section by section
+    for flag, (path, _, _) in SHORTCUTS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            config = set_by_path(config, path, value)
+    if args.k_range:
+        config = set_by_path(config, "clustering.k_range", list(args.k_range))
+    if args.layers:
+        layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+        config = set_by_path(config, "features.layers", layers)
+    if args.resolutions:
+        sides = [int(side) for side in args.resolutions.split(",") if side.strip()]
+        config = set_by_path(config, "features.resolutions", sides)
+    if args.no_captioner:
+        config = set_by_path(config, "models.captioner", None)
+    if args.no_prune:
+        config = set_by_path(config, "vocabulary.prune_with_caption", False)
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        config = set_by_path(config, "models.offline", True)
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        config = set_by_path(config, key.strip(), _json_value(value))
+    return config
+
+
+def parse_classes(text: str | None) -> list[str] | None:
+    """``"cat, dog,traffic light"`` -> ``["cat", "dog", "traffic light"]``; None stays None."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ConfigError(
+            f"--classes {text!r} holds no class name; give comma-separated names, e.g. "
+            "--classes 'cat,dog,sofa', or leave it out for open vocabulary"
+        )
+    return names
+
+
+def pipeline_from_args(args: argparse.Namespace, runtime: Any = None) -> Any:
+    """Load the :class:`FreeSegDiff` the options describe (models are loaded here).
+
+    ``runtime``: :class:`freesegdiff.infra.tuning.RuntimeOptions` to tune with, or None.
+    """
+    from freesegdiff.pipeline import FreeSegDiff
+
+    return FreeSegDiff.from_config(config_from_args(args), runtime=runtime)
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]``, ``--ray-actors``, ``--ray-batch-size``
+    (:mod:`freesegdiff.distributed`)."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a pool of Ray actors over Ray Data (the [ray] extra), each loading the "
+        "models once: without ADDRESS on a Ray instance started on this machine; with one "
+        "('auto', 'HOST:6379' or 'ray://HOST:10001') on that cluster, one actor per GPU. "
+        "Models must be in a cache or folder every node can read (HF_HOME on shared storage, "
+        "or local paths that exist on every node), and so must the images (read by Ray tasks "
+        "on any node); segment's files are written by the actors, so its --output must be "
+        "shared storage too (eval's are written by this process)",
+    )
+    parser.add_argument(
+        "--ray-actors",
+        type=int,
+        default=2,
+        metavar="N",
+        help="CPU actors where the cluster has no GPU (default: 2)",
+    )
+    parser.add_argument(
+        "--ray-batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="images per actor call (default: 1)",
+    )
+
+
+def check_ray_arguments(args: argparse.Namespace) -> None:
+    """With ``--ray``: Ray Data is installed and the pool settings can work (before any model
+    loads); raises :class:`ConfigError` otherwise."""
+    if getattr(args, "ray", None) is None:
+        return
+    from freesegdiff.distributed import require_ray
+
+    ray_options(args).check()
+    require_ray()
+
+
+def ray_options(args: argparse.Namespace) -> Any:
+    """The :class:`~freesegdiff.distributed.RayOptions` of ``--ray`` and its companions."""
+    from freesegdiff.distributed import RayOptions
+
+    return RayOptions(
+        address=args.ray,
+        actors=args.ray_actors,
+        batch_size=args.ray_batch_size,
+        progress=not args.no_progress,
+    )

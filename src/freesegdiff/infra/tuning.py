@@ -1,0 +1,405 @@
+"""Speed and memory tuning, all of it, switched on explicitly.
+
+With every trick off the diffusers modules run as released and the process allocator is left as
+the application set it: the same float32 values, only slower and with a higher peak on the CPU.
+Every trick is bit-exact except channels-last, whose convolution kernels accumulate in another
+order: in bfloat16 on the CPU (the only place :meth:`RuntimeOptions.fast` uses it) the features
+move by about as much as bfloat16 itself moves them from float32 (tests/test_runtime.py). What
+each trick gains was measured; the figures are in ``benchmarks/RESULTS.md`` ("Runtime tuning"),
+not here.
+
+The tricks (fields of :class:`RuntimeOptions`):
+
+- ``allocator``: glibc's trim threshold is fixed before the models are loaded
+  (:func:`tune_process`), so that their weights get their own mappings rather than interleaving
+  with short-lived blocks in the heap, and the heap's free blocks (copies left behind by dtype
+  and layout conversions, freed modules) are returned to the system after loading
+  (:func:`after_loading`). Process-wide: which is why it is never done without being asked.
+- ``inplace_resnets``: every plain diffusers ``ResnetBlock2D`` of the VAE and UNet runs an
+  inference forward that reuses its own buffers (:func:`use_inplace_resnets`): the same
+  operations in the same order, so the same values bit for bit.
+- ``channels_last``: the VAE and UNet convolutions and the VAE input laid out channels-last;
+  None: where that pays, bfloat16 on the CPU (oneDNN's bfloat16 convolutions).
+- ``heap_buffers``: on the CPU, the VAE encoder's large activations come from the heap rather
+  than a fresh ``mmap`` each (:func:`vae_buffers`), except on the first encode at an input shape.
+- ``beam_cross_cache``: BLIP's beam search keeps one cross-attention key/value cache that it
+  does not reorder after every step (:func:`beam_search_cache`). transformers reorders the
+  whole cache by the chosen beams; but beams only ever come from the beams of the same image,
+  whose cross-attention keys and values (of that image's embeddings, repeated per beam) are
+  identical, so that reorder copies 2 x 12 tensors of 577 tokens per step to change nothing.
+  The same tokens bit for bit (tests/test_runtime.py).
+- ``crf_processes``: the pydensecrf refinement (the released CRF, one per kept mask, in C++ that
+  holds Python's lock) runs its masks side by side in that many worker processes
+  (:class:`WorkerProcesses`, started on first use; each imports numpy and pydensecrf only,
+  about 60 MB). The same calls, so the same masks. None: one per core, at most 8.
+
+Use::
+
+    options = RuntimeOptions.fast()
+    tune_process(options)  # before loading anything
+    features = DiffusionFeatures.from_pretrained(..., runtime=options)
+    after_loading(options)  # once every model is built
+
+or tune an already built :class:`~freesegdiff.stages.features.diffusion.DiffusionFeatures` with
+:func:`tune_models`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import subprocess
+import sys
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from freesegdiff.infra import memory
+
+if TYPE_CHECKING:
+    from freesegdiff.stages.captioner import Captioner
+    from freesegdiff.stages.features.diffusion import DiffusionFeatures
+    from freesegdiff.stages.refine import Refiner
+
+# VAE input shapes each tuned DiffusionFeatures has encoded once (see vae_buffers).
+_encoded_shapes: weakref.WeakKeyDictionary[Any, set[tuple[int, ...]]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Which speed and memory tricks to use; every one is on by default (:meth:`fast`).
+
+    Also the hook :class:`~freesegdiff.stages.features.diffusion.DiffusionFeatures` calls when
+    given one as ``runtime`` (:meth:`tune_models`, :meth:`vae_input`, :meth:`vae_buffers`).
+    """
+
+    allocator: bool = True  # retain freed memory before loading, trim it after
+    inplace_resnets: bool = True  # ResnetBlock2D forwards that reuse their buffers
+    channels_last: bool | None = None  # None: where it pays (bfloat16 on the CPU)
+    heap_buffers: bool = True  # VAE activations from the heap on the CPU
+    beam_cross_cache: bool = True  # BLIP beam search without reordering the image's keys
+    crf_processes: int | None = None  # pydensecrf worker processes; None: one per core (<= 8)
+
+    @classmethod
+    def fast(cls) -> RuntimeOptions:
+        """Every trick on (channels-last where it pays): what the CLI and the bench use."""
+        return cls()
+
+    @classmethod
+    def off(cls) -> RuntimeOptions:
+        """Every trick off: the same as giving no runtime at all."""
+        return cls(
+            allocator=False,
+            inplace_resnets=False,
+            channels_last=False,
+            heap_buffers=False,
+            beam_cross_cache=False,
+            crf_processes=0,
+        )
+
+    def uses_channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether the VAE and UNet are laid out channels-last for ``device`` and ``dtype``."""
+        if self.channels_last is None:
+            return channels_last_pays(device, dtype)
+        return self.channels_last
+
+    def tune_captioner(self, captioner: Captioner) -> None:
+        """Give ``captioner`` the generate options of these settings (``beam_cross_cache``)."""
+        if self.beam_cross_cache:
+            captioner.generate_options = beam_search_cache
+
+    def tune_refiner(self, refiner: Refiner) -> None:
+        """Give a pydensecrf ``refiner`` its worker processes (``crf_processes``)."""
+        config = refiner.config
+        if config.method != "crf" or config.backend != "pydensecrf":
+            return
+        processes = self.crf_processes
+        if processes is None:
+            processes = min(os.cpu_count() or 1, 8)
+        if processes > 1:
+            refiner.pool = WorkerProcesses(processes)
+
+    # The hook DiffusionFeatures calls (freesegdiff.stages.features.diffusion.FeatureRuntime).
+    def tune_models(self, features: DiffusionFeatures) -> None:
+        """:func:`tune_models` with these options."""
+        tune_models(features, self)
+
+    def vae_input(self, features: DiffusionFeatures, pixels: torch.Tensor) -> torch.Tensor:
+        """:func:`vae_input` with these options."""
+        return vae_input(features, pixels, self)
+
+    def vae_buffers(
+        self, features: DiffusionFeatures, pixels: torch.Tensor
+    ) -> contextlib.AbstractContextManager[None]:
+        """:func:`vae_buffers` with these options."""
+        return vae_buffers(features, pixels, self)
+
+
+def channels_last_pays(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the VAE and UNet convolutions run faster channels-last: bfloat16 on the CPU."""
+    return device.type == "cpu" and dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------ process
+def tune_process(options: RuntimeOptions) -> None:
+    """Before loading any model: keep freed memory at the top of the heap (``allocator``).
+
+    Also fixes glibc's threshold for serving a block by ``mmap`` (it otherwise grows with the
+    largest block freed), so weights loaded afterwards get their own mappings. Process-wide;
+    a no-op off glibc.
+    """
+    if options.allocator:
+        memory.fix_trim_threshold()
+
+
+def after_loading(options: RuntimeOptions) -> bool:
+    """Once the models are built: return the heap's free blocks to the system (``allocator``).
+
+    Returns True if anything was returned.
+    """
+    return memory.return_freed_memory() if options.allocator else False
+
+
+# ------------------------------------------------------------------------------- models
+def tune_models(features: DiffusionFeatures, options: RuntimeOptions) -> None:
+    """Tune a built :class:`~freesegdiff.stages.features.diffusion.DiffusionFeatures`, and make
+    it call ``options``.
+
+    In-place ResNet forwards and the channels-last layout on its VAE and UNet, as ``options``
+    asks; from then on its VAE encodes go through :func:`vae_input` and :func:`vae_buffers`.
+    What ``DiffusionFeatures(..., runtime=options)`` does when it is built; calling it again
+    changes nothing more.
+    """
+    if options.uses_channels_last(features.device, features.dtype):
+        features.vae.to(memory_format=torch.channels_last)
+        features.unet.to(memory_format=torch.channels_last)
+    if options.inplace_resnets:
+        use_inplace_resnets(features.vae)
+        use_inplace_resnets(features.unet)
+    features.runtime = options
+
+
+def vae_input(
+    features: DiffusionFeatures, pixels: torch.Tensor, options: RuntimeOptions
+) -> torch.Tensor:
+    """``pixels`` laid out as the tuned VAE wants them (channels-last when its weights are)."""
+    if options.uses_channels_last(features.device, features.dtype):
+        return pixels.contiguous(memory_format=torch.channels_last)
+    return pixels
+
+
+@contextlib.contextmanager
+def vae_buffers(
+    features: DiffusionFeatures, pixels: torch.Tensor, options: RuntimeOptions
+) -> Iterator[None]:
+    """Wraps one VAE encode of ``pixels``: its large activations from the heap (``heap_buffers``).
+
+    On the CPU only, and not on the first encode at a shape: that call's one-off allocations
+    (oneDNN's kernels for the shape) would stay pinned inside the heap region and fragment it.
+    A no-op unless ``options.heap_buffers``.
+    """
+    if not options.heap_buffers or features.device.type != "cpu":
+        yield
+        return
+    seen = _encoded_shapes.setdefault(features, set())
+    shape = tuple(pixels.shape)
+    if shape not in seen:
+        seen.add(shape)
+        yield
+        return
+    with memory.large_buffers_from_heap():
+        yield
+
+
+# -------------------------------------------------------------------- in-place ResNets
+def _inplace_resnet_forward(block: Any) -> Any:
+    """An inference forward for a diffusers ``ResnetBlock2D`` that reuses its own buffers.
+
+    The same operations as ``ResnetBlock2D.forward`` in the same order, so the same values bit
+    for bit, but the SiLUs act in place on the fresh group-norm outputs, the time embedding and
+    the shortcut are added in place to the fresh convolution outputs, and the division by an
+    ``output_scale_factor`` of 1 is skipped: four fewer activation-sized buffers per block.
+    With gradients on, or extra arguments, the block's own forward runs.
+    """
+    original = block.forward
+
+    def forward(input_tensor: torch.Tensor, temb: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() or args or kwargs:
+            return original(input_tensor, temb, *args, **kwargs)
+        hidden = F.silu(block.norm1(input_tensor), inplace=True)
+        hidden = block.conv1(hidden)
+        if block.time_emb_proj is not None:
+            if not block.skip_time_act:
+                temb = F.silu(temb)  # not in place: one embedding feeds every block
+            hidden.add_(block.time_emb_proj(temb)[:, :, None, None])
+        hidden = F.silu(block.norm2(hidden), inplace=True)
+        hidden = block.conv2(block.dropout(hidden))
+        shortcut = (
+            input_tensor if block.conv_shortcut is None else block.conv_shortcut(input_tensor)
+        )
+        hidden.add_(shortcut)
+        if block.output_scale_factor != 1.0:
+            hidden.div_(block.output_scale_factor)
+        return hidden
+
+    return forward
+
+
+def use_inplace_resnets(model: torch.nn.Module) -> int:
+    """Give every plain ``ResnetBlock2D`` of ``model`` the in-place inference forward.
+
+    Plain: no up- or down-sampling inside the block, the default time-embedding merge and a
+    SiLU nonlinearity (every block of the SD 1.x VAE and UNet). A block whose forward was
+    already replaced (by this or anything else) is left alone. Returns how many were changed.
+    """
+    from diffusers.models.resnet import ResnetBlock2D
+
+    changed = 0
+    for module in model.modules():
+        if (
+            type(module) is ResnetBlock2D
+            and "forward" not in vars(module)
+            and module.upsample is None
+            and module.downsample is None
+            and module.time_embedding_norm == "default"
+            and isinstance(module.nonlinearity, torch.nn.SiLU)
+            and isinstance(module.dropout, torch.nn.Dropout)
+        ):
+            module.forward = _inplace_resnet_forward(module)  # type: ignore[method-assign]
+            changed += 1
+    return changed
+
+
+# ------------------------------------------------------------------------ beam search
+def beam_search_cache(captioner: Captioner, batch: int) -> dict[str, Any]:
+    """Generate keywords for one batch of ``batch`` images: for BLIP with beams, a key/value
+    cache whose cross-attention half is not reordered between steps (``beam_cross_cache``).
+
+    Exact: transformers' beam search picks each image's next beams among that image's beams
+    only, and the cross-attention keys and values of one image are the same for all its beams
+    (computed from its embeddings repeated per beam), so reordering them changes no value.
+    Nothing for BLIP-2 (its OPT decoder has no cross-attention) or greedy decoding.
+    """
+    if captioner.kind != "blip" or captioner.config.num_beams < 2:
+        return {}
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    class _SharedCrossAttentionCache(EncoderDecoderCache):
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.self_attention_cache.reorder_cache(beam_idx)
+
+    config = captioner.model.config.text_config
+    return {
+        "cache": _SharedCrossAttentionCache(
+            DynamicCache(config=config), DynamicCache(config=config)
+        )
+    }
+
+
+# ----------------------------------------------------------------------- worker processes
+class WorkerProcesses:
+    """Worker processes for CPU-bound calls that hold Python's lock (pydensecrf's inference).
+
+    Each worker is ``python -m freesegdiff.infra.workers`` (:mod:`freesegdiff.infra.workers`),
+    started on the first :meth:`map` with this interpreter and this package on its path; it
+    imports only what the calls need (numpy and pydensecrf: about 60 MB each) and never the
+    parent's ``__main__``. Calls go to idle workers one at a time, so a large reply never waits on a
+    large request. Should a worker die or a call fail there, that call and every later one run
+    in this process (a genuine error is raised from here): slower, never lost. POSIX only;
+    elsewhere every call runs in this process.
+    """
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._workers: list[subprocess.Popen[bytes]] = []
+        self._broken = os.name != "posix"
+        weakref.finalize(self, _stop_workers, self._workers)
+
+    def map(self, function: Callable[..., Any], *iterables: Iterable[Any]) -> list[Any]:
+        """``[function(*items) for items in zip(*iterables)]``, in the workers, in order.
+
+        ``function`` must be importable by name (a module-level function)."""
+        calls = list(zip(*iterables, strict=True))
+        if not self._broken and len(calls) > 1:
+            try:
+                return self._run(function, calls)
+            except (OSError, EOFError, pickle.PickleError, _WorkerFailed):
+                self._broken = True
+                self.close()
+        return [function(*arguments) for arguments in calls]
+
+    def _run(self, function: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
+        import select
+
+        self._start()
+        results: list[Any] = [None] * len(calls)
+        waiting = iter(enumerate(calls))
+        busy: dict[int, tuple[subprocess.Popen[bytes], int]] = {}
+
+        def send(worker: subprocess.Popen[bytes]) -> None:
+            item = next(waiting, None)
+            if item is not None:
+                assert worker.stdin is not None and worker.stdout is not None
+                pickle.dump((function, item[1]), worker.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                worker.stdin.flush()
+                busy[worker.stdout.fileno()] = (worker, item[0])
+
+        for worker in self._workers:
+            send(worker)
+        while busy:
+            ready, _, _ = select.select(list(busy), [], [])
+            for descriptor in ready:
+                worker, index = busy.pop(descriptor)
+                assert worker.stdout is not None
+                status, value = pickle.load(worker.stdout)
+                if status != "ok":
+                    raise _WorkerFailed(value)
+                results[index] = value
+                send(worker)
+        return results
+
+    def _start(self) -> None:
+        import freesegdiff
+
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(freesegdiff.__file__)))
+        environment = dict(os.environ)
+        path = environment.get("PYTHONPATH")
+        environment["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
+        self._workers[:] = [worker for worker in self._workers if worker.poll() is None]
+        while len(self._workers) < self.processes:
+            self._workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "freesegdiff.infra.workers"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env=environment,
+                )
+            )
+
+    def close(self) -> None:
+        """Stop the workers (they are started again on the next :meth:`map`)."""
+        _stop_workers(self._workers)
+
+
+class _WorkerFailed(Exception):
+    """A call raised in a worker (it is run again in the parent, to raise it there)."""
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for worker in workers:
+        if worker.stdin is not None:
+            with contextlib.suppress(OSError):
+                worker.stdin.close()  # the worker's input ends: it returns
+    for worker in workers:
+        try:
+            worker.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        if worker.stdout is not None:
+            worker.stdout.close()
+    workers.clear()

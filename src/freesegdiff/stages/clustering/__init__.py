@@ -1,0 +1,1 @@
+"""Step 8: class-agnostic masks, one cluster map per image (``kmeans.py``)."""
