@@ -39,11 +39,12 @@ from freesegdiff.errors import (
     ImageReadError,
 )
 from freesegdiff.infra import timing
+from freesegdiff.infra.arrays import fit_longest_side
 from freesegdiff.infra.devices import resolve_device, resolve_dtype
 from freesegdiff.infra.hub import LoadOptions, check_models_available
 from freesegdiff.infra.timing import StageTimer
 from freesegdiff.infra.tuning import RuntimeOptions, after_loading, tune_process
-from freesegdiff.io.images import EncodedImage, ImageInput, fit_longest_side, load_image
+from freesegdiff.io.images import EncodedImage, ImageInput, load_image
 from freesegdiff.result import BACKGROUND, SegmentationResult
 from freesegdiff.stages.clustering.kmeans import Clusterer
 from freesegdiff.stages.compose import Composition, compose, resize_composition

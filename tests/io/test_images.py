@@ -204,7 +204,7 @@ def test_pillow_own_bomb_limit_is_replaced_by_ours(tmp_path, photos, monkeypatch
 
 
 def test_fit_longest_side():
-    from freesegdiff.io.images import fit_longest_side
+    from freesegdiff.infra.arrays import fit_longest_side
 
     image = np.zeros((2000, 3000, 3), np.uint8)
     assert fit_longest_side(image, 2048).shape == (1365, 2048, 3)

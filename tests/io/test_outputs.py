@@ -282,7 +282,7 @@ def test_an_output_folder_that_cannot_be_used_is_a_config_error(tmp_path):
 def test_saved_files_give_back_the_same_coco_entries(tmp_path):
     pytest.importorskip("pycocotools", reason="COCO output needs pycocotools")
     from freesegdiff.io.export import coco_entries
-    from freesegdiff.io.outputs import read_saved_result
+    from freesegdiff.io.saved import read_saved_result
 
     result = hand_made_result()
     result.segments[0].score = 0.123456789  # rounded alike in the JSON and the COCO entry

@@ -29,7 +29,7 @@ from freesegdiff.io.images import IMAGE_SUFFIXES, SkippedEntries, iter_image_fil
 from freesegdiff.io.outputs import FAILURES_NAME, FORMATS
 
 if TYPE_CHECKING:
-    from freesegdiff.io.export import CocoResults
+    pass
 
 
 def add_parser(subparsers: Any) -> None:
@@ -195,7 +195,6 @@ def run(args: argparse.Namespace) -> int:
     folder that is a file, not writable or holding results of other settings, a missing extra.
     """
     from freesegdiff.io.atomic import remove_stale_temporaries
-    from freesegdiff.io.export import CocoResults
     from freesegdiff.io.outputs import (
         RunManifest,
         check_manifest,
@@ -265,13 +264,13 @@ def run(args: argparse.Namespace) -> int:
         ]
     done_ids = {job.image_id for job in skipped}
     todo = [job for job in jobs if job.image_id not in done_ids]
-    # With png the COCO file is built from the files written, resumed images included; without,
-    # from the results in memory.
-    coco = CocoResults(classes) if "coco-rle" in formats and "png" not in formats else None
+    # COCO entries of the images segmented here, by image id; coco_results.json lists them in
+    # input order with those of resumed images (or, with Ray, written by the actors) read back
+    coco: dict[str, list[dict[str, Any]]] | None = {} if "coco-rle" in formats else None
     written, interrupt, elapsed = _segment(
         args, formats, classes, todo, failures, coco, settings_id, claim_folder
     )
-    _write_run_files(args, formats, classes, jobs, done_ids | written, failures, coco)
+    _write_run_files(args, formats, classes, jobs, done_ids | written, failures, coco or {})
     count = len(written)
     message = (
         f"segmented {count} of {len(jobs)} images in {elapsed:.1f} s "
@@ -318,13 +317,13 @@ def _segment(
     classes: list[str] | None,
     todo: list[_Job],
     failures: dict[str, str],
-    coco: CocoResults | None,
+    coco: dict[str, list[dict[str, Any]]] | None,
     settings_id: str,
     claim_folder: Callable[[], None],
 ) -> tuple[set[str], KeyboardInterrupt | None, float]:
     """Load the models (only if there is work) and segment and write ``todo``.
 
-    ``coco``: where write_outputs collects COCO entries (None: not in memory);
+    ``coco``: where each image's COCO entries are kept, by image id (None: no COCO format);
     ``settings_id``: the run's, written into each JSON; ``claim_folder``: called once the
     models are loaded (Ray: before the actors start), before any image's files are written.
 
@@ -382,7 +381,7 @@ def _segment_and_write(
     formats: list[str],
     classes: list[str] | None,
     jobs: list[_Job],
-    coco: CocoResults | None,
+    coco: dict[str, list[dict[str, Any]]] | None,
     settings_id: str | None,
     images: list[Any] | None = None,
 ) -> Any:
@@ -395,7 +394,9 @@ def _segment_and_write(
     from freesegdiff.io.outputs import write_outputs
 
     by_name = {str(job.source): job for job in jobs}
-    image_formats = [kind for kind in formats if kind != "coco-rle" or coco is not None]
+    from freesegdiff.io.export import coco_entries
+
+    image_formats = [kind for kind in formats if kind != "coco-rle"]  # (kept in ``coco``)
     for name, outcome, image in pipe.iter_segment_with_images(
         images if images is not None else [job.source for job in jobs], classes=classes
     ):
@@ -416,11 +417,11 @@ def _segment_and_write(
                         formats=image_formats,
                         overlay=not args.no_overlay,
                         explain=args.explain,
-                        coco=coco,
                         explain_timings=args.explain_timings,
-                        coco_id=job.image_id,
                         settings_id=settings_id,
                     )
+                    if coco is not None:
+                        coco[job.image_id] = coco_entries(job.image_id, outcome)
                 except (OSError, ValueError) as failure:
                     error = f"writing its files failed: {describe_write_error(failure)}"
         except KeyboardInterrupt as stop:  # after the write: this image's files are complete
@@ -514,7 +515,7 @@ def _write_run_files(
     jobs: list[_Job],
     complete: set[str],
     failures: dict[str, str],
-    coco: CocoResults | None,
+    coco: dict[str, list[dict[str, Any]]],
 ) -> None:
     """Write DIR's files of the whole run: coco_results.json, index.html, failures.json.
 
@@ -524,11 +525,13 @@ def _write_run_files(
 
     Args:
         complete: the image ids whose files are complete (written now or resumed).
-        coco: the entries collected in memory (formats without png), else None: then the COCO
-            file is built from the complete images' files, in input order.
+        coco: the COCO entries of the images segmented by this process, by image id; those of
+            the other complete images (resumed, or written by Ray actors) are read back from
+            their files. The file lists them in input order.
     """
     from freesegdiff.io.export import COCO_RESULTS_NAME, CocoResults
-    from freesegdiff.io.outputs import read_saved_result, write_failures
+    from freesegdiff.io.outputs import write_failures
+    from freesegdiff.io.saved import read_saved_result
     from freesegdiff.io.visualize.index_page import INDEX_NAME, write_index_page
 
     output = Path(args.output)
@@ -542,19 +545,19 @@ def _write_run_files(
             print(f"freesegdiff segment: {display_name(output / name)}: {reason}", file=sys.stderr)
 
     if "coco-rle" in formats:
-        if coco is None:
-            coco = CocoResults(classes)
-            for job in jobs:
-                if job.image_id not in complete:
-                    continue
+        results = CocoResults(classes)
+        for job in jobs:
+            if job.image_id in coco:
+                results.extend(coco[job.image_id])
+            elif job.image_id in complete:
                 try:
-                    coco.add(job.image_id, read_saved_result(job.folder, job.stem))
+                    results.add(job.image_id, read_saved_result(job.folder, job.stem))
                 except (OSError, ValueError, KeyError, TypeError) as error:
                     failures[str(job.source)] = (
                         f"its files could not be read back for {COCO_RESULTS_NAME} ({error}); "
                         "segment it again without --resume"
                     )
-        attempt(COCO_RESULTS_NAME, partial(coco.write, output))
+        attempt(COCO_RESULTS_NAME, partial(results.write, output))
     if "png" in formats and not args.no_overlay:
         # (a failure of its own is listed in the page too: failures.json comes after it)
         attempt(INDEX_NAME, partial(write_index_page, output, failures=dict(failures)))

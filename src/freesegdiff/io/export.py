@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from freesegdiff.infra.extras import require
-from freesegdiff.result import SegmentationResult
+
+if TYPE_CHECKING:  # results are read here, never built: no import at run time
+    from freesegdiff.result import SegmentationResult
 
 COCO_RESULTS_NAME = "coco_results.json"
 
@@ -116,7 +118,11 @@ class CocoResults:
 
     def add(self, image_id: str, result: SegmentationResult) -> None:
         """Add the segments of one image; ``image_id`` is its file stem."""
-        self._entries.extend(coco_entries(image_id, result))
+        self.extend(coco_entries(image_id, result))
+
+    def extend(self, entries: Iterable[dict[str, Any]]) -> None:
+        """Add entries made by :func:`coco_entries` (kept aside to add them in another order)."""
+        self._entries.extend(entries)
 
     def categories(self) -> list[dict[str, Any]]:
         """``[{"id": int, "name": str}]`` for the names in this run (a COCO ``categories``)."""

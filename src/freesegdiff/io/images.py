@@ -46,7 +46,7 @@ from freesegdiff.errors import ImageReadError, ImageTooLargeError
 from freesegdiff.io.filenames import quoted
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 @dataclass(frozen=True)
@@ -376,36 +376,6 @@ def _prepare_downscale(image: Image.Image, max_pixels: int, what: str) -> None:
             f"{DOWNSCALE_DECODE_FACTOR * max_pixels / 1e6:.1f} Mpx, as {image.format or 'this'}"
             " files cannot be decoded at a reduced size); raise --max-pixels if memory allows"
         )
-
-
-def fit_longest_side(image: np.ndarray, side: int | None) -> np.ndarray:
-    """The image resized (PIL bilinear, aspect ratio kept) so its longest side is ``side``.
-
-    Args:
-        image: ``(H, W, 3)`` uint8.
-        side: the bound in pixels; None, or an image already within it, returns ``image``
-            itself (no copy).
-
-    Returns:
-        ``(h, w, 3)`` uint8 with ``max(h, w) == side`` (each side at least 1), or ``image``.
-    """
-    height, width = image.shape[:2]
-    if side is None or max(height, width) <= side:
-        return image
-    scale = side / max(height, width)
-    size = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = Image.fromarray(np.ascontiguousarray(image)).resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(resized)
-
-
-def image_tensor(image: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 array -> ``(3, H, W)`` uint8 tensor sharing memory when it can
-    (read-only arrays, e.g. scikit-image's bundled photos, are copied)."""
-    import torch  # here, so that reading images does not import torch
-
-    if not image.flags.writeable or not image.flags.c_contiguous:
-        image = np.array(image, copy=True, order="C")
-    return torch.from_numpy(image).permute(2, 0, 1)
 
 
 @dataclass

@@ -47,16 +47,20 @@ OVERLAY_SUFFIX = "_overlay.png"
 FORMATS = ("png", "coco-rle")  # the choices of ``freesegdiff segment --format``
 FAILURES_NAME = "failures.json"  # the run's failed inputs, in the output folder
 MANIFEST_NAME = "freesegdiff-run.json"  # the settings the folder's results were made with
+INDEX_NAME = "index.html"  # the page of a run's results (visualize/index_page.py)
+THUMBNAIL_FOLDER = "thumbnails"  # the page's thumbnails, mirroring the images' folders
 # Files of a whole run, at the top of the output folder: no image's files may take these names.
-RUN_FILE_NAMES = ("index.html", COCO_RESULTS_NAME, FAILURES_NAME, MANIFEST_NAME)
+RUN_FILE_NAMES = (INDEX_NAME, COCO_RESULTS_NAME, FAILURES_NAME, MANIFEST_NAME)
 
 __all__ = [
     "EXPLAIN_SUFFIX",
     "FAILURES_NAME",
     "FORMATS",
+    "INDEX_NAME",
     "MANIFEST_NAME",
     "OVERLAY_SUFFIX",
     "RUN_FILE_NAMES",
+    "THUMBNAIL_FOLDER",
     "RunManifest",
     "assign_stems",
     "check_manifest",
@@ -65,7 +69,6 @@ __all__ = [
     "output_names",
     "outputs_complete",
     "prepare_output_folder",
-    "read_saved_result",
     "remove_other_results",
     "write_failures",
     "write_manifest",
@@ -184,9 +187,13 @@ def write_outputs(
 def _pixels(
     result: SegmentationResult, image: ImageInput | None, *, needed: bool
 ) -> np.ndarray | None:
-    """The image as ``(H, W, 3)`` uint8: ``image`` converted, else read from the source."""
+    """The image as ``(H, W, 3)`` uint8: ``image`` as it is when it already is that (the pixels
+    the pipeline decoded), else converted, else read from the source."""
     if not needed:
         return None
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
+        if image.shape[2] == 3:
+            return image
     if image is not None:
         return load_image(image)
     if result.source is not None:
@@ -359,55 +366,6 @@ def prepare_output_folder(folder: str | Path) -> Path:
     return path
 
 
-def read_saved_result(folder: str | Path, stem: str) -> SegmentationResult:
-    """The label map and segments of a written image, read back from its PNG and JSON.
-
-    For the files of a run that were not written by this process (``--resume``): enough for
-    :meth:`CocoResults.add`, which then gives the same entries as the original result (ids are
-    exact in the PNG, scores are rounded to 6 digits in both). The intermediate fields
-    (clusters, scores, masks before refinement) are empty.
-
-    Raises:
-        OSError, ValueError: a file is missing or not what :func:`write_outputs` writes.
-    """
-    from freesegdiff.result import Segment, SegmentationResult
-
-    out = Path(folder)
-    names = output_names(stem)
-    with Image.open(out / names["png"]) as image:
-        label_map = np.asarray(image).astype(np.int32)  # (H, W) ids
-    summary = json.loads((out / names["json"]).read_text(encoding="utf-8"))
-    segments = [
-        Segment(
-            id=int(entry["id"]),
-            label=str(entry["name"]),
-            score=float(entry["score"]),
-            area=int(entry["area"]),
-            mask=label_map == int(entry["id"]),
-            cluster=-1,
-        )
-        for entry in summary["labels"]
-        if int(entry["id"]) != 0
-    ]
-    height, width = label_map.shape
-    return SegmentationResult(
-        label_map=label_map,
-        labels={0: "background", **{segment.id: segment.label for segment in segments}},
-        segments=segments,
-        caption=summary.get("caption"),
-        entities=list(summary.get("entities") or []),
-        vocabulary=list(summary.get("vocabulary") or []),
-        candidates=list(summary.get("candidates") or []),
-        cluster_map=np.zeros((height, width), dtype=np.int32),
-        scores=np.zeros((0, 0), dtype=np.float32),
-        cluster_labels=[],
-        coarse_masks=np.zeros((0, height, width), dtype=bool),
-        refined_masks=np.zeros((0, height, width), dtype=bool),
-        source=summary.get("image"),
-        image_size=(width, height),
-    )
-
-
 def write_failures(folder: str | Path, failures: Mapping[str, str]) -> Path | None:
     """Write ``<folder>/failures.json`` for the inputs that failed, or remove a stale one.
 
@@ -522,8 +480,6 @@ def remove_other_results(folder: str | Path, settings_id: str) -> list[Path]:
     ``files`` and ``labels``), the files it lists under their own names
     (:func:`output_names`) and its thumbnail. Returns the paths deleted.
     """
-    from freesegdiff.io.visualize.index_page import THUMBNAIL_FOLDER
-
     root = Path(folder)
     removed: list[Path] = []
     for summary_path in sorted(root.rglob("*.json")):

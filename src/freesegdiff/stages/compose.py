@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from freesegdiff.infra.arrays import resize_label_map
 from freesegdiff.result import Segment
 
 
@@ -84,22 +85,6 @@ def compose(
             )
         )
     return Composition(label_map, segments)
-
-
-def nearest_indices(source: int, target: int) -> np.ndarray:
-    """For each of ``target`` output positions, the index of the ``source`` cell its centre
-    falls in: ``floor((i + 0.5) * source / target)``, ``(target,)`` int64."""
-    return np.minimum(((np.arange(target) + 0.5) * source / target).astype(np.int64), source - 1)
-
-
-def resize_label_map(label_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """``(h, w)`` labels -> ``(H, W)`` = ``shape``, nearest neighbour: each pixel takes the
-    label under its centre (:func:`nearest_indices`); ``label_map`` itself if already that size."""
-    if label_map.shape == tuple(shape):
-        return label_map
-    rows = nearest_indices(label_map.shape[0], shape[0])
-    cols = nearest_indices(label_map.shape[1], shape[1])
-    return label_map[rows[:, None], cols[None, :]]
 
 
 def resize_composition(composition: Composition, shape: tuple[int, int]) -> Composition:

@@ -22,18 +22,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from freesegdiff.infra.arrays import fit_longest_side
 from freesegdiff.infra.extras import require
 from freesegdiff.io.atomic import save_with
 from freesegdiff.io.filenames import display_name
-from freesegdiff.io.images import fit_longest_side, load_image
+from freesegdiff.io.images import load_image
 from freesegdiff.io.visualize.cluster_map import cluster_palette
 from freesegdiff.io.visualize.colors import color_for
 from freesegdiff.io.visualize.overlay import render_overlay
-from freesegdiff.result import SegmentationResult
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # results are read here, never built: no import at run time
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+    from freesegdiff.result import SegmentationResult
 
 MAX_HEATMAP_ROWS = 40  # a closed vocabulary (COCO: 171 names) shows its most relevant rows only
 FIGURE_WIDTH = 12.0  # inches

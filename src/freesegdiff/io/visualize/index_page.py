@@ -29,12 +29,9 @@ from PIL import Image
 from freesegdiff.io.atomic import save_image, write_text
 from freesegdiff.io.export import COCO_RESULTS_NAME
 from freesegdiff.io.filenames import display_name, url_path
-from freesegdiff.io.outputs import EXPLAIN_SUFFIX, OVERLAY_SUFFIX
+from freesegdiff.io.outputs import EXPLAIN_SUFFIX, INDEX_NAME, OVERLAY_SUFFIX, THUMBNAIL_FOLDER
 
 log = logging.getLogger(__name__)
-
-INDEX_NAME = "index.html"
-THUMBNAIL_FOLDER = "thumbnails"
 
 
 @dataclass

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from freesegdiff.infra.arrays import fit_longest_side, resize_label_map
 from freesegdiff.io.filenames import display_name
-from freesegdiff.io.images import fit_longest_side, load_image
+from freesegdiff.io.images import load_image
 from freesegdiff.io.visualize.colors import Color, colors_for, hashed_color
-from freesegdiff.result import SegmentationResult
-from freesegdiff.stages.compose import resize_label_map
+
+if TYPE_CHECKING:  # results are read here, never built: no import at run time
+    from freesegdiff.result import SegmentationResult
 
 FontType = Any  # ImageFont.FreeTypeFont or ImageFont.ImageFont
 LEGEND_BACKGROUND: Color = (255, 255, 255)

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from freesegdiff.config import FeatureConfig
 from freesegdiff.errors import ConfigError
 from freesegdiff.infra import timing
+from freesegdiff.infra.arrays import image_tensor
 from freesegdiff.infra.devices import frozen, image_generators, randn_per_image, to_device
 from freesegdiff.infra.hub import LoadOptions, load_pretrained
 from freesegdiff.infra.timing import StageTimer
-from freesegdiff.io.images import image_tensor
 
 logger = logging.getLogger(__name__)
 

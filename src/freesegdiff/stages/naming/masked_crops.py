@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from freesegdiff.errors import ConfigError
+from freesegdiff.infra.arrays import image_tensor
 from freesegdiff.infra.devices import frozen, to_device
 from freesegdiff.infra.hub import LoadOptions, load_pretrained
-from freesegdiff.io.images import image_tensor
 
 ImageProcessing = Literal["processor", "torch"]
 TieRule = Literal["all", "first"]

@@ -69,8 +69,8 @@ def refine_masks(
 
     import torch
 
+    from freesegdiff.infra.arrays import image_tensor
     from freesegdiff.infra.devices import to_device
-    from freesegdiff.io.images import image_tensor
 
     device = torch.device(device)
     image_t = to_device(image_tensor(image), device).permute(1, 2, 0)  # (H, W, 3) uint8
