@@ -191,9 +191,8 @@ def _pixels(
     the pipeline decoded), else converted, else read from the source."""
     if not needed:
         return None
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
-        if image.shape[2] == 3:
-            return image
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape[2:] == (3,):
+        return image
     if image is not None:
         return load_image(image)
     if result.source is not None:
