@@ -390,7 +390,7 @@ def test_segment_names_a_missing_extra_before_loading_models(
     import numpy as np
     from PIL import Image
 
-    from freesegdiff.cli import main, segment
+    from freesegdiff.cli import common, main
 
     photo = tmp_path / "photo.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
@@ -399,7 +399,7 @@ def test_segment_names_a_missing_extra_before_loading_models(
     def no_models(args: object) -> None:
         raise AssertionError("the models were loaded before the missing extra was reported")
 
-    monkeypatch.setattr(segment, "pipeline_from_args", no_models)
+    monkeypatch.setattr(common, "pipeline_from_args", no_models)
     out = tmp_path / "out"
     code = main(["segment", str(photo), "-o", str(out), "--preset", "tiny", *options])
     assert code == 2  # a set-up error: nothing ran

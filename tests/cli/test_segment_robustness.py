@@ -197,12 +197,12 @@ def test_an_output_folder_inside_the_input_is_never_read(photo_dir, tmp_path, mo
 def test_an_output_that_is_a_file_stops_before_any_model_loads(
     photo_dir, tmp_path, monkeypatch, capsys
 ):
-    import freesegdiff.cli.segment as segment
+    from freesegdiff.cli import common
 
     def no_models(*args, **kwargs):
         pytest.fail("a model was loaded although the output folder cannot be used")
 
-    monkeypatch.setattr(segment, "pipeline_from_args", no_models)
+    monkeypatch.setattr(common, "pipeline_from_args", no_models)
     taken = tmp_path / "taken"
     taken.write_text("a file, not a folder")
     assert main(["segment", str(photo_dir), "-o", str(taken), *TINY]) == 2
@@ -527,7 +527,7 @@ def test_inputs_that_cannot_be_read_fail_alone_and_odd_entries_are_counted(
 def test_results_of_other_settings_are_never_resumed_nor_mixed(
     photo_dir, tmp_path, capsys, monkeypatch
 ):
-    import freesegdiff.cli.segment as segment
+    from freesegdiff.cli import common
 
     out = tmp_path / "out"
     both = [str(photo_dir / "chelsea.jpg"), str(photo_dir / "coffee.png")]
@@ -543,7 +543,7 @@ def test_results_of_other_settings_are_never_resumed_nor_mixed(
     def no_models(*args, **kwargs):
         pytest.fail("a model was loaded for a run that is refused")
 
-    monkeypatch.setattr(segment, "pipeline_from_args", no_models)
+    monkeypatch.setattr(common, "pipeline_from_args", no_models)
     for options, difference in [
         (["--classes", "cat,dog", *TINY], "classes: None then, ['cat', 'dog'] now"),
         (["--k", "3", *TINY], "settings.clustering.k: 4 then, 3 now"),

@@ -131,7 +131,7 @@ def test_demo_command_parses_and_launches_with_the_limits(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     pytest.importorskip("gradio", reason="the web demo needs gradio")
-    from freesegdiff.cli import build_parser
+    from freesegdiff.cli import build_parser, common
     from freesegdiff.cli import demo as demo_command
 
     args = build_parser().parse_args(
@@ -164,7 +164,7 @@ def test_demo_command_parses_and_launches_with_the_limits(
         calls["build"] = kwargs
         return FakeApp()
 
-    monkeypatch.setattr(demo_command, "pipeline_from_args", lambda a: StandInPipe())
+    monkeypatch.setattr(common, "pipeline_from_args", lambda a: StandInPipe())
     monkeypatch.setattr("freesegdiff.demo.app.build_demo", fake_build_demo)
     assert demo_command.run(argparse.Namespace(**vars(args))) == 0
     assert calls["queue"] == {"default_concurrency_limit": 1, "max_size": 5}

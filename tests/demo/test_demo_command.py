@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from freesegdiff.cli import common, main
 from freesegdiff.cli import demo as demo_command
-from freesegdiff.cli import main
 from freesegdiff.errors import ConfigError
 from freesegdiff.infra.extras import MissingExtraError
 
@@ -22,7 +22,7 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(args: Any) -> None:
         pytest.fail("the pipeline was loaded before the set-up error was reported")
 
-    monkeypatch.setattr(demo_command, "pipeline_from_args", fail)
+    monkeypatch.setattr(common, "pipeline_from_args", fail)
 
 
 def _free_port() -> int:
@@ -87,7 +87,7 @@ def test_a_port_in_use_is_reported_before_the_models_load(
         (["--max-upload-mb", "0"], "--max-upload-mb must be positive, got 0.0"),
         (["--queue-size", "0"], "queue_size must be at least 1, got 0 (pass --queue-size 1"),
         (["--cache-minutes", "-1"], "--cache-minutes must be positive"),
-        (["--max-pixels", "0"], "pixel limit must be positive, got 0 (pass --max-pixels"),
+        (["--max-pixels", "0"], "limits.max_pixels must be at least 1 or null (no limit), got 0"),
         (["--examples", "no-such-photo.jpg"], "example photo 'no-such-photo.jpg' does not exist"),
         (["--port", "0"], "--port must be between 1 and 65535"),
     ],

@@ -232,7 +232,7 @@ def test_a_killed_grid_resumes_to_the_same_table(grid_run, tmp_path, monkeypatch
     (tmp_path / "data").symlink_to(folder / "data")
     (tmp_path / "grid.json").write_text(json.dumps(GRID))
     calls = {"n": 0}
-    from freesegdiff.stages.clustering.kmeans import Clusterer
+    from freesegdiff.stages.clustering import Clusterer
 
     original = Clusterer.__call__
 

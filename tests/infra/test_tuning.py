@@ -254,7 +254,7 @@ def test_the_segment_command_tunes_unless_told_not_to(flags, tmp_path, photos, m
     built = []
     build = common.pipeline_from_args
     monkeypatch.setattr(
-        "freesegdiff.cli.segment.pipeline_from_args",
+        "freesegdiff.cli.common.pipeline_from_args",
         lambda args, runtime=None: built.append(build(args, runtime)) or built[-1],
     )
     libc = RecordingLibc()
@@ -295,9 +295,12 @@ def test_beam_search_without_reordering_the_image_keys_gives_the_same_tokens(
         patch.setattr(torch.Tensor, "index_select", counting)
         plain = captioner.generate(inputs)
         plain_reorders = len(reorders)
-        RuntimeOptions.fast().tune_captioner(captioner)
+        # the same model, built with the tuning
+        fast = Captioner(
+            captioner.model, captioner.processor, config=config, runtime=RuntimeOptions.fast()
+        )
         reorders.clear()
-        tuned = captioner.generate(inputs)
+        tuned = fast.generate(inputs)
     assert torch.equal(tuned, plain)
     # per step and layer: self-attention keys and values only, not the cross-attention ones too
     assert plain_reorders > 0 and len(reorders) * 2 == plain_reorders, (
@@ -347,17 +350,13 @@ def test_the_refiner_gets_crf_processes_only_for_pydensecrf():
     from freesegdiff.config import RefineConfig
     from freesegdiff.stages.refine import Refiner
 
-    released, torch_crf = (
-        Refiner(RefineConfig(backend="pydensecrf")),
-        Refiner(RefineConfig(backend="torch")),
-    )
-    options = RuntimeOptions(crf_processes=2)
-    options.tune_refiner(released)
-    options.tune_refiner(torch_crf)
+    options = RuntimeOptions(crf_processes=2)  # given when the stage is built
+    released = Refiner(RefineConfig(backend="pydensecrf"), runtime=options)
+    torch_crf = Refiner(RefineConfig(backend="torch"), runtime=options)
     assert isinstance(released.pool, runtime.WorkerProcesses) and torch_crf.pool is None
-    single = Refiner(RefineConfig(backend="pydensecrf"))
-    RuntimeOptions(crf_processes=1).tune_refiner(single)
-    assert single.pool is None
+    released.pool.close()
+    single = Refiner(RefineConfig(backend="pydensecrf"), runtime=RuntimeOptions(crf_processes=1))
+    assert single.pool is None and Refiner(RefineConfig()).pool is None  # untuned
 
 
 def test_resnet_features_are_untouched_by_the_inplace_resnets(tiny_sd_path, images):

@@ -11,14 +11,13 @@ from sklearn.metrics import silhouette_score as sklearn_silhouette
 
 from freesegdiff.config import ClusterConfig
 from freesegdiff.errors import ConfigError
-from freesegdiff.stages.clustering.kmeans import (
+from freesegdiff.stages.clustering import (
     cluster_features,
     cv2_nearest_indices,
-    kmeans,
     silhouette_score,
-    sklearn_kmeans_labels,
     upsample_cluster_map,
 )
+from freesegdiff.stages.clustering.kmeans import kmeans, sklearn_kmeans_labels
 
 
 def blobs(seed: int = 0, centres: int = 3, per: int = 100, dim: int = 16) -> np.ndarray:
@@ -213,8 +212,8 @@ def test_nearest_exact_upsampling_is_centred():
     small = torch.tensor([[0, 1, 2]])
     assert upsample_cluster_map(small, 1, 5, "nearest-exact").tolist() == [[0, 0, 1, 2, 2]]
     assert upsample_cluster_map(small, 1, 5).tolist() == [[0, 0, 1, 1, 2]]  # floor(i * 0.6)
-    with pytest.raises(ConfigError, match=r"clustering\.upsample"):
-        upsample_cluster_map(small, 1, 5, "bilinear")
+    with pytest.raises(ConfigError, match=r"clustering\.upsample must be one of"):
+        ClusterConfig(upsample="bilinear")  # type: ignore[arg-type]  # checked once, here
 
 
 # ------------------------- scikit-learn's KMeans re-implemented, draws included (step 8)
@@ -274,7 +273,7 @@ def test_the_two_draws_differ_and_the_backends_are_wired():
 
 # ------------------------------------------ normalisation before clustering (issue 12)
 def test_l2_normalisation_gives_unit_vectors_and_keeps_zero_ones():
-    from freesegdiff.stages.clustering.kmeans import normalize_points
+    from freesegdiff.stages.clustering import normalize_points
 
     points = torch.tensor([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]])
     expected = torch.tensor([[0.6, 0.8], [0.0, 0.0], [-1.0, 0.0]])
@@ -287,7 +286,7 @@ def test_pca_equals_scikit_learns_pca_up_to_each_components_sign():
     by component (a component's sign is a convention), with the largest loading positive."""
     from sklearn.decomposition import PCA
 
-    from freesegdiff.stages.clustering.kmeans import normalize_points
+    from freesegdiff.stages.clustering import normalize_points
     from golden.make_kmeans_sklearn12 import photo_patches
 
     points = photo_patches("astronaut")  # (N, 192)
@@ -301,12 +300,12 @@ def test_pca_equals_scikit_learns_pca_up_to_each_components_sign():
 
 
 def test_normalisation_is_checked_and_reaches_the_clustering():
-    from freesegdiff.stages.clustering.kmeans import Clusterer, normalize_points
+    from freesegdiff.stages.clustering import normalize_points
 
     with pytest.raises(ConfigError, match=r"clustering\.normalize"):
-        Clusterer(ClusterConfig(normalize="zscore"))  # type: ignore[arg-type]
+        ClusterConfig(normalize="zscore")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="pca_dim"):
-        Clusterer(ClusterConfig(normalize="pca", pca_dim=0))
+        ClusterConfig(normalize="pca", pca_dim=0)
     points = torch.from_numpy(blobs(seed=3, centres=5, per=40).astype(np.float32))
     features = points.T.reshape(points.shape[1], 10, 20)
     config = ClusterConfig(normalize="l2", backend="torch-sklearn")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from freesegdiff.config import ClassifyConfig
 from freesegdiff.errors import ConfigError
 from freesegdiff.stages.naming.masked_crops import MaskClassifier, assign_labels
 
@@ -61,8 +62,10 @@ def test_ties_all_keep_every_tied_cluster():
     m = scores.copy()
     m[m < m.max(axis=1, keepdims=True)] = 0
     assert m.argmax(axis=0).tolist() == [0, 0, 2]
-    with pytest.raises(ConfigError, match=r"classify\.ties"):
+    with pytest.raises(ValueError, match=r"ties must be 'all' or 'first', got 'last'"):
         assign_labels(scores, ties="last")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"classify\.ties must be one of 'all', 'first'"):
+        ClassifyConfig(ties="last")  # type: ignore[arg-type]
 
 
 def test_empty_label_set_or_no_clusters():

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from freesegdiff.config import CaptionConfig, PipelineConfig, set_by_path
+from freesegdiff.config import CaptionConfig, PipelineConfig, with_settings
 from freesegdiff.errors import ConfigError
 from freesegdiff.infra.hub import LoadOptions
 from freesegdiff.infra.timing import STAGES, StageTimer
@@ -157,23 +157,23 @@ def bench_config(settings: BenchSettings) -> PipelineConfig:
     """The preset's config with the benchmark's dtype, batch size, device and overrides."""
     from freesegdiff.presets import load_preset
 
-    config = load_preset(settings.preset)
-    config = set_by_path(config, "dtype", settings.dtype)
-    config = set_by_path(config, "batch_size", settings.batch_size)
-    config = set_by_path(config, "seed", settings.seed)
+    changes: dict[str, Any] = {
+        "dtype": settings.dtype,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+    }
     if settings.device is not None:
-        config = set_by_path(config, "device", settings.device)
+        changes["device"] = settings.device
+    config = with_settings(load_preset(settings.preset), changes)
     if not _is_tiny(config):
         # The preset's decoding (beams, prompt, limits), every caption as long as its limit
         # allows: random weights would stop at a random step, real ones after ~10 to 15 tokens.
         caption = config.caption
         if caption.max_new_tokens is not None:
-            config = set_by_path(config, "caption.min_new_tokens", caption.max_new_tokens)
+            config = with_settings(config, {"caption.min_new_tokens": caption.max_new_tokens})
         elif caption.max_length is not None:
-            config = set_by_path(config, "caption.min_length", caption.max_length)
-    for key, value in settings.overrides.items():
-        config = set_by_path(config, key, value)
-    return config
+            config = with_settings(config, {"caption.min_length": caption.max_length})
+    return with_settings(config, dict(settings.overrides))
 
 
 def _caption_tokens(config: PipelineConfig) -> int | None:
@@ -205,9 +205,7 @@ def with_layout_folders(config: PipelineConfig, root: Path | None = None) -> Pip
 
     names = _hub_names(config)
     folders = ensure_layouts_in_subprocess(sorted(set(names.values())), root)
-    for key, name in names.items():
-        config = set_by_path(config, f"models.{key}", str(folders[name]))
-    return config
+    return with_settings(config, {f"models.{key}": str(folders[n]) for key, n in names.items()})
 
 
 def bench_source() -> ModelSource:
@@ -223,9 +221,10 @@ def bench_source() -> ModelSource:
         device: torch.device,
         dtype: torch.dtype,
         load: LoadOptions,
+        runtime: RuntimeOptions | None = None,
     ) -> ScriptedCaptioner:
         return ScriptedCaptioner.from_pretrained(
-            name, config=config, device=device, dtype=dtype, load=load
+            name, config=config, device=device, dtype=dtype, load=load, runtime=runtime
         )
 
     return replace(PRETRAINED, captioner=captioner)
@@ -354,7 +353,7 @@ def _diffusion_forwards(
 ) -> dict[str, Callable[[], object]]:
     """The VAE's and the UNet's forward passes on this batch's prepared inputs."""
     from freesegdiff.infra.devices import image_generators
-    from freesegdiff.stages.features.diffusion import images_to_tensor
+    from freesegdiff.stages.features import images_to_tensor
 
     device = features.device
     forwards: dict[str, Callable[[], object]] = {}

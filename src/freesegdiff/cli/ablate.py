@@ -6,7 +6,7 @@ import argparse
 from collections import Counter
 from typing import Any
 
-from freesegdiff.cli.common import add_pipeline_arguments, config_from_args
+from freesegdiff.cli.common import add_pipeline_arguments, config_from_args, runtime_from_args
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DATASETS
 from freesegdiff.infra.interrupts import Terminated, exit_code
@@ -113,12 +113,15 @@ def run(args: argparse.Namespace) -> int:
     def make_predictor(config: Any) -> Any:
         from freesegdiff.evaluation.grounding import NO_CLASS, Grounder
         from freesegdiff.evaluation.runner import pipeline_predictor
-        from freesegdiff.infra.tuning import RuntimeOptions
         from freesegdiff.pipeline import FreeSegDiff
 
-        runtime = None if args.no_runtime_tuning else RuntimeOptions.fast()
-        pipe = FreeSegDiff.from_config(config, runtime=runtime, source=source.as_source())
-        source.wrap_entities(pipe, {"entities": config.entities})
+        runtime = runtime_from_args(args)
+        pipe = FreeSegDiff.from_config(
+            config,
+            runtime=runtime,
+            source=source.as_source(),
+            entities=source.entities(config.entities),
+        )
         vocabulary = vocabulary_of(config)
         unlabelled = NO_CLASS if dataset.background_id is None else dataset.background_id
         grounder = Grounder(vocabulary, unlabelled, None)

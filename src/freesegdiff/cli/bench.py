@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from freesegdiff.bench.runner import BenchSettings, run_bench
-    from freesegdiff.infra.tuning import RuntimeOptions
+    from freesegdiff.cli.common import runtime_from_args
 
     if args.threads is not None:
         if args.threads < 1:
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         overrides=_overrides(args.settings),
-        runtime=None if args.no_runtime_tuning else RuntimeOptions.fast(),
+        runtime=runtime_from_args(args),
     )
     report = run_bench(settings)
     print(report.table())

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from freesegdiff.config import PipelineConfig, merge_config, set_by_path
+from freesegdiff.config import PipelineConfig, merge_config, with_settings
 from freesegdiff.errors import ConfigError
 
 # flag -> (dotted setting, type, help); all default to "keep the preset's value".
@@ -113,7 +113,9 @@ def _json_value(text: str) -> Any:
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    """The :class:`PipelineConfig` the options describe: preset, then file, then flags."""
+    """The :class:`PipelineConfig` the options describe: preset, then file, then flags and
+    ``--set`` (later ones win), the flags merged at once so that each section is checked once
+    with all its new values."""
     from freesegdiff.presets import load_preset
 
     config = load_preset(args.preset)
@@ -124,31 +126,34 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         except (OSError, json.JSONDecodeError) as error:
             raise ConfigError(f"cannot read settings file {args.config!r}: {error}") from error
         config = merge_config(config, values)  # over the preset, section by section
+    changes: dict[str, Any] = {}
     for flag, (path, _, _) in SHORTCUTS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
-            config = set_by_path(config, path, value)
+            changes[path] = value
     if args.k_range:
-        config = set_by_path(config, "clustering.k_range", list(args.k_range))
+        changes["clustering.k_range"] = list(args.k_range)
     if args.layers:
-        layers = [name.strip() for name in args.layers.split(",") if name.strip()]
-        config = set_by_path(config, "features.layers", layers)
+        changes["features.layers"] = [
+            name.strip() for name in args.layers.split(",") if name.strip()
+        ]
     if args.resolutions:
-        sides = [int(side) for side in args.resolutions.split(",") if side.strip()]
-        config = set_by_path(config, "features.resolutions", sides)
+        changes["features.resolutions"] = [
+            int(side) for side in args.resolutions.split(",") if side.strip()
+        ]
     if args.no_captioner:
-        config = set_by_path(config, "models.captioner", None)
+        changes["models.captioner"] = None
     if args.no_prune:
-        config = set_by_path(config, "vocabulary.prune_with_caption", False)
+        changes["vocabulary.prune_with_caption"] = False
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-        config = set_by_path(config, "models.offline", True)
+        changes["models.offline"] = True
     for item in args.settings:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        config = set_by_path(config, key.strip(), _json_value(value))
-    return config
+        changes[key.strip()] = _json_value(value)
+    return with_settings(config, changes)
 
 
 def parse_classes(text: str | None) -> list[str] | None:
@@ -162,6 +167,14 @@ def parse_classes(text: str | None) -> list[str] | None:
             "--classes 'cat,dog,sofa', or leave it out for open vocabulary"
         )
     return names
+
+
+def runtime_from_args(args: argparse.Namespace) -> Any:
+    """The speed and memory tuning a command runs with (:mod:`freesegdiff.infra.tuning`):
+    every trick (:meth:`RuntimeOptions.fast`), or None with ``--no-runtime-tuning``."""
+    from freesegdiff.infra.tuning import RuntimeOptions
+
+    return None if getattr(args, "no_runtime_tuning", False) else RuntimeOptions.fast()
 
 
 def pipeline_from_args(args: argparse.Namespace, runtime: Any = None) -> Any:

@@ -7,11 +7,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from freesegdiff.cli.common import (
-    add_pipeline_arguments,
-    config_from_args,
-    pipeline_from_args,
-)
+from freesegdiff.cli import common
+from freesegdiff.cli.common import add_pipeline_arguments, config_from_args
 from freesegdiff.errors import ConfigError
 from freesegdiff.infra.extras import MissingExtraError
 
@@ -150,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
         if not Path(example).is_file():
             raise ConfigError(f"example photo {example!r} does not exist: fix --examples")
     app.ensure_port_free(args.host, args.port)
-    pipe = pipeline_from_args(args)
+    # Untuned: the tuning is process-wide (the allocator's thresholds, CRF worker processes) and
+    # made for batch commands; a server shares its process with Gradio's threads for hours.
+    pipe = common.pipeline_from_args(args)
     logger.info("serving the demo on http://%s:%d", args.host, args.port)
     app.serve_demo(
         pipe, host=args.host, port=args.port, examples=args.examples, limits=limits, block=True

@@ -129,19 +129,17 @@ def run(args: argparse.Namespace) -> int:
     )
 
     def make_predictor() -> Any:
-        from freesegdiff.cli.common import pipeline_from_args
+        from freesegdiff.cli import common
         from freesegdiff.evaluation.grounding import (
             EntityMatcher,
             diffusion_embedder,
             minilm_embedder,
         )
         from freesegdiff.evaluation.runner import pipeline_predictor
-        from freesegdiff.infra.tuning import RuntimeOptions
 
         # tuned as segment runs (the same labels: every trick is exact or, channels-last in
         # bfloat16 on the CPU, within bfloat16's own rounding)
-        runtime = None if args.no_runtime_tuning else RuntimeOptions.fast()
-        pipe = pipeline_from_args(args, runtime)
+        pipe = common.pipeline_from_args(args, common.runtime_from_args(args))
         matcher = None
         if open_vocabulary:
             minilm = args.text_encoder == "minilm"

@@ -12,13 +12,13 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from freesegdiff.cli import common
 from freesegdiff.cli.common import (
     add_pipeline_arguments,
     add_ray_arguments,
     check_ray_arguments,
     config_from_args,
     parse_classes,
-    pipeline_from_args,
     ray_options,
 )
 from freesegdiff.errors import ConfigError, FreeSegDiffError
@@ -364,10 +364,10 @@ def _segment(
 
 def _load_pipeline(args: argparse.Namespace, classes: list[str] | None) -> Any:
     """The run's pipeline, tuned unless ``--no-runtime-tuning`` (in a Ray actor: once each)."""
-    from freesegdiff.infra.tuning import RuntimeOptions, after_loading
+    from freesegdiff.infra.tuning import after_loading
 
-    runtime = None if args.no_runtime_tuning else RuntimeOptions.fast()
-    pipe = pipeline_from_args(args, runtime)  # tunes the process before loading, the models after
+    runtime = common.runtime_from_args(args)
+    pipe = common.pipeline_from_args(args, runtime)  # tunes the process, then the models
     if classes is None:
         pipe.release_text_encoder()  # open vocabulary embeds only the empty prompt: 0.25 GB back
     if runtime is not None:

@@ -51,7 +51,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from freesegdiff.config import PipelineConfig, set_by_path
+from freesegdiff.config import PipelineConfig, with_settings
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.stage_cache import digest
 from freesegdiff.io import atomic
@@ -245,13 +245,10 @@ def _slug(text: str) -> str:
 def run_config(base: PipelineConfig, settings: dict[str, Any], name: str = "") -> PipelineConfig:
     """``base`` with a run's settings (dotted name -> value) applied; a bad name or value:
     :class:`ConfigError`, naming the run ``name`` when given."""
-    config = base
-    for key, value in settings.items():
-        try:
-            config = set_by_path(config, key, value)
-        except ConfigError as error:
-            raise ConfigError(f"run {name}: {error}" if name else str(error)) from error
-    return config
+    try:
+        return with_settings(base, settings)  # one merge: each section checked once
+    except ConfigError as error:
+        raise ConfigError(f"run {name}: {error}" if name else str(error)) from error
 
 
 # ------------------------------------------------------------------------------ running

@@ -265,15 +265,12 @@ class CachedCaptioner:
         self._load = load
         self.store = store
         self.folder = folder
-        self.generate_options: Any = None  # set by freesegdiff.infra.tuning, given to the model
 
     def caption(self, images: Sequence[np.ndarray]) -> list[str]:
         keys = [image_key(image) for image in images]
 
         def compute(missing: list[int]) -> tuple[list[np.ndarray], dict[str, float]]:
             model = self._load()
-            if self.generate_options is not None:
-                model.generate_options = self.generate_options
             timer = StageTimer()
             with timer(timing.CAPTION):
                 captions = model.caption([images[index] for index in missing])
@@ -418,14 +415,22 @@ class CachingSource:
         return self.models.get("clip", key, lambda: self.base.clip(name, device, dtype, load))
 
     def captioner(
-        self, name: str, config: Any, device: torch.device, dtype: torch.dtype, load: Any
+        self,
+        name: str,
+        config: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        load: Any,
+        runtime: Any = None,
     ) -> CachedCaptioner:
         setting = {**_model_key(name, device, dtype, load), "caption": config}
-        key = digest(setting)
+        key = digest(setting)  # (the runtime changes no token: not part of the key)
+
+        def make() -> Any:
+            return self.base.captioner(name, config, device, dtype, load, runtime)
+
         return CachedCaptioner(
-            lambda: self.models.get(
-                CAPTION, key, lambda: self.base.captioner(name, config, device, dtype, load)
-            ),
+            lambda: self.models.get(CAPTION, key, make),
             self.store,
             self.store.folder(CAPTION, setting),
         )
@@ -464,7 +469,9 @@ class CachingSource:
 
         return ModelSource(self.features, self.clip, self.captioner, self.text)
 
-    def wrap_entities(self, pipe: Any, setting: dict[str, Any]) -> None:
-        """Route ``pipe``'s entity stage through the store (the stage has no model to load)."""
-        vocabulary = pipe.vocabulary
-        vocabulary.entities = CachedEntities(vocabulary.entities, self.store, setting)
+    def entities(self, config: Any) -> CachedEntities:
+        """The entity stage of ``config`` (:class:`~freesegdiff.config.EntityConfig`) through the
+        store, for a pipeline to be built with (the stage has no model to load)."""
+        from freesegdiff.stages.entities import EntityExtractor
+
+        return CachedEntities(EntityExtractor(config), self.store, {"entities": config})

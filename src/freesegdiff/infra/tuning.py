@@ -64,7 +64,6 @@ from freesegdiff.infra import memory
 if TYPE_CHECKING:
     from freesegdiff.stages.captioner import Captioner
     from freesegdiff.stages.features.diffusion import DiffusionFeatures
-    from freesegdiff.stages.refine import Refiner
 
 # VAE input shapes each tuned DiffusionFeatures has encoded once (see vae_buffers).
 _encoded_shapes: weakref.WeakKeyDictionary[Any, set[tuple[int, ...]]] = weakref.WeakKeyDictionary()
@@ -108,21 +107,18 @@ class RuntimeOptions:
             return channels_last_pays(device, dtype)
         return self.channels_last
 
-    def tune_captioner(self, captioner: Captioner) -> None:
-        """Give ``captioner`` the generate options of these settings (``beam_cross_cache``)."""
-        if self.beam_cross_cache:
-            captioner.generate_options = beam_search_cache
+    def generate_options(self) -> Callable[[Any, int], dict[str, Any]] | None:
+        """What a captioner built with these options adds to each ``generate`` call
+        (``beam_cross_cache``: :func:`beam_search_cache`), or None."""
+        return beam_search_cache if self.beam_cross_cache else None
 
-    def tune_refiner(self, refiner: Refiner) -> None:
-        """Give a pydensecrf ``refiner`` its worker processes (``crf_processes``)."""
-        config = refiner.config
-        if config.method != "crf" or config.backend != "pydensecrf":
-            return
+    def crf_pool(self) -> WorkerProcesses | None:
+        """The worker processes a refiner with the released CRF runs its masks in
+        (``crf_processes``; None: one per core, at most 8), or None for fewer than two."""
         processes = self.crf_processes
         if processes is None:
             processes = min(os.cpu_count() or 1, 8)
-        if processes > 1:
-            refiner.pool = WorkerProcesses(processes)
+        return WorkerProcesses(processes) if processes > 1 else None
 
     # The hook DiffusionFeatures calls (freesegdiff.stages.features.diffusion.FeatureRuntime).
     def tune_models(self, features: DiffusionFeatures) -> None:

@@ -9,7 +9,7 @@ caption a whole list of images with one batched ``generate`` call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from freesegdiff.errors import ConfigError, ImageReadError
 from freesegdiff.infra.devices import frozen
 from freesegdiff.infra.hub import LoadOptions, load_pretrained
 from freesegdiff.infra.weights import load_model
+
+if TYPE_CHECKING:
+    from freesegdiff.infra.tuning import RuntimeOptions
 
 CaptionerKind = Literal["blip", "blip2"]
 CaptionerT = TypeVar("CaptionerT", bound="Captioner")
@@ -67,22 +70,32 @@ class Captioner:
     Build it with :meth:`from_pretrained`; then :meth:`caption` describes a batch of images.
     """
 
-    def __init__(self, model: Any, processor: Any, *, config: CaptionConfig) -> None:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        config: CaptionConfig,
+        runtime: RuntimeOptions | None = None,
+    ) -> None:
         """Wrap an already loaded ``Blip(2)ForConditionalGeneration`` and its processor.
 
+        ``runtime``: the speed tuning (:class:`~freesegdiff.infra.tuning.RuntimeOptions`):
+        extra ``generate`` keywords per call that change no token (``beam_cross_cache``);
+        None: transformers' ``generate`` as released.
+
         Raises:
-            ConfigError: the model is neither BLIP nor BLIP-2, or a ``config`` value cannot work.
+            ConfigError: the model is neither BLIP nor BLIP-2.
         """
         model_type = getattr(model.config, "model_type", None)
         if model_type not in _KINDS:
             raise ConfigError(_unsupported_message(str(model_type)))
-        check_caption_config(config)
         self.model = frozen(model, model.device)
         self.processor = processor
         self.config = config
-        # speed tuning (freesegdiff.infra.tuning.RuntimeOptions.tune_captioner): extra generate
-        # keywords per call that change no token; None: transformers' generate as released
-        self.generate_options: Callable[[Captioner, int], dict[str, Any]] | None = None
+        self.generate_options: Callable[[Captioner, int], dict[str, Any]] | None = (
+            runtime.generate_options() if runtime is not None else None
+        )
         self._kind: CaptionerKind = _KINDS[model_type]
         if self._kind == "blip2" and getattr(processor, "num_query_tokens", None) is None:
             # Older Hub checkpoints lack it in processor_config.json; without it a prompt is
@@ -98,6 +111,7 @@ class Captioner:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         load: LoadOptions | None = None,
+        runtime: RuntimeOptions | None = None,
     ) -> CaptionerT:
         """Load a BLIP or BLIP-2 captioner (an instance of ``cls``).
 
@@ -108,15 +122,15 @@ class Captioner:
             device: where the model runs.
             dtype: weight dtype (the pixels are cast to it).
             load: how to fetch the weights (offline, revision, cache folder).
+            runtime: the speed tuning (see the constructor).
 
         Raises:
             ModelUnavailableError: the weights are neither local nor downloadable.
-            ConfigError: the checkpoint is not a BLIP or BLIP-2 model, or a ``config`` value
-                cannot work (checked before any weights are loaded).
+            ConfigError: the checkpoint is not a BLIP or BLIP-2 model (checked before any
+                weights are loaded).
         """
         from transformers import AutoConfig
 
-        check_caption_config(config)
         options: dict[str, Any] = {
             "what": _WHAT,
             "flag": _FLAG,
@@ -130,7 +144,7 @@ class Captioner:
         # the weights straight into dtype on device (freesegdiff.infra.weights)
         model = load_model(model_class.from_pretrained, name, dtype=dtype, device=device, **options)
         processor = load_pretrained(processor_class.from_pretrained, name, **options)
-        return cls(model, processor, config=config)
+        return cls(model, processor, config=config, runtime=runtime)
 
     @property
     def kind(self) -> CaptionerKind:
@@ -247,26 +261,6 @@ def _strip(text: str, prompt: str | None) -> str:
         if text.lower().startswith(written.lower()):
             text = text[len(written) :].strip()
     return text
-
-
-def check_caption_config(config: CaptionConfig) -> None:
-    """Refuse generation settings that cannot work, naming the setting."""
-    for name in ("max_length", "max_new_tokens"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"caption.{name} must be >= 1 (or null), got {value}")
-    for low, high in (("min_length", "max_length"), ("min_new_tokens", "max_new_tokens")):
-        floor, ceiling = getattr(config, low), getattr(config, high)
-        if floor is not None and floor < 0:
-            raise ConfigError(f"caption.{low} must be >= 0 (or null), got {floor}")
-        if floor is not None and ceiling is not None and floor > ceiling:
-            raise ConfigError(
-                f"caption.{low} must be between 0 and caption.{high} ({ceiling}), got {floor}"
-            )
-    if config.max_length is None and config.max_new_tokens is None:
-        raise ConfigError("set caption.max_length or caption.max_new_tokens: captions need a limit")
-    if config.num_beams < 1:
-        raise ConfigError(f"caption.num_beams must be >= 1, got {config.num_beams}")
 
 
 def _unsupported_message(model_type: str, name: str | None = None) -> str:

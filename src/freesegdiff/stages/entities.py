@@ -137,8 +137,6 @@ class EntityExtractor:
     """
 
     def __init__(self, config: EntityConfig) -> None:
-        if config.rule not in ("paper", "extended"):
-            raise ConfigError(f"entities.rule must be 'paper' or 'extended', got {config.rule!r}")
         self.config = config
         self._nlp: Language | None = None
 

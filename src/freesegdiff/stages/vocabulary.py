@@ -20,7 +20,7 @@ import torch
 
 from freesegdiff.config import VocabularyConfig
 from freesegdiff.errors import ConfigError, EmptyVocabularyError
-from freesegdiff.stages.entities import AdjectiveForm, EntityExtractor
+from freesegdiff.stages.entities import AdjectiveForm
 
 TextEmbedder = Callable[[Sequence[str]], torch.Tensor]
 MultiwordRule = Literal["mean-of-words", "whole"]
@@ -51,7 +51,7 @@ class LabelVocabulary:
 
     Args:
         config: the ``vocabulary`` settings.
-        entities: the entity stage.
+        entities: the entity stage (:class:`EntityExtractor`, or one that keeps its outputs).
         embedder: returns the text embedder for closed-vocabulary matching (it may raise
             :class:`ConfigError` when the text encoder was freed).
     """
@@ -59,21 +59,9 @@ class LabelVocabulary:
     def __init__(
         self,
         config: VocabularyConfig,
-        entities: EntityExtractor,
+        entities: Callable[[str | None, AdjectiveForm], list[str]],
         embedder: Callable[[], TextEmbedder],
     ) -> None:
-        for name, allowed in (
-            ("multiword_classes", ("mean-of-words", "whole")),
-            ("adjective_entities", ("head", "phrase")),
-        ):
-            if getattr(config, name) not in allowed:
-                raise ConfigError(
-                    f"vocabulary.{name} must be one of {allowed}, got {getattr(config, name)!r}"
-                )
-        if "{}" not in config.class_template:
-            raise ConfigError(
-                f"vocabulary.class_template {config.class_template!r} must contain '{{}}'"
-            )
         self.config = config
         self.entities = entities
         self._embedder = embedder

@@ -48,7 +48,7 @@ def test_attention_features_are_scaled_query_key_products_per_head(tiny_sd_path,
     ours = features(images, seed=1)
     queries_only = build(tiny_sd_path)
     from freesegdiff.infra.devices import image_generators
-    from freesegdiff.stages.features.diffusion import images_to_tensor
+    from freesegdiff.stages.features import images_to_tensor
 
     generators = image_generators(1, 2, CPU)
     latents = queries_only.encode(images_to_tensor(images, 256, CPU), generators)

@@ -1,6 +1,6 @@
-"""Class-agnostic masks: clustering the feature vectors of one image (docs/method.md, step 8).
+"""k-means, the method's clustering (``clustering.method = "kmeans"``), in four backends.
 
-k-means backends (``ClusterConfig.backend``):
+The backends (``ClusterConfig.backend``):
 
 - ``"sklearn"`` (released): scikit-learn's ``KMeans`` on the CPU, ``random_state`` = the seed,
   exactly the released call with its seed made explicit, run by the installed scikit-learn.
@@ -357,111 +357,6 @@ def same_clustering(first: torch.Tensor, second: torch.Tensor, k: int) -> bool:
     return bool(pairs.numel() == torch.unique(first).numel())
 
 
-def silhouette_score(points: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean silhouette coefficient (Euclidean), as ``sklearn.metrics.silhouette_score``.
-
-    Points in singleton clusters score 0. Needs 2 <= number of clusters <= N - 1.
-    """
-    points = points.float()
-    distances = torch.cdist(points, points)  # (N, N)
-    ids, labels = torch.unique(labels, return_inverse=True)
-    k = ids.numel()
-    if not 2 <= k <= points.shape[0] - 1:
-        raise ValueError(f"silhouette needs 2..N-1 clusters, got {k}")
-    one_hot = F.one_hot(labels, k).to(points.dtype)  # (N, K)
-    sizes = one_hot.sum(0)
-    sums = distances @ one_hot  # (N, K) summed distance to each cluster
-    own_size = sizes[labels]
-    intra = sums.gather(1, labels[:, None])[:, 0] / (own_size - 1).clamp(min=1)
-    mean_to = sums / sizes
-    mean_to.scatter_(1, labels[:, None], float("inf"))
-    inter = mean_to.min(1).values
-    score = (inter - intra) / torch.maximum(intra, inter)
-    score = torch.where(own_size > 1, score, torch.zeros_like(score))
-    return float(torch.nan_to_num(score, nan=0.0).mean())
-
-
-def choose_k(config: ClusterConfig, candidates: int) -> int | tuple[int, int]:
-    """The number of clusters: fixed, ``candidates + adaptive_offset``, or a range to search."""
-    if config.adaptive_offset is not None:
-        return max(1, candidates + config.adaptive_offset)
-    if config.k_range is not None:
-        low, high = config.k_range
-        if not 1 <= low <= high:
-            raise ConfigError(f"clustering.k_range must be 1 <= lo <= hi, got {config.k_range}")
-        return (low, high) if low < high else low
-    if config.k < 1:
-        raise ConfigError(f"clustering.k must be at least 1, got {config.k}")
-    return config.k
-
-
-NORMALIZATIONS = ("none", "l2", "pca")
-
-
-def normalize_points(points: torch.Tensor, how: str = "none", pca_dim: int = 64) -> torch.Tensor:
-    """The feature vectors ``(N, C)`` float32 as clustering sees them (``clustering.normalize``).
-
-    ``"none"``: as they are (the released script). ``"l2"``: each vector divided by its
-    Euclidean norm (zero vectors stay zero), so k-means compares directions, as cosine
-    similarity. ``"pca"``: centred and projected on the first ``min(pca_dim, N, C)`` principal
-    components (an SVD of the centred points, in float64): ``(N, D)``, the components ordered by
-    explained variance, each with the sign that makes its largest loading positive (as
-    scikit-learn's ``svd_flip``), so the result is deterministic.
-    """
-    if how == "none":
-        return points
-    if how == "l2":
-        return points / points.norm(dim=1, keepdim=True).clamp_min(torch.finfo(points.dtype).tiny)
-    if how == "pca":
-        if pca_dim < 1:
-            raise ConfigError(f"clustering.pca_dim must be at least 1, got {pca_dim}")
-        centred = (points - points.mean(0)).double()
-        _, _, right = torch.linalg.svd(centred, full_matrices=False)  # (min(N, C), C)
-        components = right[: min(pca_dim, *points.shape)]
-        largest = components.abs().argmax(1)
-        signs = torch.sign(components.gather(1, largest[:, None]))
-        return (centred @ (components * signs).T).float()
-    raise ConfigError(f"unknown clustering.normalize {how!r}; use " + ", ".join(NORMALIZATIONS))
-
-
-def cluster_features(
-    features: torch.Tensor,
-    config: ClusterConfig,
-    *,
-    candidates: int = 0,
-    seed: int | None = 0,
-) -> torch.Tensor:
-    """Cluster one image's feature map into class-agnostic masks.
-
-    Args:
-        features: ``(C, h, w)`` feature map (any float dtype, any device).
-        candidates: number of candidate labels (used by ``adaptive_offset``).
-
-    Returns:
-        ``(h, w)`` int64 cluster index map on the features' device, indices in ``[0, K)``.
-    """
-    channels, height, width = features.shape
-    points = features.reshape(channels, height * width).T.float()  # (C, h, w) -> (h*w, C)
-    points = normalize_points(points, config.normalize, config.pca_dim)
-    k = choose_k(config, candidates)
-    k_range = (k, k) if isinstance(k, int) else k
-    k_range = (min(k_range[0], points.shape[0]), min(k_range[1], points.shape[0]))
-    best_labels: torch.Tensor | None = None
-    best_score = -math.inf
-    for k_value in range(k_range[0], k_range[1] + 1):
-        labels = _cluster(points, k_value, config, seed)
-        if k_range[0] == k_range[1]:
-            return labels.reshape(height, width)
-        if torch.unique(labels).numel() < 2:
-            continue
-        score = silhouette_score(points, labels)
-        if score > best_score:
-            best_labels, best_score = labels, score
-    if best_labels is None:
-        best_labels = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
-    return best_labels.reshape(height, width)
-
-
 def sklearn_kmeans_labels(
     points: torch.Tensor,
     k: int,
@@ -490,111 +385,30 @@ def _torch_kmeans_labels(points: torch.Tensor, k: int, **options: Any) -> torch.
     return kmeans(points, k, **options).labels
 
 
-def _cluster(points: torch.Tensor, k: int, config: ClusterConfig, seed: int | None) -> torch.Tensor:
-    """Labels ``(N,)`` of one clustering of ``points`` ``(N, C)`` into ``k`` groups."""
-    if config.method == "kmeans":
-        options: dict[str, Any] = {
-            "seed": seed,
-            "n_init": config.n_init,
-            "max_iter": config.max_iter,
-            "tol": config.tol,
-        }
-        if config.backend == "sklearn":
-            return sklearn_kmeans_labels(points, k, **options)
-        if config.backend == "torch":
-            return _torch_kmeans_labels(points, k, **options)
-        if config.backend in SKLEARN_DRAWS:
-            return sklearn_kmeans(
-                points, k, version=SKLEARN_DRAWS[config.backend], **options
-            ).labels
-        raise ConfigError(_unknown_backend(config.backend))
-    if config.method == "agglomerative":
-        from sklearn.cluster import AgglomerativeClustering
+def _sklearn_draws_labels(version: SklearnVersion) -> Any:
+    def labels(points: torch.Tensor, k: int, **options: Any) -> torch.Tensor:
+        return sklearn_kmeans(points, k, version=version, **options).labels
 
-        labels = AgglomerativeClustering(n_clusters=k).fit_predict(points.cpu().numpy())
-        return torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(points.device)
-    raise ConfigError(f"unknown clustering.method {config.method!r}; use kmeans or agglomerative")
+    return labels
 
 
 # clustering.backend -> the scikit-learn version whose KMeans (draws included) it re-implements
 SKLEARN_DRAWS: dict[str, SklearnVersion] = {"torch-sklearn-1.2": "1.2", "torch-sklearn": "1.3"}
-BACKENDS = ("sklearn", "torch", *SKLEARN_DRAWS)
+# clustering.backend -> the k-means that runs: labels (N,) of points (N, C) into k clusters
+BACKENDS: dict[str, Any] = {
+    "sklearn": sklearn_kmeans_labels,
+    "torch": _torch_kmeans_labels,
+    **{name: _sklearn_draws_labels(version) for name, version in SKLEARN_DRAWS.items()},
+}
 
 
-def _unknown_backend(name: str) -> str:
-    return f"unknown clustering.backend {name!r}; use " + ", ".join(BACKENDS)
-
-
-def cv2_nearest_indices(source: int, target: int) -> np.ndarray:
-    """Source index of each of ``target`` output positions, as OpenCV's ``INTER_NEAREST``.
-
-    OpenCV computes, in double precision, ``min(floor(i * (1 / (target / source))), source-1)``
-    for output position ``i``; the reciprocal of the scale (not ``source / target``) is what it
-    multiplies by, and on some sizes that moves a boundary by one position.
-    """
-    inverse_scale = 1.0 / (target / source)
-    positions = np.floor(np.arange(target, dtype=np.float64) * inverse_scale).astype(np.int64)
-    return np.minimum(positions, source - 1)
-
-
-def upsample_cluster_map(
-    cluster_map: torch.Tensor, height: int, width: int, mode: str = "cv2-nearest"
+def kmeans_labels(
+    points: torch.Tensor, k: int, config: ClusterConfig, seed: int | None
 ) -> torch.Tensor:
-    """``(h, w)`` cluster map -> ``(height, width)`` int64 on its device (docs/method.md, step 8).
-
-    ``mode="cv2-nearest"``: OpenCV's ``INTER_NEAREST`` (the released script), without OpenCV
-    (:func:`cv2_nearest_indices`). ``"nearest-exact"``: each output pixel takes the cell its
-    centre falls in (symmetric: no row or column is favoured).
-    """
-    if mode == "cv2-nearest":
-        rows = torch.from_numpy(cv2_nearest_indices(cluster_map.shape[0], height))
-        cols = torch.from_numpy(cv2_nearest_indices(cluster_map.shape[1], width))
-        device = cluster_map.device
-        return cluster_map[rows.to(device)][:, cols.to(device)].long()
-    if mode != "nearest-exact":
-        raise ConfigError(f"unknown clustering.upsample {mode!r}; use cv2-nearest or nearest-exact")
-    resized = F.interpolate(
-        cluster_map[None, None].float(), size=(height, width), mode="nearest-exact"
+    """``clustering.method = "kmeans"``: labels ``(N,)`` int64 of ``points`` ``(N, C)`` into
+    ``k`` clusters by the k-means of ``config.backend`` (the module docstring)."""
+    run = BACKENDS[config.backend]
+    labels: torch.Tensor = run(
+        points, k, seed=seed, n_init=config.n_init, max_iter=config.max_iter, tol=config.tol
     )
-    return resized[0, 0].long()
-
-
-class Clusterer:
-    """Stage 8: the class-agnostic masks of one image, as a cluster map at the image's size.
-
-    Built from the ``clustering`` settings and the pipeline's seed; the settings are checked
-    here, before any feature is computed.
-    """
-
-    def __init__(self, config: ClusterConfig, seed: int | None = 0) -> None:
-        if config.method not in ("kmeans", "agglomerative"):
-            raise ConfigError(
-                f"unknown clustering.method {config.method!r}; use kmeans or agglomerative"
-            )
-        if config.backend not in BACKENDS:
-            raise ConfigError(_unknown_backend(config.backend))
-        if config.upsample not in ("cv2-nearest", "nearest-exact"):
-            raise ConfigError(
-                f"unknown clustering.upsample {config.upsample!r}; use cv2-nearest or nearest-exact"
-            )
-        if config.normalize not in NORMALIZATIONS:
-            raise ConfigError(
-                f"unknown clustering.normalize {config.normalize!r}; use "
-                + ", ".join(NORMALIZATIONS)
-            )
-        if config.pca_dim < 1:
-            raise ConfigError(f"clustering.pca_dim must be at least 1, got {config.pca_dim}")
-        choose_k(config, 1)  # raises on a K or K range that cannot work
-        self.config = config
-        self.seed = seed
-
-    def __call__(
-        self, features: torch.Tensor, candidates: int, size: tuple[int, int]
-    ) -> torch.Tensor:
-        """``(C, h, w)`` features -> ``(H, W)`` int64 cluster map on their device.
-
-        ``candidates``: the image's number of candidate labels (for an adaptive K);
-        ``size``: ``(H, W)`` of the image.
-        """
-        small = cluster_features(features, self.config, candidates=candidates, seed=self.seed)
-        return upsample_cluster_map(small, size[0], size[1], self.config.upsample)
+    return labels

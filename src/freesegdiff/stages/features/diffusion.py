@@ -21,10 +21,8 @@ used in bfloat16 on the CPU, rounds bfloat16 differently: see that module).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,187 +32,20 @@ import torch.nn.functional as F
 from freesegdiff.config import FeatureConfig
 from freesegdiff.errors import ConfigError
 from freesegdiff.infra import timing
-from freesegdiff.infra.arrays import image_tensor
-from freesegdiff.infra.devices import frozen, image_generators, randn_per_image, to_device
+from freesegdiff.infra.devices import frozen, image_generators, randn_per_image
 from freesegdiff.infra.hub import LoadOptions, load_pretrained
 from freesegdiff.infra.timing import StageTimer
+from freesegdiff.stages.features import images_to_tensor
+from freesegdiff.stages.features.unet import (
+    QUERY_SUFFIX,
+    StopForward,
+    UNetLayer,
+    refuse_call,
+    release_modules,
+    select_layers,
+)
 
 logger = logging.getLogger(__name__)
-
-_LAYER = re.compile(
-    r"^(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\.(attentions|resnets)\.(\d+)$"
-)
-QUERY_SUFFIX = "transformer_blocks.0.attn2.to_q"
-# features.kind -> the UNet layers it reads ("attentions" or "resnets") and what it takes there
-KINDS = {
-    "queries": "attentions",  # attn2.to_q's output (the released features)
-    "hidden": "attentions",  # attn2.to_q's input: the cross-attention's input hidden states
-    "resnet": "resnets",  # a resnet block's output
-    "attention": "attentions",  # the released attention maps (from the queries)
-    "queries+attention": "attentions",
-}
-
-
-class _StopForward(Exception):
-    """Raised by the last hook to end the UNet pass early."""
-
-
-@dataclass(frozen=True)
-class UNetLayer:
-    """One UNet layer the features read (a cross-attention layer or a resnet block)."""
-
-    name: str  # e.g. "up_blocks.1.attentions.0" or "up_blocks.1.resnets.2"
-    order: int  # position in the UNet's execution order
-    downsample: int  # feature map side = latent side / downsample
-    channels: int  # width of what is taken there (see list_unet_layers)
-
-
-def list_unet_layers(unet: torch.nn.Module, kind: str = "queries") -> list[UNetLayer]:
-    """The layers of a diffusers ``UNet2DConditionModel`` that ``features.kind`` ``kind`` reads,
-    in execution order: the cross-attention layers (``channels``: the query width; for
-    ``"hidden"`` the width of the attention's input) or, for ``"resnet"``, the resnet blocks of
-    every down, mid and up block (``channels``: their output channels)."""
-    config: Any = unet.config
-    levels = len(config.block_out_channels)
-    family = KINDS.get(kind, "attentions")
-    found = []
-    for name, module in unet.named_modules():
-        match = _LAYER.match(name)
-        if match is None or match.group(4) != family:
-            continue
-        down, up, index = match.group(2), match.group(3), int(match.group(5))
-        if down is not None:
-            section, block, downsample = 0, int(down), 2 ** int(down)
-        elif up is not None:
-            section, block, downsample = 2, int(up), 2 ** (levels - 1 - int(up))
-        else:
-            section, block, downsample = 1, 0, 2 ** (levels - 1)
-        # a block runs resnets.i, then attentions.i (the mid block: resnets.0, attentions.0,
-        # resnets.1)
-        order = section * 10_000 + block * 100 + 2 * index + (family == "attentions")
-        if family == "resnets":
-            channels = int(module.out_channels)
-        else:
-            query = module.get_submodule(QUERY_SUFFIX)
-            channels = int(query.in_features if kind == "hidden" else query.out_features)
-        found.append(UNetLayer(name, order, downsample, channels))
-    found.sort(key=lambda layer: layer.order)
-    return found
-
-
-def list_attention_layers(unet: torch.nn.Module) -> list[UNetLayer]:
-    """Every cross-attention layer of a diffusers ``UNet2DConditionModel``, in execution
-    order."""
-    return list_unet_layers(unet, "queries")
-
-
-def select_layers(
-    unet: torch.nn.Module,
-    layers: Sequence[str] = (),
-    resolutions: Sequence[int] | None = None,
-    image_size: int = 512,
-    vae_scale: int = 8,
-    kind: str = "queries",
-) -> list[UNetLayer]:
-    """The layers to hook, by name or by feature-map side at ``image_size`` input: attention
-    layers, or resnet blocks when ``kind`` is ``"resnet"``.
-
-    Raises :class:`ConfigError` naming the unknown layers or the sizes no layer has.
-    """
-    available = list_unet_layers(unet, kind)
-    what = "resnet blocks" if KINDS.get(kind) == "resnets" else "attention layers"
-    if resolutions:
-        latent = image_size // vae_scale
-        chosen = [layer for layer in available if latent // layer.downsample in set(resolutions)]
-        if not chosen:
-            sides = sorted({latent // layer.downsample for layer in available})
-            raise ConfigError(
-                f"no {what[:-1]} has a {list(resolutions)} feature map at image_size "
-                f"{image_size}; this UNet's sizes are {sides}"
-            )
-        return chosen
-    by_name = {layer.name: layer for layer in available}
-    unknown = [name for name in layers if name not in by_name]
-    if unknown or not layers:
-        hint = (
-            " (features.kind 'resnet' reads resnet blocks: name them in features.layers or "
-            "choose them by size with features.resolutions)"
-            if what == "resnet blocks"
-            else ""
-        )
-        raise ConfigError(
-            f"unknown {what} {unknown or '(none given)'}{hint}; this UNet has: "
-            + ", ".join(by_name)
-        )
-    return sorted((by_name[name] for name in dict.fromkeys(layers)), key=lambda x: x.order)
-
-
-def images_to_tensor(
-    images: Sequence[np.ndarray], size: int, device: torch.device, resize: str = "pil"
-) -> torch.Tensor:
-    """RGB uint8 ``(H, W, 3)`` images -> ``(B, 3, size, size)`` float32 in [-1, 1].
-
-    Each image is resized to ``size`` squared, aspect not kept (docs/method.md, step 3):
-    ``resize="pil"``, PIL's bilinear filter on the uint8 image with a uint8 result (the
-    released script); ``"torch"``, antialiased bilinear in float on ``device``, no rounding.
-    """
-    return resized_images(images, size, device, resize).clamp(0, 255) / 127.5 - 1.0
-
-
-def resized_images(
-    images: Sequence[np.ndarray], size: int, device: torch.device, resize: str = "pil"
-) -> torch.Tensor:
-    """RGB uint8 ``(H, W, 3)`` images -> ``(B, 3, size, size)`` float32 pixel values (0..255;
-    ``"torch"``'s antialiasing may overshoot that range), resized as :func:`images_to_tensor`
-    says."""
-    if resize not in ("pil", "torch"):
-        raise ConfigError(f"features.resize must be 'pil' or 'torch', got {resize!r}")
-    batch = []
-    for image in images:
-        if resize == "pil" and image.shape[:2] != (size, size):
-            from PIL import Image
-
-            picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-            image = np.asarray(picture.resize((size, size), Image.Resampling.BILINEAR))
-        pixels = to_device(image_tensor(image), device)[None].float()  # (1, 3, H, W)
-        if pixels.shape[-2:] != (size, size):
-            pixels = F.interpolate(
-                pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-            )
-        batch.append(pixels)
-    return torch.cat(batch)
-
-
-def _refuse_call(module: torch.nn.Module, *_: Any) -> None:
-    raise RuntimeError(
-        f"{type(module).__name__} was freed by DiffusionFeatures.release_unused() because the "
-        "features never run it"
-    )
-
-
-def _release_modules(model: torch.nn.Module, entered: set[str]) -> list[str]:
-    """Move every module of ``model`` whose subtree was never entered to ``meta``.
-
-    Returns the names of the outermost freed modules. Each freed module (and every module below
-    it) raises if called, so a wrong trace fails loudly instead of computing with empty weights.
-    """
-    names = [name for name, _ in model.named_modules()]
-    live = {""}
-    for name in entered:
-        parts = name.split(".") if name else []
-        live.update(".".join(parts[:end]) for end in range(len(parts) + 1))
-    freed: list[str] = []
-    for name in names:
-        if name in live or any(name.startswith(done + ".") for done in freed):
-            continue
-        module = model.get_submodule(name)
-        if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
-            continue  # nothing to free (a weightless module, e.g. an activation)
-        module.to("meta")
-        for inner in module.modules():
-            inner.register_forward_pre_hook(_refuse_call)
-        freed.append(name)
-    return freed
 
 
 class FeatureRuntime(Protocol):
@@ -234,93 +65,6 @@ class FeatureRuntime(Protocol):
         self, features: DiffusionFeatures, pixels: torch.Tensor
     ) -> AbstractContextManager[None]:
         """Wraps each VAE encode of ``pixels``."""
-
-
-def check_feature_config(features: FeatureConfig) -> None:
-    """Check the ``features`` settings that need no model (docs/method.md, steps 3 to 7).
-
-    What depends on a model (layer names, the sizes the UNet takes, the scheduler's timestep
-    range) is checked when it is loaded.
-
-    Raises:
-        ConfigError: the first setting that cannot work, named.
-    """
-    for name in ("image_size", "feature_size"):
-        if getattr(features, name) < 1:
-            raise ConfigError(f"features.{name} must be at least 1, got {getattr(features, name)}")
-    if features.timestep < 0:
-        raise ConfigError(f"features.timestep must be >= 0, got {features.timestep}")
-    if features.extractor not in ("stable-diffusion", "vit"):
-        raise ConfigError(
-            f"features.extractor must be 'stable-diffusion' or 'vit', got {features.extractor!r}"
-        )
-    if features.kind not in KINDS:
-        raise ConfigError(
-            "features.kind must be one of " + ", ".join(map(repr, KINDS)) + f", got "
-            f"{features.kind!r}"
-        )
-    if features.attention_classes is not None and not features.attention_classes:
-        raise ConfigError("features.attention_classes is empty: give class names, or null")
-    if features.timesteps is not None:
-        if not features.timesteps or min(features.timesteps) < 0:
-            raise ConfigError(
-                "features.timesteps must be a non-empty list of timesteps >= 0 (or null), "
-                f"got {list(features.timesteps)}"
-            )
-        if features.timestep_combine not in ("mean", "concat"):
-            raise ConfigError(
-                "features.timestep_combine must be 'mean' or 'concat', "
-                f"got {features.timestep_combine!r}"
-            )
-    if not features.layers and not features.resolutions:
-        raise ConfigError("features.layers is empty: name at least one attention layer")
-    if not features.resolutions:  # layers by name: of the family the kind reads
-        family = KINDS[features.kind]
-        found = {name: _LAYER.match(name) for name in features.layers}
-        wrong = [name for name, match in found.items() if match and match.group(4) != family]
-        if wrong:
-            what = "resnet blocks" if family == "resnets" else "attention layers"
-            raise ConfigError(
-                f"features.kind {features.kind!r} reads {what}, but features.layers names "
-                f"{wrong}; name {what} (e.g. up_blocks.1.{family}.0) or choose them by size "
-                "with features.resolutions"
-            )
-
-
-class FeatureExtractor(Protocol):
-    """The feature stage (docs/method.md, steps 3 to 7) as the pipeline uses it.
-
-    :class:`DiffusionFeatures` is one; another extractor (DINOv2, CLIP or MAE patch tokens,
-    attention maps) implements these members and is passed to :class:`FreeSegDiff` (or returned
-    by a :class:`~freesegdiff.pipeline.ModelSource`) without any change to the pipeline.
-    """
-
-    device: torch.device
-    dtype: torch.dtype
-    released: dict[str, list[str]]  # model -> freed modules (see DiffusionFeatures)
-
-    def __call__(
-        self,
-        images: Sequence[np.ndarray],
-        seed: int | None = 0,
-        stop_early: bool = True,
-        timer: StageTimer | None = None,
-    ) -> torch.Tensor:
-        """``B`` RGB uint8 ``(H, W, 3)`` images -> ``(B, C, F, F)`` float32 on ``device``."""
-        ...
-
-    def text_embedder(self) -> Any:
-        """``texts -> (N, D)`` embeddings for closed-vocabulary matching (docs/method.md,
-        step 9), or raise :class:`ConfigError` saying why there are none."""
-        ...
-
-    def release_unused(self) -> dict[str, list[str]]:
-        """Free what the features never run (may free nothing)."""
-        ...
-
-    def release_text_encoder(self) -> None:
-        """Free the text encoder when only open vocabulary runs (may do nothing)."""
-        ...
 
 
 class DiffusionFeatures:
@@ -353,7 +97,6 @@ class DiffusionFeatures:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.runtime = runtime
-        check_feature_config(config)  # what needs no model; the model's limits below
         if runtime is not None:
             runtime.tune_models(self)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -498,7 +241,7 @@ class DiffusionFeatures:
             self.class_keys()  # the attention features' keys, while the encoder is here
         self.text_encoder.to("meta")
         for module in self.text_encoder.modules():
-            module.register_forward_pre_hook(_refuse_call)
+            module.register_forward_pre_hook(refuse_call)
         self.released["text_encoder"] = [""]
 
     @torch.inference_mode()
@@ -566,7 +309,7 @@ class DiffusionFeatures:
             def hook(_module: Any, inputs: Any, output: torch.Tensor) -> None:
                 captured[layer_name] = inputs[0] if take_input else output
                 if stop_early and layer_name == last:
-                    raise _StopForward
+                    raise StopForward
 
             return hook
 
@@ -580,7 +323,7 @@ class DiffusionFeatures:
         steps = torch.full((batch,), step, device=self.device)
         try:
             self.unet(latents, steps, encoder_hidden_states=context, return_dict=False)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             for handle in handles:
@@ -624,7 +367,7 @@ class DiffusionFeatures:
             for handle in handles:
                 handle.remove()
         for key, model in (("vae", self.vae), ("unet", self.unet)):
-            self.released[key] = _release_modules(model, entered[key])
+            self.released[key] = release_modules(model, entered[key])
         return self.released
 
     def assemble(self, queries: dict[str, torch.Tensor]) -> torch.Tensor:

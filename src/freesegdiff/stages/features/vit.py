@@ -94,10 +94,12 @@ class PatchFeatures:
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         load: LoadOptions | None = None,
+        runtime: Any = None,
     ) -> PatchFeatures:
         """Load a DINOv2, DINO / ViT, CLIP or MAE checkpoint (CLIP: its vision tower; MAE: its
         encoder) and its image processor's mean and std, the weights straight into ``dtype`` on
-        ``device``.
+        ``device``. ``runtime``: taken for the extractors' common signature; a ViT runs
+        untuned (the tuning is the VAE's and UNet's).
 
         Raises:
             ConfigError: the checkpoint is not a supported vision transformer.
@@ -126,7 +128,7 @@ class PatchFeatures:
     def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB uint8 ``(H, W, 3)`` images -> ``(B, 3, S, S)`` normalised, in the model dtype
         (resized with PIL's bilinear filter, as the diffusion features)."""
-        from freesegdiff.stages.features.diffusion import resized_images
+        from freesegdiff.stages.features import resized_images
 
         scaled = resized_images(images, self.side, self.device, "pil") / 255.0
         pixels = (scaled - self._mean.to(self.device)) / self._std.to(self.device)

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from freesegdiff.errors import ConfigError
 from freesegdiff.infra.arrays import image_tensor
 from freesegdiff.infra.devices import frozen, to_device
 from freesegdiff.infra.hub import LoadOptions, load_pretrained
@@ -82,11 +81,6 @@ class MaskClassifier:
         cache_size: int = 256,
         image_processing: ImageProcessing = "processor",
     ) -> None:
-        if image_processing not in ("processor", "torch"):
-            raise ConfigError(
-                "classify.image_processing must be 'processor' or 'torch', "
-                f"got {image_processing!r}"
-            )
         self.model = frozen(model, device, dtype)
         self.processor = processor
         self.device = device
@@ -243,7 +237,7 @@ def assign_labels(
         per cluster, the index of its label in ``[0, T)``, or -1 for background.
     """
     if ties not in ("all", "first"):
-        raise ConfigError(f"classify.ties must be 'all' or 'first', got {ties!r}")
+        raise ValueError(f"ties must be 'all' or 'first', got {ties!r}")
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"scores must be (labels, clusters), got shape {scores.shape}")
@@ -290,27 +284,8 @@ class MaskNamer:
     """
 
     def __init__(self, classifier: MaskClassifier, ties: TieRule = "all") -> None:
-        if ties not in ("all", "first"):
-            raise ConfigError(f"classify.ties must be 'all' or 'first', got {ties!r}")
         self.classifier = classifier
         self.ties: TieRule = ties
-
-    @staticmethod
-    def check_config(config: Any) -> None:
-        """Refuse ``classify`` settings that cannot work (before CLIP loads)."""
-        if config.ties not in ("all", "first"):
-            raise ConfigError(f"classify.ties must be 'all' or 'first', got {config.ties!r}")
-        if config.image_processing not in ("processor", "torch"):
-            raise ConfigError(
-                "classify.image_processing must be 'processor' or 'torch', "
-                f"got {config.image_processing!r}"
-            )
-        if config.batch_size < 1:
-            raise ConfigError(f"classify.batch_size must be at least 1, got {config.batch_size}")
-        if "{}" not in config.label_template:
-            raise ConfigError(
-                f"classify.label_template {config.label_template!r} must contain '{{}}'"
-            )
 
     def __call__(
         self,

@@ -1,8 +1,6 @@
-"""Mask refinement: sharpen each kept cluster mask along the image's edges.
+"""Step 12: refine each kept cluster mask along the image's edges (docs/method.md, step 12).
 
-docs/method.md, step 12.
-
-One entry point, :func:`refine_masks`, dispatching on ``RefineConfig.method``:
+The stage (:class:`Refiner`) runs the refiner ``refine.method`` names in :data:`REFINERS`:
 
 - ``"crf"``: a 2-label dense CRF per mask, as published (``gt_prob`` 0.9, Gaussian term sxy 20
   compat 5, bilateral term sxy 20 srgb 20 compat 100, 10 mean-field iterations). Backend
@@ -12,6 +10,9 @@ One entry point, :func:`refine_masks`, dispatching on ``RefineConfig.method``:
   in 10^5).
 - ``"pamr"``: pixel-adaptive mask refinement (:mod:`.pamr`), thresholded at 0.5.
 - ``"none"``: the masks are returned as they are.
+
+A refiner is a function ``(image (H, W, 3) uint8, masks (N, H, W) bool, config, device, pool)
+-> (N, H, W) bool`` plus one entry in :data:`REFINERS`.
 """
 
 from __future__ import annotations
@@ -21,15 +22,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from freesegdiff.config import RefineConfig
-from freesegdiff.errors import ConfigError
+from freesegdiff.stages.registry import Registry
 
 if TYPE_CHECKING:  # torch is imported where a torch backend runs: CRF worker processes
     import torch  # that import this package for pydensecrf stay light
 
-__all__ = ["Refiner", "refine_masks"]
+    from freesegdiff.infra.tuning import RuntimeOptions
 
-_METHODS = ("crf", "pamr", "none")
-_BACKENDS = ("torch", "pydensecrf")
+__all__ = ["REFINERS", "Refiner", "refine_masks"]
+
+# refine.method -> the refiner
+REFINERS = Registry(
+    "refine.method",
+    {
+        "crf": "freesegdiff.stages.refine:crf_refine",
+        "pamr": "freesegdiff.stages.refine:pamr_refine",
+        "none": "freesegdiff.stages.refine:no_refine",
+    },
+)
 
 
 def refine_masks(
@@ -48,25 +58,68 @@ def refine_masks(
         device: where the torch refinements run ("cpu", "cuda", ...); the pydensecrf backend
             always runs on the CPU.
         pool: for the pydensecrf backend, worker processes that run the masks' CRFs side by
-            side (:class:`freesegdiff.infra.tuning.WorkerProcesses`); None: one after another here.
+            side (:class:`freesegdiff.infra.tuning.WorkerProcesses`); None: one after another
+            here.
 
     Returns:
         (N, H, W) bool refined masks, a new array.
 
     Raises:
         ValueError: an array of the wrong shape or type.
-        ConfigError: an unknown method or backend, or a setting out of range.
+        ConfigError: ``refine.method`` names no registered refiner.
     """
     _check_inputs(image, masks)
-    _check_config(config)
     masks = masks.astype(bool, copy=True)
-    if config.method == "none" or masks.shape[0] == 0:
+    if masks.shape[0] == 0:
         return masks
-    if config.method == "crf" and config.backend == "pydensecrf":
+    refine = REFINERS.get(config.method)
+    refined: np.ndarray = refine(image, masks, config, device, pool)
+    return refined
+
+
+def no_refine(
+    image: np.ndarray, masks: np.ndarray, config: RefineConfig, device: Any, pool: Any
+) -> np.ndarray:
+    """``refine.method = "none"``: the masks as they are."""
+    return masks
+
+
+def crf_refine(
+    image: np.ndarray, masks: np.ndarray, config: RefineConfig, device: Any, pool: Any
+) -> np.ndarray:
+    """``refine.method = "crf"``: the dense CRF of ``refine.backend``, mask by mask."""
+    if config.backend == "pydensecrf":
         from freesegdiff.stages.refine.densecrf_reference import pydensecrf_refine
 
-        return pydensecrf_refine(image, masks, config.crf_params(), pool)
+        return pydensecrf_refine(image, masks, config, pool)
+    from freesegdiff.stages.refine.crf import binary_dense_crf
 
+    image_t, masks_t = _on_device(image, masks, device)
+    return binary_dense_crf(image_t, masks_t, config).cpu().numpy()
+
+
+def pamr_refine(
+    image: np.ndarray, masks: np.ndarray, config: RefineConfig, device: Any, pool: Any
+) -> np.ndarray:
+    """``refine.method = "pamr"``: pixel-adaptive mask refinement, thresholded at 0.5."""
+    import torch
+
+    from freesegdiff.stages.refine.pamr import pamr
+
+    image_t, masks_t = _on_device(image, masks, device)
+    colour = image_t.permute(2, 0, 1).to(torch.float32) / 255.0  # (H, W, 3) -> (3, H, W)
+    probabilities = pamr(
+        colour,
+        masks_t.to(torch.float32),
+        iterations=config.pamr_iterations,
+        dilations=config.pamr_dilations,
+    )
+    refined: np.ndarray = (probabilities > 0.5).cpu().numpy()
+    return refined
+
+
+def _on_device(image: np.ndarray, masks: np.ndarray, device: Any) -> tuple[Any, Any]:
+    """The image ``(H, W, 3)`` uint8 and the masks ``(N, H, W)`` bool as tensors on ``device``."""
     import torch
 
     from freesegdiff.infra.arrays import image_tensor
@@ -74,24 +127,7 @@ def refine_masks(
 
     device = torch.device(device)
     image_t = to_device(image_tensor(image), device).permute(1, 2, 0)  # (H, W, 3) uint8
-    masks_t = to_device(torch.from_numpy(masks), device)
-    if config.method == "crf":
-        from freesegdiff.stages.refine.crf import binary_dense_crf
-
-        refined = binary_dense_crf(image_t, masks_t, config.crf_params())
-    else:
-        from freesegdiff.stages.refine.pamr import pamr
-
-        # (H, W, 3) uint8 -> (3, H, W) in [0, 1]
-        colour = image_t.permute(2, 0, 1).to(torch.float32) / 255.0
-        probabilities = pamr(
-            colour,
-            masks_t.to(torch.float32),
-            iterations=config.pamr_iterations,
-            dilations=config.pamr_dilations,
-        )
-        refined = probabilities > 0.5
-    return refined.cpu().numpy()
+    return image_t, to_device(torch.from_numpy(masks), device)
 
 
 def _check_inputs(image: np.ndarray, masks: np.ndarray) -> None:
@@ -119,38 +155,25 @@ def _check_inputs(image: np.ndarray, masks: np.ndarray) -> None:
         )
 
 
-def _check_config(config: RefineConfig) -> None:
-    """Raise a ConfigError naming the first setting that cannot work."""
-    if config.method not in _METHODS:
-        raise ConfigError(f"refine.method must be one of {_METHODS}, got {config.method!r}")
-    if config.method == "crf":
-        if config.backend not in _BACKENDS:
-            raise ConfigError(f"refine.backend must be one of {_BACKENDS}, got {config.backend!r}")
-        if not 0.0 < config.gt_prob < 1.0:
-            raise ConfigError(f"refine.gt_prob must be in (0, 1), got {config.gt_prob}")
-        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
-            if not getattr(config, name) > 0:
-                raise ConfigError(f"refine.{name} must be positive, got {getattr(config, name)}")
-        if config.iterations < 0:
-            raise ConfigError(f"refine.iterations must be >= 0, got {config.iterations}")
-    if config.method == "pamr":
-        if config.pamr_iterations < 0:
-            raise ConfigError(f"refine.pamr_iterations must be >= 0, got {config.pamr_iterations}")
-        if not config.pamr_dilations or any(int(d) < 1 for d in config.pamr_dilations):
-            raise ConfigError(
-                f"refine.pamr_dilations must be positive integers, got {config.pamr_dilations}"
-            )
-
-
 class Refiner:
-    """Stage 12: refine the kept masks of one image (settings checked when it is built)."""
+    """Stage 12: refine the kept masks of one image.
 
-    def __init__(self, config: RefineConfig, device: str | torch.device = "cpu") -> None:
-        _check_config(config)
+    ``runtime``: the speed tuning (:class:`~freesegdiff.infra.tuning.RuntimeOptions`): the
+    released CRF then runs its masks in worker processes (``crf_processes``); None: here, one
+    after another.
+    """
+
+    def __init__(
+        self,
+        config: RefineConfig,
+        device: str | torch.device = "cpu",
+        runtime: RuntimeOptions | None = None,
+    ) -> None:
+        REFINERS.check(config.method)
         self.config = config
         self.device = device
-        # worker processes for pydensecrf (freesegdiff.infra.tuning.RuntimeOptions.tune_refiner)
-        self.pool: Any = None
+        released_crf = config.method == "crf" and config.backend == "pydensecrf"
+        self.pool: Any = runtime.crf_pool() if runtime is not None and released_crf else None
 
     def __call__(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` uint8 image, ``(N, H, W)`` bool masks -> ``(N, H, W)`` bool refined."""

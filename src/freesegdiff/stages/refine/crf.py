@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from freesegdiff.config import CRFParams
+from freesegdiff.config import RefineConfig
 
 __all__ = [
     "LatticeFilter",
@@ -553,7 +553,7 @@ def _label_softmax(energy: torch.Tensor, batch: int, labels: int) -> torch.Tenso
 
 
 def binary_dense_crf(
-    image: torch.Tensor, masks: torch.Tensor, params: CRFParams | None = None
+    image: torch.Tensor, masks: torch.Tensor, params: RefineConfig | None = None
 ) -> torch.Tensor:
     """Refine binary masks with a 2-label dense CRF each, as FreeSeg-Diff does with pydensecrf.
 
@@ -564,21 +564,20 @@ def binary_dense_crf(
     Args:
         image: (H, W, 3) uint8 or float RGB (0..255), on the device to compute on.
         masks: (N, H, W) bool coarse masks, on the same device.
-        params: the CRF's parameters; None: the released ones.
+        params: the CRF's parameters (the CRF fields of :class:`RefineConfig`); None: the
+            released ones.
 
     Returns:
         (N, H, W) bool, the pixels whose label 1 marginal is strictly the larger (the
         reference's argmax keeps label 0 on ties).
     """
-    params = params or CRFParams()
+    params = params or RefineConfig()
     _check_image(image)
     if masks.ndim != 3 or tuple(masks.shape[1:]) != tuple(image.shape[:2]):
         raise ValueError(
             f"masks must be (N, H, W) with (H, W) = {tuple(image.shape[:2])}, "
             f"got shape {tuple(masks.shape)}"
         )
-    if params.iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {params.iterations}")
     count, height, width = masks.shape
     if count == 0:
         return masks.to(torch.bool).clone()

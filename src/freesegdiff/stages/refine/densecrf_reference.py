@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from freesegdiff.config import CRFParams
+from freesegdiff.config import RefineConfig
 from freesegdiff.infra.extras import MissingExtraError
 
 __all__ = ["pydensecrf_refine", "refine_one"]
@@ -30,7 +30,7 @@ def _import_pydensecrf() -> tuple[ModuleType, ModuleType]:
 
 
 def pydensecrf_refine(
-    image: np.ndarray, masks: np.ndarray, params: CRFParams | None = None, pool: Any = None
+    image: np.ndarray, masks: np.ndarray, params: RefineConfig | None = None, pool: Any = None
 ) -> np.ndarray:
     """Refine each mask with its own dense CRF, exactly as the FreeSeg-Diff script calls it.
 
@@ -42,7 +42,8 @@ def pydensecrf_refine(
     Args:
         image: (H, W, 3) uint8 RGB.
         masks: (N, H, W) bool.
-        params: the CRF's parameters; None: the released ones.
+        params: the CRF's parameters (the CRF fields of :class:`RefineConfig`); None: the
+            released ones.
         pool: something with ``map(function, *iterables)`` (worker processes,
             :class:`freesegdiff.infra.tuning.WorkerProcesses`) to run the masks' CRFs side by
             side: the same calls, so the same masks; None: one after another in this process.
@@ -50,7 +51,7 @@ def pydensecrf_refine(
     Returns:
         (N, H, W) bool refined masks.
     """
-    params = params or CRFParams()
+    params = params or RefineConfig()
     _import_pydensecrf()  # a missing extra is named here, not in a worker
     # pydensecrf's Cython signature wants a writable buffer; ascontiguousarray returns a
     # read-only input (every image load_image reads) as it is, so copy whenever needed.
@@ -66,7 +67,7 @@ def pydensecrf_refine(
     return refined
 
 
-def refine_one(rgb: np.ndarray, mask: np.ndarray, params: CRFParams) -> np.ndarray:
+def refine_one(rgb: np.ndarray, mask: np.ndarray, params: RefineConfig) -> np.ndarray:
     """One mask's released CRF: ``(H, W, 3)`` writable uint8 image, ``(H, W)`` bool mask ->
     ``(H, W)`` bool refined mask. Importable without torch (worker processes run it)."""
     densecrf, utils = _import_pydensecrf()
