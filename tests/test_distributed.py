@@ -152,13 +152,14 @@ def test_an_actor_killed_mid_run_is_replaced_and_its_images_redone(
 ):
     from ray import cloudpickle  # Ray's own copy
 
-    from freesegdiff.cli import main, segment
+    from freesegdiff import distributed
+    from freesegdiff.cli import main
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import tests
     marker = tmp_path / "killed"
-    real = segment.SegmentWorker
+    real = distributed.SegmentWorker
     monkeypatch.setattr(
-        segment, "SegmentWorker", lambda *args: _DiesOnce(real(*args), str(marker), "coffee")
+        distributed, "SegmentWorker", lambda *args: _DiesOnce(real(*args), str(marker), "coffee")
     )
     out = tmp_path / "ray"
     common = ["segment", str(folder), "--preset", "tiny", "--no-progress", "-o", str(out)]

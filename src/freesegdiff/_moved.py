@@ -68,10 +68,25 @@ MOVED: dict[str, tuple[str, ...]] = {
     "freesegdiff.commands": ("freesegdiff.cli",),
     "freesegdiff.commands.ablate": ("freesegdiff.cli.ablate",),
     "freesegdiff.commands.bench": ("freesegdiff.cli.bench",),
-    "freesegdiff.commands.common": ("freesegdiff.cli.common",),
+    "freesegdiff.commands.common": ("freesegdiff.cli.common", "freesegdiff.distributed"),
     "freesegdiff.commands.demo": ("freesegdiff.cli.demo",),
     "freesegdiff.commands.eval": ("freesegdiff.cli.eval",),
-    "freesegdiff.commands.segment": ("freesegdiff.cli.segment",),
+    "freesegdiff.commands.segment": (
+        "freesegdiff.cli.segment",
+        "freesegdiff.cli.folder",
+        "freesegdiff.distributed",
+    ),
+}
+# 0.1 names that were renamed: old module -> {old name: new name}
+RENAMED: dict[str, dict[str, str]] = {
+    # two functions of that name meant different things; the vocabulary's keeps it
+    "freesegdiff.attention_maps": {"class_embeddings": "pooled_prompt_embeddings"},
+}
+# 0.1 functions whose job is done elsewhere now: still callable at their old paths, deprecated
+_CHECKED_BY_CONFIG = "the settings check themselves when they are made (freesegdiff.config)"
+RETIRED: dict[str, dict[str, str]] = {
+    "freesegdiff.features": {"check_feature_config": _CHECKED_BY_CONFIG},
+    "freesegdiff.captioner": {"check_caption_config": _CHECKED_BY_CONFIG},
 }
 # old modules that were packages (their submodules above can be imported through them)
 _PACKAGES = {
@@ -99,6 +114,18 @@ class _MovedModule(types.ModuleType):
             module = importlib.import_module(target)
             if hasattr(module, attribute):
                 return getattr(module, attribute)
+        renamed = RENAMED.get(self.__name__, {})
+        if attribute in renamed:
+            warnings.warn(
+                f"{self.__name__}.{attribute} is {renamed[attribute]} now; the old name is "
+                f"removed in freesegdiff {REMOVED_IN}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return getattr(self, renamed[attribute])
+        retired = RETIRED.get(self.__name__, {})
+        if attribute in retired:
+            return _retired(f"{self.__name__}.{attribute}", retired[attribute])
         raise AttributeError(f"module {self.__name__!r} has no attribute {attribute!r}")
 
     def __dir__(self) -> list[str]:
@@ -106,6 +133,20 @@ class _MovedModule(types.ModuleType):
         for target in self.__targets:
             names.update(dir(importlib.import_module(target)))
         return sorted(names)
+
+
+def _retired(name: str, reason: str) -> Any:
+    """A stand-in for a function that is no longer needed: it warns, and does nothing."""
+
+    def retired(*args: Any, **kwargs: Any) -> None:
+        warnings.warn(
+            f"{name} is no longer needed: {reason}; it is removed in freesegdiff {REMOVED_IN}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+
+    retired.__name__ = name.rpartition(".")[2]
+    return retired
 
 
 class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -129,6 +170,32 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         """Nothing to run: the stand-in finds its names on use."""
+
+
+# names that left a module which still exists: module -> {name: the module it lives in now}
+MOVED_NAMES: dict[str, dict[str, str]] = {
+    "freesegdiff.pipeline": {"MAX_SEED": "freesegdiff.config"},
+    "freesegdiff.demo.app": {
+        "MB": "freesegdiff.demo.limits",
+        "DemoServer": "freesegdiff.demo.server",
+        "ensure_port_free": "freesegdiff.demo.server",
+        "serve_demo": "freesegdiff.demo.server",
+    },
+}
+
+
+def moved_name(module: str, name: str) -> Any:
+    """For a module's ``__getattr__``: ``name`` from where it moved (with a warning), or
+    :class:`AttributeError`. Looked up by name when used, so no import ties the two modules."""
+    target = MOVED_NAMES.get(module, {}).get(name)
+    if target is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(
+        f"{module}.{name} moved to {target}; the old path is removed in freesegdiff {REMOVED_IN}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return getattr(importlib.import_module(target), name)
 
 
 def install() -> None:

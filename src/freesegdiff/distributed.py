@@ -21,6 +21,7 @@ Nothing else in the package imports Ray.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -365,3 +366,90 @@ class _PredictWorker:
             return results
 
         return work
+
+
+@dataclass(frozen=True)
+class SegmentWorker:
+    """Builds one Ray actor's worker for ``segment --ray``: the run's pipeline, loaded once,
+    writing the files of the images it is given with the local run's code
+    (:func:`freesegdiff.cli.folder.segment_and_write`)."""
+
+    args: argparse.Namespace
+    settings: Any  # freesegdiff.cli.folder.WriteSettings
+
+    def __call__(self) -> Worker:
+        from freesegdiff.cli.common import load_pipeline
+        from freesegdiff.cli.folder import Job, segment_and_write
+
+        pipe = load_pipeline(self.args, self.settings.classes)
+
+        def work(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            errors: dict[str, str] = {}
+            jobs, images = [], []
+            for item in items:
+                image = encoded_image(item, "source")  # the bytes a CPU task read
+                if isinstance(image, Exception):  # the local run's message for this file
+                    errors[item["image_id"]] = str(image)
+                    continue
+                jobs.append(
+                    Job(Path(item["source"]), Path(item["folder"]), item["stem"], item["image_id"])
+                )
+                images.append(image)
+            for job, error in segment_and_write(pipe, self.settings, jobs, None, images):
+                errors[job.image_id] = error or ""
+            return [{"error": errors.get(i["image_id"], "not segmented")} for i in items]
+
+        return work
+
+
+# ------------------------------------------------------------------ command-line options
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]``, ``--ray-actors``, ``--ray-batch-size``
+    (:mod:`freesegdiff.distributed`)."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a pool of Ray actors over Ray Data (the [ray] extra), each loading the "
+        "models once: without ADDRESS on a Ray instance started on this machine; with one "
+        "('auto', 'HOST:6379' or 'ray://HOST:10001') on that cluster, one actor per GPU. "
+        "Models must be in a cache or folder every node can read (HF_HOME on shared storage, "
+        "or local paths that exist on every node), and so must the images (read by Ray tasks "
+        "on any node); segment's files are written by the actors, so its --output must be "
+        "shared storage too (eval's are written by this process)",
+    )
+    parser.add_argument(
+        "--ray-actors",
+        type=int,
+        default=2,
+        metavar="N",
+        help="CPU actors where the cluster has no GPU (default: 2)",
+    )
+    parser.add_argument(
+        "--ray-batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="images per actor call (default: 1)",
+    )
+
+
+def check_ray_arguments(args: argparse.Namespace) -> None:
+    """With ``--ray``: Ray Data is installed and the pool settings can work (before any model
+    loads); raises :class:`ConfigError` otherwise."""
+    if getattr(args, "ray", None) is None:
+        return
+    ray_options(args).check()
+    require_ray()
+
+
+def ray_options(args: argparse.Namespace) -> Any:
+    """The :class:`~freesegdiff.distributed.RayOptions` of ``--ray`` and its companions."""
+    return RayOptions(
+        address=args.ray,
+        actors=args.ray_actors,
+        batch_size=args.ray_batch_size,
+        progress=not args.no_progress,
+    )

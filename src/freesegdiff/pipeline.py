@@ -34,7 +34,6 @@ import torch
 from freesegdiff.config import CaptionConfig, FeatureConfig, PipelineConfig, with_settings
 from freesegdiff.errors import (
     ConfigError,
-    EmptyVocabularyError,
     FreeSegDiffError,
     ImageReadError,
 )
@@ -53,7 +52,12 @@ from freesegdiff.stages.features import EXTRACTORS, FeatureExtractor
 from freesegdiff.stages.naming import NAMER, NAMERS
 from freesegdiff.stages.naming.masked_crops import MaskClassifier, Naming
 from freesegdiff.stages.refine import REFINERS, Refiner
-from freesegdiff.stages.vocabulary import ImageVocabulary, LabelVocabulary, TextEmbedder
+from freesegdiff.stages.vocabulary import (
+    ImageVocabulary,
+    LabelVocabulary,
+    TextEmbedder,
+    normalise_classes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,23 +66,6 @@ def _source_name(item: ImageInput) -> str | None:
     if isinstance(item, EncodedImage):
         return item.name
     return str(item) if isinstance(item, (str, Path)) else None
-
-
-def normalise_classes(classes: Sequence[str] | None) -> list[str] | None:
-    """Strip class names and reject empty ones; None stays None (open vocabulary)."""
-    if classes is None:
-        return None
-    if isinstance(classes, str):
-        raise ConfigError("classes must be a list of names, not one string; split it first")
-    names = [str(name).strip() for name in classes]
-    if not names:
-        raise EmptyVocabularyError(
-            "the class list is empty: give at least one class name, or no class list at all "
-            "for open vocabulary (labels from the caption)"
-        )
-    if any(not name for name in names):
-        raise EmptyVocabularyError(f"the class list {list(classes)!r} contains an empty name")
-    return list(dict.fromkeys(names))
 
 
 def _pretrained_text(
@@ -581,3 +568,9 @@ def _result(
         image_size=(int(image.shape[1]), int(image.shape[0])),
         warnings=list(vocabulary.warnings),
     )
+
+
+def __getattr__(name: str) -> Any:
+    from freesegdiff import _moved
+
+    return _moved.moved_name(__name__, name)  # names of 0.1 that live elsewhere now

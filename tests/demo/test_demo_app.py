@@ -14,18 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freesegdiff.demo import app
+from freesegdiff.demo import limits as limits_module
 from freesegdiff.demo.app import (
-    DemoLimits,
-    RequestFolders,
     annotations_for,
     bundled_examples,
-    ensure_port_free,
     parse_class_box,
-    read_photo,
     run_segmentation,
     timing_rows,
 )
+from freesegdiff.demo.limits import DemoLimits, RequestFolders, read_photo
+from freesegdiff.demo.server import ensure_port_free
 from freesegdiff.errors import ConfigError, ImageReadError, ImageTooLargeError
 from freesegdiff.result import Segment, SegmentationResult
 
@@ -165,7 +163,7 @@ def test_demo_command_parses_and_launches_with_the_limits(
         return FakeApp()
 
     monkeypatch.setattr(common, "pipeline_from_args", lambda a: StandInPipe())
-    monkeypatch.setattr("freesegdiff.demo.app.build_demo", fake_build_demo)
+    monkeypatch.setattr("freesegdiff.demo.server.build_demo", fake_build_demo)
     assert demo_command.run(argparse.Namespace(**vars(args))) == 0
     assert calls["queue"] == {"default_concurrency_limit": 1, "max_size": 5}
     launch = calls["launch"]
@@ -212,17 +210,22 @@ def test_photos_above_the_limits_are_refused_before_decoding(
     def no_decoding(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the photo was decoded")
 
-    monkeypatch.setattr(app, "load_image", no_decoding)
+    monkeypatch.setattr(limits_module, "load_image", no_decoding)
     with pytest.raises(
         ImageTooLargeError, match=r"300x200 = 0.06 Mpx, above this demo's limit of 0.02 Mpx: "
     ):
         read_photo(big, DemoLimits(max_pixels=20_000))
     monkeypatch.undo()
-    # A header of 30000x30000 (900 Mpx, beyond Pillow's own limit) costs nothing to refuse.
+    # A header of 30000x30000 (900 Mpx, beyond Pillow's own limit) costs nothing to refuse,
+    # and the message says its size and a size that fits (the one header reader, io.images).
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header(30_000, 30_000))
-    with pytest.raises(ImageTooLargeError, match="too many pixels for this demo"):
+    monkeypatch.setattr(limits_module, "load_image", no_decoding)
+    with pytest.raises(
+        ImageTooLargeError, match=r"bomb.png is 30000x30000 = 900 Mpx, .* \(e.g. to 6324x6324\)"
+    ):
         read_photo({"path": str(bomb), "orig_name": "bomb.png"}, DemoLimits())
+    monkeypatch.undo()
     # Within the limits, or downscaled to fit them
     assert read_photo(str(big), DemoLimits()).shape == (200, 300, 3)
     small = read_photo(big, DemoLimits(max_pixels=20_000, oversize="downscale"))

@@ -72,7 +72,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served_demo() -> Iterator[tuple[str, RecordingPipe]]:
-    from freesegdiff.demo.app import serve_demo
+    from freesegdiff.demo.server import serve_demo
     from freesegdiff.pipeline import FreeSegDiff
 
     pipe = RecordingPipe(FreeSegDiff.from_preset("tiny", device="cpu"))

@@ -23,7 +23,9 @@ from typing import Any
 
 import pytest
 
-from freesegdiff.demo.app import DemoLimits, bundled_examples, serve_demo
+from freesegdiff.demo.app import bundled_examples
+from freesegdiff.demo.limits import DemoLimits
+from freesegdiff.demo.server import serve_demo
 from freesegdiff.infra.memory import return_freed_memory
 
 pytest.importorskip("gradio", reason="the web demo needs gradio (pip install gradio)")

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 from test_demo_app import StandInPipe
 
-from freesegdiff.demo.app import DemoLimits, DemoServer, serve_demo
+from freesegdiff.demo.limits import DemoLimits
+from freesegdiff.demo.server import DemoServer, serve_demo
 from freesegdiff.result import SegmentationResult
 
 pytest.importorskip("gradio", reason="the web demo needs gradio (pip install gradio)")

@@ -111,21 +111,16 @@ def run(args: argparse.Namespace) -> int:
     source = CachingSource(store)
 
     def make_predictor(config: Any) -> Any:
-        from freesegdiff.evaluation.grounding import NO_CLASS, Grounder
-        from freesegdiff.evaluation.runner import pipeline_predictor
+        from freesegdiff.evaluation.runner import dataset_predictor
         from freesegdiff.pipeline import FreeSegDiff
 
-        runtime = runtime_from_args(args)
         pipe = FreeSegDiff.from_config(
             config,
-            runtime=runtime,
+            runtime=runtime_from_args(args),
             source=source.as_source(),
             entities=source.entities(config.entities),
         )
-        vocabulary = vocabulary_of(config)
-        unlabelled = NO_CLASS if dataset.background_id is None else dataset.background_id
-        grounder = Grounder(vocabulary, unlabelled, None)
-        return pipeline_predictor(pipe, grounder, list(vocabulary.texts), credit=store.credit)
+        return dataset_predictor(pipe, dataset, vocabulary_of(config), credit=store.credit)
 
     print(f"{len(runs)} runs on {dataset.name} ({grid.source})")
     try:

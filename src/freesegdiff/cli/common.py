@@ -157,16 +157,11 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 
 
 def parse_classes(text: str | None) -> list[str] | None:
-    """``"cat, dog,traffic light"`` -> ``["cat", "dog", "traffic light"]``; None stays None."""
-    if text is None:
-        return None
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise ConfigError(
-            f"--classes {text!r} holds no class name; give comma-separated names, e.g. "
-            "--classes 'cat,dog,sofa', or leave it out for open vocabulary"
-        )
-    return names
+    """``--classes "cat, dog,traffic light"`` -> ``["cat", "dog", "traffic light"]``; None
+    stays None (:func:`~freesegdiff.stages.vocabulary.parse_class_names`)."""
+    from freesegdiff.stages.vocabulary import parse_class_names
+
+    return parse_class_names(text, what="--classes")
 
 
 def runtime_from_args(args: argparse.Namespace) -> Any:
@@ -187,57 +182,18 @@ def pipeline_from_args(args: argparse.Namespace, runtime: Any = None) -> Any:
     return FreeSegDiff.from_config(config_from_args(args), runtime=runtime)
 
 
-def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--ray [ADDRESS]``, ``--ray-actors``, ``--ray-batch-size``
-    (:mod:`freesegdiff.distributed`)."""
-    parser.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        default=None,
-        metavar="ADDRESS",
-        help="run on a pool of Ray actors over Ray Data (the [ray] extra), each loading the "
-        "models once: without ADDRESS on a Ray instance started on this machine; with one "
-        "('auto', 'HOST:6379' or 'ray://HOST:10001') on that cluster, one actor per GPU. "
-        "Models must be in a cache or folder every node can read (HF_HOME on shared storage, "
-        "or local paths that exist on every node), and so must the images (read by Ray tasks "
-        "on any node); segment's files are written by the actors, so its --output must be "
-        "shared storage too (eval's are written by this process)",
-    )
-    parser.add_argument(
-        "--ray-actors",
-        type=int,
-        default=2,
-        metavar="N",
-        help="CPU actors where the cluster has no GPU (default: 2)",
-    )
-    parser.add_argument(
-        "--ray-batch-size",
-        type=int,
-        default=1,
-        metavar="N",
-        help="images per actor call (default: 1)",
-    )
+def load_pipeline(args: argparse.Namespace, classes: list[str] | None) -> Any:
+    """A command's pipeline, tuned unless ``--no-runtime-tuning`` (a Ray actor: one each).
 
+    ``classes``: the run's fixed vocabulary; None (open vocabulary) frees Stable Diffusion's
+    text encoder once the empty prompt is embedded (0.25 GB back).
+    """
+    from freesegdiff.infra.tuning import after_loading
 
-def check_ray_arguments(args: argparse.Namespace) -> None:
-    """With ``--ray``: Ray Data is installed and the pool settings can work (before any model
-    loads); raises :class:`ConfigError` otherwise."""
-    if getattr(args, "ray", None) is None:
-        return
-    from freesegdiff.distributed import require_ray
-
-    ray_options(args).check()
-    require_ray()
-
-
-def ray_options(args: argparse.Namespace) -> Any:
-    """The :class:`~freesegdiff.distributed.RayOptions` of ``--ray`` and its companions."""
-    from freesegdiff.distributed import RayOptions
-
-    return RayOptions(
-        address=args.ray,
-        actors=args.ray_actors,
-        batch_size=args.ray_batch_size,
-        progress=not args.no_progress,
-    )
+    runtime = runtime_from_args(args)
+    pipe = pipeline_from_args(args, runtime)  # tunes the process, then the models
+    if classes is None:
+        pipe.release_text_encoder()
+    if runtime is not None:
+        after_loading(runtime)  # copies left behind by layout conversions, freed modules
+    return pipe

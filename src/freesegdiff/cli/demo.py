@@ -14,7 +14,7 @@ from freesegdiff.infra.extras import MissingExtraError
 
 if TYPE_CHECKING:
     from freesegdiff.config import PipelineConfig
-    from freesegdiff.demo.app import DemoLimits
+    from freesegdiff.demo.limits import DemoLimits
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def demo_limits(args: argparse.Namespace, config: PipelineConfig) -> DemoLimits:
-    """The :class:`~freesegdiff.demo.app.DemoLimits` the options describe.
+    """The :class:`~freesegdiff.demo.limits.DemoLimits` the options describe.
 
     The pixel limit is ``--max-pixels`` when given, else the smaller of 40 Mpx and the
     pipeline's ``limits.max_pixels``; ``limits.oversize`` says whether larger photos are
@@ -101,7 +101,7 @@ def demo_limits(args: argparse.Namespace, config: PipelineConfig) -> DemoLimits:
     Raises:
         ConfigError: a limit is not positive.
     """
-    from freesegdiff.demo.app import DemoLimits
+    from freesegdiff.demo.limits import DemoLimits
 
     pipeline_limit = config.limits.max_pixels
     if getattr(args, "max_pixels", None) is not None:
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             missing (:class:`MissingDemoExtraError`), the port is in use, a limit or an
             example photo is wrong.
     """
-    from freesegdiff.demo import app
+    from freesegdiff.demo import app, server
     from freesegdiff.infra.extras import require_for_config
 
     # Everything that can be wrong with the set-up is said before the models load.
@@ -146,12 +146,12 @@ def run(args: argparse.Namespace) -> int:
     for example in args.examples or ():
         if not Path(example).is_file():
             raise ConfigError(f"example photo {example!r} does not exist: fix --examples")
-    app.ensure_port_free(args.host, args.port)
+    server.ensure_port_free(args.host, args.port)
     # Untuned: the tuning is process-wide (the allocator's thresholds, CRF worker processes) and
     # made for batch commands; a server shares its process with Gradio's threads for hours.
     pipe = common.pipeline_from_args(args)
     logger.info("serving the demo on http://%s:%d", args.host, args.port)
-    app.serve_demo(
+    server.serve_demo(
         pipe, host=args.host, port=args.port, examples=args.examples, limits=limits, block=True
     )
     return 0

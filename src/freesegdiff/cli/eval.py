@@ -8,13 +8,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from freesegdiff.cli.common import (
-    add_pipeline_arguments,
-    add_ray_arguments,
-    check_ray_arguments,
-    config_from_args,
-    ray_options,
-)
+from freesegdiff.cli.common import add_pipeline_arguments, config_from_args
+from freesegdiff.distributed import add_ray_arguments, check_ray_arguments, ray_options
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DATASETS
 from freesegdiff.evaluation.metrics import PROTOCOLS
@@ -103,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
     143 on SIGTERM, the predictions made so far kept for the next run."""
     from freesegdiff.evaluation.classnames import label_texts
     from freesegdiff.evaluation.datasets import DatasetError, open_dataset
-    from freesegdiff.evaluation.grounding import NO_CLASS, Grounder
     from freesegdiff.evaluation.runner import evaluate, evaluation_settings
 
     if args.limit is not None and args.limit < 1:
@@ -116,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from error
     classes = dataset.classes
     vocabulary = label_texts(classes, dataset.background_id, config.vocabulary.dataset_texts)
-    unlabelled = NO_CLASS if dataset.background_id is None else dataset.background_id
     open_vocabulary = args.vocabulary == "open"
     settings = evaluation_settings(
         args.preset,
@@ -135,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             diffusion_embedder,
             minilm_embedder,
         )
-        from freesegdiff.evaluation.runner import pipeline_predictor
+        from freesegdiff.evaluation.runner import dataset_predictor
 
         # tuned as segment runs (the same labels: every trick is exact or, channels-last in
         # bfloat16 on the CPU, within bfloat16's own rounding)
@@ -150,9 +143,7 @@ def run(args: argparse.Namespace) -> int:
                 class_template=config.vocabulary.class_template,
                 max_distance=args.match_max_distance,
             )
-        grounder = Grounder(vocabulary, unlabelled, matcher)
-        texts = None if open_vocabulary else list(vocabulary.texts)
-        return pipeline_predictor(pipe, grounder, texts)
+        return dataset_predictor(pipe, dataset, vocabulary, matcher=matcher)
 
     predictor_factory = make_predictor
     if args.ray is not None:  # the same predictor in each actor of a Ray pool

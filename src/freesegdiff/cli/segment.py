@@ -3,29 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from freesegdiff.cli import common
-from freesegdiff.cli.common import (
-    add_pipeline_arguments,
-    add_ray_arguments,
-    check_ray_arguments,
-    config_from_args,
-    parse_classes,
-    ray_options,
+from freesegdiff.cli.common import add_pipeline_arguments, config_from_args, parse_classes
+from freesegdiff.cli.folder import (
+    CocoEntries,
+    Job,
+    WriteSettings,
+    plan_jobs,
+    segment_and_write,
+    write_run_files,
 )
-from freesegdiff.errors import ConfigError, FreeSegDiffError
-from freesegdiff.infra.interrupts import DeferredInterrupt, Terminated, exit_code
-from freesegdiff.io.atomic import describe_write_error
+from freesegdiff.distributed import add_ray_arguments, check_ray_arguments
+from freesegdiff.errors import ConfigError
+from freesegdiff.infra.interrupts import Terminated, exit_code
 from freesegdiff.io.filenames import display_name, quoted
-from freesegdiff.io.images import IMAGE_SUFFIXES, SkippedEntries, iter_image_files
+from freesegdiff.io.images import IMAGE_SUFFIXES, SkippedEntries
 from freesegdiff.io.outputs import FAILURES_NAME, FORMATS
 
 if TYPE_CHECKING:
@@ -129,52 +127,6 @@ def _formats(text: str) -> list[str]:
     return chosen
 
 
-@dataclass(frozen=True)
-class _Job:
-    """One image of the run and where its files go."""
-
-    source: Path  # the input file, as found (its str() is the pipeline's name for it)
-    folder: Path  # the output folder it is written to: DIR or a subfolder mirroring the input
-    stem: str  # file name stem, unique in ``folder`` (outputs.assign_stems)
-    image_id: str  # the stem relative to DIR ("more/x"): the COCO image_id
-
-
-def _plan(
-    inputs: list[str], output: Path, failures: dict[str, str], skipped: SkippedEntries
-) -> list[_Job]:
-    """Every image of the inputs, in order, each with its output folder and stem.
-
-    Inputs that are no file or folder (missing, a broken link, a FIFO or device) and folders
-    that cannot be read go to ``failures``; folder entries that are no image file to
-    ``skipped``; DIR (when inside an input) is not searched; a file found twice (named twice,
-    or in a folder and by name) is taken once.
-    """
-    from freesegdiff.io.outputs import assign_stems
-
-    found: list[tuple[Path, str]] = []
-    seen: set[str] = set()
-    for entry in inputs:
-        root = Path(entry)
-        is_folder = root.is_dir()
-        for path in iter_image_files([entry], exclude=[output], errors=failures, skipped=skipped):
-            key = os.path.normcase(os.path.abspath(path))
-            if key in seen:
-                continue
-            seen.add(key)
-            relative = path.parent.relative_to(root).as_posix() if is_folder else ""
-            found.append((path, "" if relative == "." else relative))
-    stems = assign_stems([(relative, path.name) for path, relative in found])
-    return [
-        _Job(
-            source=path,
-            folder=output / relative if relative else output,
-            stem=stem,
-            image_id=f"{relative}/{stem}" if relative else stem,
-        )
-        for (path, relative), stem in zip(found, stems, strict=True)
-    ]
-
-
 def _require_extras(args: argparse.Namespace, config: Any, formats: list[str]) -> None:
     """Fail now, naming the extra, if the run needs one that is not installed."""
     from freesegdiff.infra.extras import require, require_for_config
@@ -221,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     failures: dict[str, str] = {}
     entries = SkippedEntries()
-    jobs = _plan(args.inputs, output, failures, entries)  # skips DIR if inside an input
+    jobs = plan_jobs(args.inputs, output, failures, entries)  # skips DIR if inside an input
     if not jobs:  # nothing can run: a usage error
         raise ConfigError(_nothing_to_segment(args.inputs, failures, entries))
     manifest = RunManifest(config.to_dict(), classes, args.preset)
@@ -229,6 +181,14 @@ def run(args: argparse.Namespace) -> int:
     prepare_output_folder(output)  # a ConfigError (exit 2) before any model loads
     remove_stale_temporaries(output)  # the .tmp files of a killed run
     settings_id = manifest.settings_id()
+    settings = WriteSettings(
+        formats=tuple(formats),
+        classes=classes,
+        overlay=not args.no_overlay,
+        explain=args.explain,
+        explain_timings=args.explain_timings,
+        settings_id=settings_id,
+    )
 
     def claim_folder() -> None:
         """Once the models are loaded, before the first image's files: DIR's results are this
@@ -242,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             )
         write_manifest(output, manifest)
 
-    skipped: list[_Job] = []
+    skipped: list[Job] = []
     if args.resume and "png" not in formats:
         print(
             "--resume: without the png format no image has files that mark it complete; all "
@@ -266,11 +226,9 @@ def run(args: argparse.Namespace) -> int:
     todo = [job for job in jobs if job.image_id not in done_ids]
     # COCO entries of the images segmented here, by image id; coco_results.json lists them in
     # input order with those of resumed images (or, with Ray, written by the actors) read back
-    coco: dict[str, list[dict[str, Any]]] | None = {} if "coco-rle" in formats else None
-    written, interrupt, elapsed = _segment(
-        args, formats, classes, todo, failures, coco, settings_id, claim_folder
-    )
-    _write_run_files(args, formats, classes, jobs, done_ids | written, failures, coco or {})
+    coco: CocoEntries | None = {} if "coco-rle" in formats else None
+    written, interrupt, elapsed = _segment(args, todo, failures, coco, settings, claim_folder)
+    write_run_files(output, settings, jobs, done_ids | written, failures, coco or {})
     count = len(written)
     message = (
         f"segmented {count} of {len(jobs)} images in {elapsed:.1f} s "
@@ -313,19 +271,18 @@ def _nothing_to_segment(
 
 def _segment(
     args: argparse.Namespace,
-    formats: list[str],
-    classes: list[str] | None,
-    todo: list[_Job],
+    todo: list[Job],
     failures: dict[str, str],
-    coco: dict[str, list[dict[str, Any]]] | None,
-    settings_id: str,
+    coco: CocoEntries | None,
+    settings: WriteSettings,
     claim_folder: Callable[[], None],
 ) -> tuple[set[str], KeyboardInterrupt | None, float]:
     """Load the models (only if there is work) and segment and write ``todo``.
 
     ``coco``: where each image's COCO entries are kept, by image id (None: no COCO format);
-    ``settings_id``: the run's, written into each JSON; ``claim_folder``: called once the
-    models are loaded (Ray: before the actors start), before any image's files are written.
+    ``settings``: what is
+    written for each image; ``claim_folder``: called once the models are loaded (Ray: before
+    the actors start), before any image's files are written.
 
     Returns:
         The image ids written completely, the Ctrl-C or SIGTERM (:class:`Terminated`) that
@@ -337,18 +294,17 @@ def _segment(
         return set(), None, 0.0
     if getattr(args, "ray", None) is not None:
         claim_folder()
-        return _segment_on_ray(args, formats, classes, todo, failures, settings_id)
+        return _segment_on_ray(args, settings, todo, failures)
     from tqdm import tqdm
 
     written: set[str] = set()
     start = time.perf_counter()
     progress = tqdm(total=len(todo), unit="img", disable=args.no_progress, file=sys.stderr)
     try:
-        pipe = _load_pipeline(args, classes)
+        pipe = common.load_pipeline(args, settings.classes)
         claim_folder()
         start = time.perf_counter()
-        jobs = _segment_and_write(pipe, args, formats, classes, todo, coco, settings_id)
-        for job, error in jobs:
+        for job, error in segment_and_write(pipe, settings, todo, coco):
             progress.update(1)
             if error is not None:
                 failures[str(job.source)] = error
@@ -362,86 +318,15 @@ def _segment(
     return written, None, time.perf_counter() - start
 
 
-def _load_pipeline(args: argparse.Namespace, classes: list[str] | None) -> Any:
-    """The run's pipeline, tuned unless ``--no-runtime-tuning`` (in a Ray actor: once each)."""
-    from freesegdiff.infra.tuning import after_loading
-
-    runtime = common.runtime_from_args(args)
-    pipe = common.pipeline_from_args(args, runtime)  # tunes the process, then the models
-    if classes is None:
-        pipe.release_text_encoder()  # open vocabulary embeds only the empty prompt: 0.25 GB back
-    if runtime is not None:
-        after_loading(runtime)  # copies left behind by layout conversions, freed modules
-    return pipe
-
-
-def _segment_and_write(
-    pipe: Any,
-    args: argparse.Namespace,
-    formats: list[str],
-    classes: list[str] | None,
-    jobs: list[_Job],
-    coco: dict[str, list[dict[str, Any]]] | None,
-    settings_id: str | None,
-    images: list[Any] | None = None,
-) -> Any:
-    """Segment ``jobs`` and write each one's files; yield ``(job, None)`` when its files are
-    complete, ``(job, reason)`` when it failed (unreadable, a pipeline error, a failed write,
-    a full disk). Ctrl-C or SIGTERM during a write waits until that image's files are complete.
-
-    ``images``: what the pipeline reads for each job (default its file; a Ray actor gives the
-    file's bytes, read by a CPU task, as an :class:`~freesegdiff.io.images.EncodedImage`)."""
-    from freesegdiff.io.outputs import write_outputs
-
-    by_name = {str(job.source): job for job in jobs}
-    from freesegdiff.io.export import coco_entries
-
-    image_formats = [kind for kind in formats if kind != "coco-rle"]  # (kept in ``coco``)
-    for name, outcome, image in pipe.iter_segment_with_images(
-        images if images is not None else [job.source for job in jobs], classes=classes
-    ):
-        job = by_name[name]
-        if isinstance(outcome, FreeSegDiffError):
-            yield job, str(outcome)
-            continue
-        error = None
-        interrupted: KeyboardInterrupt | None = None
-        try:
-            with DeferredInterrupt():  # Ctrl-C now: this image is finished first
-                try:
-                    write_outputs(  # the pixels the pipeline read: decoded once per run
-                        outcome,
-                        image,
-                        job.folder,
-                        stem=job.stem,
-                        formats=image_formats,
-                        overlay=not args.no_overlay,
-                        explain=args.explain,
-                        explain_timings=args.explain_timings,
-                        settings_id=settings_id,
-                    )
-                    if coco is not None:
-                        coco[job.image_id] = coco_entries(job.image_id, outcome)
-                except (OSError, ValueError) as failure:
-                    error = f"writing its files failed: {describe_write_error(failure)}"
-        except KeyboardInterrupt as stop:  # after the write: this image's files are complete
-            interrupted = stop
-        yield job, error
-        if interrupted is not None:
-            raise interrupted
-
-
 def _segment_on_ray(
     args: argparse.Namespace,
-    formats: list[str],
-    classes: list[str] | None,
-    todo: list[_Job],
+    settings: WriteSettings,
+    todo: list[Job],
     failures: dict[str, str],
-    settings_id: str,
 ) -> tuple[set[str], KeyboardInterrupt | None, float]:
     """``_segment`` on a Ray actor pool (:mod:`freesegdiff.distributed`): each actor loads the
     models once and writes its images' files as a local run does."""
-    from freesegdiff.distributed import map_on_actors, print_summary
+    from freesegdiff.distributed import SegmentWorker, map_on_actors, print_summary, ray_options
 
     items = [  # the files' bytes are read by Ray Data CPU tasks, the images made by the actors
         {
@@ -457,7 +342,7 @@ def _segment_on_ray(
     try:
         for row in map_on_actors(
             items,
-            SegmentWorker(args, formats, classes, settings_id),
+            SegmentWorker(args, settings),
             ray_options(args),
             read="source",
             on_done=print_summary,
@@ -470,102 +355,3 @@ def _segment_on_ray(
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM
         return written, interrupt, time.perf_counter() - start
     return written, None, time.perf_counter() - start
-
-
-@dataclass(frozen=True)
-class SegmentWorker:
-    """Builds one Ray actor's worker: the run's pipeline, loaded once, writing the files of the
-    images it is given (``--ray``)."""
-
-    args: argparse.Namespace
-    formats: list[str]
-    classes: list[str] | None
-    settings_id: str
-
-    def __call__(self) -> Any:
-        from freesegdiff.distributed import encoded_image
-
-        pipe = _load_pipeline(self.args, self.classes)
-
-        def work(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            errors: dict[str, str] = {}
-            jobs, images = [], []
-            for item in items:
-                image = encoded_image(item, "source")  # the bytes a CPU task read
-                if isinstance(image, Exception):  # the local run's message for this file
-                    errors[item["image_id"]] = str(image)
-                    continue
-                jobs.append(
-                    _Job(Path(item["source"]), Path(item["folder"]), item["stem"], item["image_id"])
-                )
-                images.append(image)
-            for job, error in _segment_and_write(
-                pipe, self.args, self.formats, self.classes, jobs, None, self.settings_id, images
-            ):
-                errors[job.image_id] = error or ""
-            return [{"error": errors.get(i["image_id"], "not segmented")} for i in items]
-
-        return work
-
-
-def _write_run_files(
-    args: argparse.Namespace,
-    formats: list[str],
-    classes: list[str] | None,
-    jobs: list[_Job],
-    complete: set[str],
-    failures: dict[str, str],
-    coco: dict[str, list[dict[str, Any]]],
-) -> None:
-    """Write DIR's files of the whole run: coco_results.json, index.html, failures.json.
-
-    None of them can end a run that segmented its images: a file that cannot be written (a
-    full disk) is a failure of its own, under its name in ``failures`` and failures.json, and
-    a failures.json that cannot be written is said in one line.
-
-    Args:
-        complete: the image ids whose files are complete (written now or resumed).
-        coco: the COCO entries of the images segmented by this process, by image id; those of
-            the other complete images (resumed, or written by Ray actors) are read back from
-            their files. The file lists them in input order.
-    """
-    from freesegdiff.io.export import COCO_RESULTS_NAME, CocoResults
-    from freesegdiff.io.outputs import write_failures
-    from freesegdiff.io.saved import read_saved_result
-    from freesegdiff.io.visualize.index_page import INDEX_NAME, write_index_page
-
-    output = Path(args.output)
-
-    def attempt(name: str, write: Callable[[], object]) -> None:
-        try:
-            write()
-        except (OSError, ValueError) as error:
-            reason = f"writing it failed: {describe_write_error(error)}"
-            failures[str(output / name)] = reason
-            print(f"freesegdiff segment: {display_name(output / name)}: {reason}", file=sys.stderr)
-
-    if "coco-rle" in formats:
-        results = CocoResults(classes)
-        for job in jobs:
-            if job.image_id in coco:
-                results.extend(coco[job.image_id])
-            elif job.image_id in complete:
-                try:
-                    results.add(job.image_id, read_saved_result(job.folder, job.stem))
-                except (OSError, ValueError, KeyError, TypeError) as error:
-                    failures[str(job.source)] = (
-                        f"its files could not be read back for {COCO_RESULTS_NAME} ({error}); "
-                        "segment it again without --resume"
-                    )
-        attempt(COCO_RESULTS_NAME, partial(results.write, output))
-    if "png" in formats and not args.no_overlay:
-        # (a failure of its own is listed in the page too: failures.json comes after it)
-        attempt(INDEX_NAME, partial(write_index_page, output, failures=dict(failures)))
-    try:
-        write_failures(output, failures)
-    except (OSError, ValueError) as error:
-        print(
-            f"freesegdiff segment: {FAILURES_NAME} could not be written "
-            f"({describe_write_error(error)}); the failures are listed above",
-            file=sys.stderr,
-        )

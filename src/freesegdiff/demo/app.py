@@ -27,17 +27,11 @@ Robustness (:class:`DemoLimits` holds the numbers; :func:`serve_demo` applies th
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
-import shutil
-import socket
-import sys
 import tempfile
 import threading
-import warnings
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,13 +40,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from freesegdiff.errors import ConfigError, FreeSegDiffError, ImageReadError, ImageTooLargeError
+from freesegdiff.demo.limits import DemoLimits, RequestFolders, read_photo
+from freesegdiff.errors import FreeSegDiffError
 from freesegdiff.infra.extras import require
-from freesegdiff.io.images import IMAGE_SUFFIXES, load_image
+from freesegdiff.io.images import IMAGE_SUFFIXES
 from freesegdiff.io.outputs import write_outputs
 from freesegdiff.io.visualize.cluster_map import render_cluster_map
 from freesegdiff.io.visualize.colors import colors_for
 from freesegdiff.result import SegmentationResult
+from freesegdiff.stages.vocabulary import parse_class_names
 
 TITLE = "FreeSeg-Diff: training-free open-vocabulary segmentation"
 INTRO = (
@@ -61,111 +57,10 @@ INTRO = (
     "edges. Leave the class box empty for open vocabulary, or type comma-separated class names."
 )
 DOWNLOAD_STEM = "segmentation"
-MB = 1024 * 1024  # the "MB" of --max-upload-mb
 
 Segmenter = Callable[..., SegmentationResult]  # pipe(image, classes=...) -> result
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DemoLimits:
-    """What one demo server accepts and keeps (the module docstring says where each applies).
-
-    Attributes:
-        max_upload_bytes: largest photo file accepted; None: any size.
-        max_pixels: most pixels (width x height, from the file's header) a photo may have;
-            None: any.
-        oversize: ``"refuse"`` a photo above ``max_pixels`` or ``"downscale"`` it to fit.
-        queue_size: requests that may wait while one runs; more are refused as busy.
-        keep_requests: request folders (the downloads) kept on disk; older ones are deleted.
-        sessions: browser sessions whose Gradio state is kept; older ones are dropped.
-        cache_check_seconds, cache_age_seconds: every ``cache_check_seconds``, files of
-            Gradio's cache (uploads, served images and downloads) older than
-            ``cache_age_seconds`` are deleted; all of them when the server stops. The age must
-            be well above the longest wait in the queue (``queue_size`` requests' time), or an
-            upload may be swept before its request runs (which then asks to upload again).
-    """
-
-    max_upload_bytes: int | None = 25 * MB
-    max_pixels: int | None = 40_000_000
-    oversize: str = "refuse"
-    queue_size: int = 8
-    keep_requests: int = 8
-    sessions: int = 64
-    cache_check_seconds: int = 60
-    cache_age_seconds: int = 15 * 60
-
-    def __post_init__(self) -> None:
-        counts = {
-            "queue_size": (self.queue_size, "--queue-size"),
-            "keep_requests": (self.keep_requests, ""),
-            "sessions": (self.sessions, ""),
-            "cache_check_seconds": (self.cache_check_seconds, ""),
-            "cache_age_seconds": (self.cache_age_seconds, "--cache-minutes"),
-        }
-        for name, (value, flag) in counts.items():
-            if value < 1:
-                how = f" (pass {flag} 1 or more)" if flag else ""
-                raise ConfigError(f"the demo's {name} must be at least 1, got {value}{how}")
-        if self.max_upload_bytes is not None and self.max_upload_bytes < 1:
-            raise ConfigError(
-                f"the demo's upload limit must be positive, got {self.max_upload_bytes} bytes "
-                "(pass --max-upload-mb with a positive number)"
-            )
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise ConfigError(
-                f"the demo's pixel limit must be positive, got {self.max_pixels} "
-                "(pass --max-pixels with a positive number)"
-            )
-        if self.oversize not in ("refuse", "downscale"):
-            raise ConfigError(
-                f'the demo\'s oversize must be "refuse" or "downscale", got {self.oversize!r}'
-            )
-
-
-class RequestFolders:
-    """Fresh folders for requests' files, of which only the last ``keep`` stay on disk.
-
-    Gradio copies the files a request returns into its own cache before the response leaves,
-    so a request's folder is only needed until the next requests; the root folder goes when
-    :meth:`close` is called, the object is collected, or the interpreter exits.
-    """
-
-    def __init__(self, keep: int = 8, root: str | Path | None = None) -> None:
-        if keep < 1:
-            raise ConfigError(f"RequestFolders must keep at least 1 folder, got {keep}")
-        self.keep = keep
-        if root is None:
-            self.root = Path(tempfile.mkdtemp(prefix="freesegdiff-demo-"))
-        else:
-            self.root = Path(root)
-            self.root.mkdir(parents=True, exist_ok=True)
-        self._folders: collections.deque[Path] = collections.deque()
-        self._count = 0
-        self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
-
-    def new(self) -> Path:
-        """A new empty folder under :attr:`root`; the oldest beyond ``keep`` are deleted."""
-        with self._lock:
-            self._count += 1
-            folder = self.root / f"request-{self._count:08d}"
-            folder.mkdir(parents=True)
-            self._folders.append(folder)
-            stale = [self._folders.popleft() for _ in range(len(self._folders) - self.keep)]
-        for old in stale:
-            shutil.rmtree(old, ignore_errors=True)
-        return folder
-
-    def folders(self) -> list[Path]:
-        """The folders kept now, oldest first."""
-        with self._lock:
-            return list(self._folders)
-
-    def close(self) -> None:
-        """Delete the root folder and everything in it."""
-        self._finalizer()
 
 
 @dataclass
@@ -208,15 +103,7 @@ def bundled_examples() -> list[Path]:
 
 def parse_class_box(text: str | None) -> list[str] | None:
     """The class box's text -> class names; empty or blank -> None (open vocabulary)."""
-    if text is None or not text.strip():
-        return None
-    names = [name.strip() for name in text.replace("\n", ",").split(",") if name.strip()]
-    if not names:
-        raise ConfigError(
-            f"the class box {text!r} holds no class name: type names separated by commas, e.g. "
-            "'cat, dog, sofa', or leave it empty for open vocabulary"
-        )
-    return names
+    return parse_class_names(text, what="the class box", blank_is_open=True)
 
 
 def _hex(color: tuple[int, int, int]) -> str:
@@ -252,100 +139,6 @@ def timing_rows(timings: dict[str, float]) -> list[list[Any]]:
     rows: list[list[Any]] = [[stage, round(seconds, 3)] for stage, seconds in timings.items()]
     rows.append(["total", round(sum(timings.values()), 3)])
     return rows
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / MB:.1f} MB"
-
-
-def _mpx(pixels: int) -> str:
-    return f"{pixels / 1e6:.3g} Mpx"
-
-
-def _header_size(path: Path) -> tuple[int, int] | None:
-    """Width and height from the file's header (nothing decoded); None if Pillow refuses it."""
-    from PIL import UnidentifiedImageError
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as image:
-                return image.size
-        except Image.DecompressionBombError:
-            return None  # above Pillow's own limit: load_image refuses it below
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise ImageReadError(f"cannot read it as an image: {error}") from error
-
-
-def read_photo(image: Any, limits: DemoLimits | None = None) -> np.ndarray:
-    """The request's photo as ``(H, W, 3)`` uint8, within ``limits``.
-
-    Args:
-        image: Gradio's file payload (a mapping with ``path`` and ``orig_name``), a path, a
-            PIL image or an array; None raises ConfigError.
-        limits: the upload and pixel limits (default: :class:`DemoLimits`'s). A file's size and
-            header are checked before a byte of pixels is decoded.
-
-    Raises:
-        ConfigError: no photo was given.
-        ImageTooLargeError: the file or the picture is above a limit.
-        ImageReadError: the file is not a picture Pillow can decode.
-    """
-    limits = limits if limits is not None else DemoLimits()
-    if isinstance(image, Mapping):  # Gradio's FileData payload
-        name = image.get("orig_name") or "the photo"
-        image = image.get("path")
-    else:
-        name = "the photo"
-    if image is None:
-        raise ConfigError("no photo yet: upload one or pick an example, then press Segment")
-    if not isinstance(image, (str, Path)):
-        return load_image(image, max_pixels=limits.max_pixels, oversize=limits.oversize)
-    path = Path(image)
-    try:
-        size = path.stat().st_size
-    except OSError as error:
-        raise ImageReadError(
-            f"{name} did not arrive ({error.strerror or error}): upload it again"
-        ) from error
-    if limits.max_upload_bytes is not None and size > limits.max_upload_bytes:
-        raise ImageTooLargeError(
-            f"{name} is {_megabytes(size)}, above this demo's upload limit of "
-            f"{_megabytes(limits.max_upload_bytes)}: upload a smaller file (a JPEG, or the "
-            "photo downscaled)"
-        )
-    unreadable = (
-        f"{name} is not a picture this demo can read (JPEG, PNG, WebP, BMP, TIFF or GIF): "
-        "upload another file"
-    )
-    try:
-        header = _header_size(path)
-    except ImageReadError as error:
-        raise ImageReadError(unreadable) from error
-    if header is not None and limits.oversize == "refuse" and limits.max_pixels is not None:
-        width, height = header
-        if width * height > limits.max_pixels:
-            raise ImageTooLargeError(
-                f"{name} is {width}x{height} = {_mpx(width * height)}, above this "
-                f"demo's limit of {_mpx(limits.max_pixels)}: downscale it (e.g. to "
-                f"{_fitting_example(width, height, limits.max_pixels)}) and upload it again"
-            )
-    try:
-        return load_image(path, max_pixels=limits.max_pixels, oversize=limits.oversize)
-    except ImageTooLargeError as error:  # beyond Pillow's header limit, or too large to shrink
-        limit = _mpx(limits.max_pixels) if limits.max_pixels else "its limit"
-        raise ImageTooLargeError(
-            f"{name} has too many pixels for this demo (its limit is {limit}): downscale it and "
-            "upload it again"
-        ) from error
-    except ImageReadError as error:
-        raise ImageReadError(unreadable) from error
-
-
-def _fitting_example(width: int, height: int, max_pixels: int) -> str:
-    """A size of the same aspect ratio within ``max_pixels``, as ``WxH``."""
-    scale = (max_pixels / (width * height)) ** 0.5
-    return f"{max(1, int(width * scale))}x{max(1, int(height * scale))}"
 
 
 def run_segmentation(
@@ -525,100 +318,7 @@ def build_demo(
     return demo
 
 
-@dataclass
-class DemoServer:
-    """A running demo: its Gradio app, address and request folders."""
+def __getattr__(name: str) -> Any:
+    from freesegdiff import _moved
 
-    blocks: Any
-    url: str
-    folders: RequestFolders
-    limits: DemoLimits
-
-    def close(self) -> None:
-        """Stop the server (Gradio empties its cache) and delete the request folders."""
-        try:
-            self.blocks.close(verbose=False)
-        finally:
-            self.folders.close()
-
-
-def ensure_port_free(host: str, port: int) -> None:
-    """Raise :class:`ConfigError` unless a server could listen on ``host``:``port`` now.
-
-    Called before any model loads, so a port in use costs a second, not the loading time.
-    """
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"--port must be between 1 and 65535, got {port}")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as error:
-        raise ConfigError(
-            f"cannot listen on {host!r}: {error.strerror or error}; pass --host with an address "
-            "of this machine (127.0.0.1, or 0.0.0.0 for every interface)"
-        ) from error
-    with socket.socket(family, kind, proto) as probe:
-        if sys.platform != "win32":  # as uvicorn: a port in TIME_WAIT is free to listen on
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except PermissionError as error:
-            raise ConfigError(
-                f"not allowed to listen on port {port} on {host}: pass --port 1024 or above"
-            ) from error
-        except OSError as error:
-            raise ConfigError(
-                f"port {port} on {host} is in use: pass --port another or stop the other server"
-                f" ({error.strerror or error})"
-            ) from error
-
-
-def serve_demo(
-    pipe: Segmenter,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 7860,
-    examples: Sequence[str | Path] | None = None,
-    limits: DemoLimits | None = None,
-    block: bool = True,
-) -> DemoServer:
-    """Build the app around ``pipe`` and serve it with every limit of ``limits`` applied.
-
-    Args:
-        pipe: see :func:`build_demo`.
-        host, port: where to listen.
-        examples: see :func:`build_demo`.
-        limits: default: :class:`DemoLimits`'s.
-        block: serve until interrupted (Ctrl-C) and then stop and clean up; False: return the
-            running server at once (call :meth:`DemoServer.close` when done).
-
-    Returns:
-        the server (when ``block``, already closed).
-    """
-    limits = limits if limits is not None else DemoLimits()
-    folders = RequestFolders(limits.keep_requests)
-    try:
-        demo = build_demo(pipe, examples=examples, limits=limits, folders=folders)
-        demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
-        launched = demo.launch(
-            server_name=host,
-            server_port=port,
-            show_error=True,
-            share=False,
-            quiet=not block,
-            prevent_thread_lock=True,
-            max_file_size=limits.max_upload_bytes,
-            state_session_capacity=limits.sessions,
-        )
-    except BaseException:
-        folders.close()
-        raise
-    url = launched[1] if isinstance(launched, tuple) else f"http://{host}:{port}/"
-    server = DemoServer(blocks=demo, url=url, folders=folders, limits=limits)
-    if block:
-        try:
-            demo.block_thread()  # returns on Ctrl-C, having closed the server
-        finally:
-            server.close()
-    return server
+    return _moved.moved_name(__name__, name)  # serving moved to demo/server.py

@@ -52,7 +52,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from freesegdiff.errors import FreeSegDiffError
+from freesegdiff.errors import FreeSegDiffError, ImageReadError
 from freesegdiff.evaluation.classnames import ClassName, load_class_names
 from freesegdiff.infra.extras import install_hint
 from freesegdiff.io.images import EncodedImage
@@ -191,15 +191,19 @@ def _decode_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
 
 
 def header_size(path: Path) -> tuple[int, int] | None:
-    """``(width, height)`` that an image file's header states (no pixel is decoded).
+    """``(width, height)`` that an image file's header states (no pixel is decoded,
+    :func:`freesegdiff.io.images.header_size`).
 
-    None when the header cannot be read, a decompression bomb included: reading the image
-    then fails in the pipeline, which reports it for that image.
+    None when the header cannot be read or claims more pixels than the default limit (a
+    decompression bomb): reading the image then fails in the pipeline, which reports it for
+    that image (the image's failure, not its ground truth's).
     """
+    from freesegdiff.config import DEFAULT_MAX_PIXELS
+    from freesegdiff.io.images import header_size as read_header
+
     try:
-        with Image.open(path) as image:
-            return image.size
-    except Exception:
+        return read_header(path, max_pixels=DEFAULT_MAX_PIXELS)
+    except ImageReadError:
         return None
 
 

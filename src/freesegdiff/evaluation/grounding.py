@@ -21,21 +21,19 @@ ground-truth class and as false positives of none (see :mod:`freesegdiff.evaluat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from freesegdiff.evaluation.classnames import FlatVocabulary
+from freesegdiff.stages.vocabulary import TextEmbedder
 
 NO_CLASS = 255
 
-VocabularyMode = Literal["closed", "open"]
-TextEncoderName = Literal["diffusion", "minilm"]
 
 # texts -> (N, D) embeddings (a torch tensor or anything numpy can read)
-TextEmbedder = Callable[[Sequence[str]], Any]
 
 
 def _normalise(text: str) -> str:

@@ -25,14 +25,14 @@ class and false positives of none. All scores are in percent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 IGNORE_INDEX = 255
 
-Protocol = Literal["standard", "paper"]
-PROTOCOLS: tuple[Protocol, ...] = ("standard", "paper")
+ScoringProtocol = Literal["standard", "paper"]  # how a split is scored (the module docstring)
+PROTOCOLS: tuple[ScoringProtocol, ...] = ("standard", "paper")
 
 
 def confusion_matrix(
@@ -180,7 +180,7 @@ class Evaluator:
     def __init__(
         self,
         num_classes: int,
-        protocol: Protocol = "standard",
+        protocol: ScoringProtocol = "standard",
         background_id: int | None = None,
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
@@ -238,3 +238,17 @@ class Evaluator:
             per_class_accuracy=np.where(seen, self._class_accuracy_sum / count, np.nan),
             gt_pixels=self.confusion.sum(axis=1),
         )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Protocol":  # 0.1's name, which shadowed typing.Protocol
+        import warnings
+
+        warnings.warn(
+            "freesegdiff.evaluation.metrics.Protocol is ScoringProtocol now; the old name is "
+            "removed in freesegdiff 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ScoringProtocol
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

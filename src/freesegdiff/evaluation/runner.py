@@ -41,7 +41,7 @@ from freesegdiff.config import settings_differences
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DatasetError, Sample, SegmentationDataset
 from freesegdiff.evaluation.grounding import NO_CLASS
-from freesegdiff.evaluation.metrics import Evaluator, Protocol, Scores
+from freesegdiff.evaluation.metrics import Evaluator, Scores, ScoringProtocol
 from freesegdiff.io import atomic
 from freesegdiff.io.filenames import display_name
 from freesegdiff.io.images import EncodedImage
@@ -180,7 +180,7 @@ class EvaluationReport:
     """What :func:`evaluate` found; ``to_json`` is ``results.json``."""
 
     dataset: str
-    protocol: Protocol
+    protocol: ScoringProtocol
     settings: dict[str, Any]
     class_names: list[str]
     scores: Scores
@@ -232,12 +232,12 @@ def evaluate(
     dataset: SegmentationDataset,
     output: str | Path,
     make_predictor: Callable[[], Predictor] | None,
-    protocol: Protocol = "standard",
+    protocol: ScoringProtocol = "standard",
     limit: int | None = None,
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    also: tuple[Protocol, ...] = (),
+    also: tuple[ScoringProtocol, ...] = (),
 ) -> EvaluationReport:
     """Score ``dataset`` (its first ``limit`` images), predicting what is not cached yet.
 
@@ -538,6 +538,33 @@ def evaluation_settings(
         "label_texts": list(vocabulary.texts),
         "pipeline": config.to_dict(),
     }
+
+
+def dataset_predictor(
+    pipe: Any,
+    dataset: SegmentationDataset,
+    vocabulary: Any,
+    *,
+    matcher: Any = None,
+    credit: Callable[[np.ndarray], dict[str, float]] | None = None,
+) -> Predictor:
+    """The predictor of ``pipe`` on ``dataset``: the one assembly ``eval`` and ``ablate`` use.
+
+    Args:
+        pipe: the pipeline.
+        dataset: the split (its background id, or none: unlabelled pixels are "no class").
+        vocabulary: its label texts (:func:`~freesegdiff.evaluation.classnames.label_texts`).
+        matcher: open vocabulary: the caption's entities are matched to classes by it
+            (:class:`~freesegdiff.evaluation.grounding.EntityMatcher`); None: closed vocabulary,
+            the label texts are passed to the pipeline.
+        credit: see :func:`pipeline_predictor`.
+    """
+    from freesegdiff.evaluation.grounding import Grounder
+
+    unlabelled = NO_CLASS if dataset.background_id is None else dataset.background_id
+    grounder = Grounder(vocabulary, unlabelled, matcher)
+    texts = None if matcher is not None else list(vocabulary.texts)
+    return pipeline_predictor(pipe, grounder, texts, credit=credit)
 
 
 def pipeline_predictor(

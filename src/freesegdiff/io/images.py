@@ -155,7 +155,7 @@ def _from_array(array: np.ndarray, channels_last: bool = False, strict: bool = F
     return np.ascontiguousarray(pixels)
 
 
-def _fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     """The largest size of the same aspect ratio with at most ``max_pixels`` pixels."""
     scale = math.sqrt(max_pixels / (width * height))
     fitted = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
@@ -192,7 +192,7 @@ def _from_pil(
             image = image.convert(modes.get(image.mode, "RGBA" if "A" in image.mode else "RGB"))
         # Box-reduce by whole factors first, then Lanczos over the last factor of <= 2: fast
         # on huge images, and as sharp as Lanczos alone to the eye.
-        size = _fit_size(*image.size, max_pixels)
+        size = fit_size(*image.size, max_pixels)
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
     mode = image.mode
     if mode == "P":
@@ -343,7 +343,30 @@ def _decode(file: Path | IO[bytes], what: str, max_pixels: int | None, oversize:
         raise ImageReadError(f"not enough memory to decode {what}") from error
 
 
-def _open_unbounded(path: Path | IO[bytes]) -> Image.Image:
+def header_size(source: str | Path | IO[bytes], max_pixels: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` that an image file's header states; no pixel is decoded.
+
+    The one place a size is read before decoding (the pixel limit of :func:`load_image`, the
+    demo's upload check, a benchmark's ground truth against its image). Without ``max_pixels``
+    a decompression bomb's claimed size is returned, for the caller to refuse.
+
+    Raises:
+        ImageReadError: the file cannot be read or is not an image Pillow can identify;
+            (:class:`ImageTooLargeError`) it claims more than ``max_pixels``.
+    """
+    what = quoted(source) if isinstance(source, (str, Path)) else "the file"
+    if isinstance(source, (str, Path)):
+        _existing_file(source)
+    try:
+        with _open_unbounded(source) as image:
+            width, height = int(image.size[0]), int(image.size[1])
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(f"cannot read {what} as an image: {error}") from error
+    _check_size(width, height, max_pixels, "refuse", what)
+    return width, height
+
+
+def _open_unbounded(path: str | Path | IO[bytes]) -> Image.Image:
     """``Image.open`` (the header only) without Pillow's own pixel limit: ours replaces it.
 
     Pillow warns above 89 Mpx and raises above twice that, from inside ``open``; the limit is
@@ -367,7 +390,7 @@ def _prepare_downscale(image: Image.Image, max_pixels: int, what: str) -> None:
     refuse other formats whose full decode would exceed ``DOWNSCALE_DECODE_FACTOR`` times it."""
     width, height = image.size
     if image.format == "JPEG":
-        image.draft(image.mode, _fit_size(width, height, max_pixels))
+        image.draft(image.mode, fit_size(width, height, max_pixels))
         width, height = image.size
     if width * height > DOWNSCALE_DECODE_FACTOR * max_pixels:
         raise ImageTooLargeError(

@@ -31,6 +31,49 @@ _TIE_RTOL = 1e-6
 _TIE_ATOL = 1e-12
 
 
+def parse_class_names(
+    text: str | None, *, what: str = "--classes", blank_is_open: bool = False
+) -> list[str] | None:
+    """A class list as people type it -> class names: ``"cat, dog,traffic light"`` (commas or
+    line breaks) -> ``["cat", "dog", "traffic light"]``; None -> None (open vocabulary).
+
+    Args:
+        what: how the text is named in the message (``--classes``, ``the class box``).
+        blank_is_open: blank text means open vocabulary (a web form's empty box), rather than
+            a list without a name.
+
+    Raises:
+        ConfigError: the text names no class (``" , "``).
+    """
+    if text is None or (blank_is_open and not text.strip()):
+        return None
+    names = [name.strip() for name in text.replace("\n", ",").split(",") if name.strip()]
+    if not names:
+        how = "leave it empty" if blank_is_open else "leave it out"
+        raise ConfigError(
+            f"{what} {text!r} holds no class name: give names separated by commas, e.g. "
+            f"'cat, dog, sofa', or {how} for open vocabulary"
+        )
+    return names
+
+
+def normalise_classes(classes: Sequence[str] | None) -> list[str] | None:
+    """Strip class names and reject empty ones; None stays None (open vocabulary)."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        raise ConfigError("classes must be a list of names, not one string; split it first")
+    names = [str(name).strip() for name in classes]
+    if not names:
+        raise EmptyVocabularyError(
+            "the class list is empty: give at least one class name, or no class list at all "
+            "for open vocabulary (labels from the caption)"
+        )
+    if any(not name for name in names):
+        raise EmptyVocabularyError(f"the class list {list(classes)!r} contains an empty name")
+    return list(dict.fromkeys(names))
+
+
 @dataclass(frozen=True)
 class ImageVocabulary:
     """Steps 2 and 9 for one image: what CLIP chooses from, and what may be chosen."""

@@ -22,12 +22,12 @@ def build(path, **settings) -> DiffusionFeatures:
     return DiffusionFeatures.from_pretrained(str(path), config=config, device=CPU)
 
 
-def test_class_embeddings_pool_as_the_released_runner(tiny_sd_path):
-    from freesegdiff.stages.features.attention_maps import class_embeddings
+def test_pooled_prompt_embeddings_are_pooled_as_the_released_runner(tiny_sd_path):
+    from freesegdiff.stages.features.attention_maps import pooled_prompt_embeddings
 
     features = build(tiny_sd_path, kind="attention")
     tokenizer, encoder = features.tokenizer, features.text_encoder
-    ours = class_embeddings(tokenizer, encoder, CLASSES, CPU)
+    ours = pooled_prompt_embeddings(tokenizer, encoder, CLASSES, CPU)
 
     def encode(prompt: str) -> torch.Tensor:
         ids = tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt")

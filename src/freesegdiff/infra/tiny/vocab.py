@@ -6,7 +6,6 @@ words) so that a tiny captioner's random output still parses into nouns and adje
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 NOUNS = [
@@ -192,8 +191,3 @@ def write_bert_vocab(folder: Path, words: tuple[str, ...] = WORDS) -> Path:
     path = folder / "vocab.txt"
     path.write_text("\n".join([*BERT_SPECIAL, *words, ".", ","]) + "\n")
     return path
-
-
-def write_json(path: Path, payload: object) -> None:
-    """Write ``payload`` as indented JSON."""
-    path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -13,6 +13,7 @@ int64`` in a file of this package, plus one entry in :data:`METHODS`.
 from __future__ import annotations
 
 import math
+import typing
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from freesegdiff.stages.registry import Registry
 
 __all__ = [
     "METHODS",
+    "NORMALIZATIONS",
     "Clusterer",
     "choose_k",
     "cluster_features",
@@ -32,6 +34,8 @@ __all__ = [
     "upsample_cluster_map",
 ]
 
+# clustering.normalize's choices (the setting's own type lists them)
+NORMALIZATIONS: tuple[str, ...] = typing.get_args(typing.get_type_hints(ClusterConfig)["normalize"])
 # clustering.method -> labels (N,) of points (N, C) into k clusters
 METHODS = Registry(
     "clustering.method",

@@ -5,7 +5,7 @@ For each hooked cross-attention layer, the released ``AttentionHook.computeAtten
 scores the layer's queries (``to_q`` of its input, the features of step 7) against the keys
 (``to_k``) of one pooled text embedding per class, per head, scaled by ``1 / sqrt(head_dim)``:
 ``heads x classes`` maps of the layer's grid, each resized bilinearly to the feature grid.
-The class embeddings are pooled as its ``runner.py`` pools them (:func:`class_embeddings`).
+The class embeddings are pooled as its ``runner.py`` pools them (:func:`pooled_prompt_embeddings`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PROMPT = "A photo of {}"
 
 
 @torch.inference_mode()
-def class_embeddings(
+def pooled_prompt_embeddings(
     tokenizer: Any,
     text_encoder: torch.nn.Module,
     classes: Sequence[str],

@@ -428,11 +428,11 @@ class DiffusionFeatures:
 
     def class_keys(self) -> dict[str, torch.Tensor]:
         """Each hooked layer's ``to_k`` of the pooled class embeddings: ``(L, C)``, computed once
-        (:func:`freesegdiff.stages.features.attention_maps.class_embeddings`)."""
+        (:func:`freesegdiff.stages.features.attention_maps.pooled_prompt_embeddings`)."""
         if self._class_keys is None:
-            from freesegdiff.stages.features.attention_maps import class_embeddings
+            from freesegdiff.stages.features.attention_maps import pooled_prompt_embeddings
 
-            embeddings = class_embeddings(
+            embeddings = pooled_prompt_embeddings(
                 self.tokenizer, self.text_encoder, self.attention_classes, self.device
             ).to(self.dtype)
             with torch.inference_mode():
