@@ -1,5 +1,8 @@
 """Tiny fake benchmarks written in the real on-disk layouts, for tests and smoke runs.
 
+Public: :func:`write_synthetic_dataset` lets a user try ``freesegdiff eval`` and ``ablate``
+end to end without downloading a benchmark (the README's "Benchmark evaluation" shows it).
+
 Each image is random noise; its ground truth is a few rectangles of random classes and a void
 stripe, written in the raw encoding the layout uses (palette PNG, reduce-zero labels, COCO-Stuff
 train ids, Cityscapes label ids, COCO instance JSON). Alongside, the expected decoded label maps
