@@ -102,29 +102,6 @@ def local_run(folder, tmp_path_factory):
     return out
 
 
-@pytest.mark.heavy
-@needs_ray
-def test_segment_on_two_ray_actors_writes_the_local_runs_files(folder, local_run, tmp_path, capsys):
-    from freesegdiff.cli import main
-
-    out = tmp_path / "ray"
-    common = ["segment", str(folder), "--preset", "tiny", "--no-progress", "-o", str(out)]
-    assert main([*common, *RAY]) == 1  # broken.jpg fails, as locally
-    summary = capsys.readouterr().err
-    assert "Ray: 4 images in" in summary and "images/s in all; 2 actors:" in summary
-    # 3 images x (png, overlay, json, thumbnail) + index.html + failures.json + the manifest
-    assert _assert_same_files(out, local_run) == 15
-    failures = json.loads((out / "failures.json").read_text())["failed"]
-    assert list(failures) == [str(folder / "broken.jpg")]
-    assert "cannot identify image file" in failures[str(folder / "broken.jpg")]
-
-    # A run killed and restarted resumes: an image whose JSON is gone is done again, alone.
-    (out / "more" / f"{ODD}.json").unlink()
-    assert main([*common, *RAY, "--resume"]) == 1
-    assert "segmented 1 of 4 images" in capsys.readouterr().out
-    _assert_same_files(out, local_run)
-
-
 class _DiesOnce:
     """A worker factory whose worker kills its actor's process the first time it is given the
     image ``victim`` (a marker file says it happened), then works as ``inner``'s."""
@@ -147,9 +124,12 @@ class _DiesOnce:
 
 @pytest.mark.heavy
 @needs_ray
-def test_an_actor_killed_mid_run_is_replaced_and_its_images_redone(
-    folder, local_run, tmp_path, monkeypatch
+def test_segment_on_two_ray_actors_writes_the_local_runs_files_even_when_one_dies(
+    folder, local_run, tmp_path, capsys, monkeypatch
 ):
+    """Two actors write exactly the files of a local run, although one of them dies mid-run
+    (os._exit on its first batch holding "coffee") and is replaced, its images redone; a run
+    killed and started again with --resume does only what is missing."""
     from ray import cloudpickle  # Ray's own copy
 
     from freesegdiff import distributed
@@ -163,8 +143,20 @@ def test_an_actor_killed_mid_run_is_replaced_and_its_images_redone(
     )
     out = tmp_path / "ray"
     common = ["segment", str(folder), "--preset", "tiny", "--no-progress", "-o", str(out)]
-    assert main([*common, *RAY]) == 1  # only broken.jpg fails
+    assert main([*common, *RAY]) == 1  # only broken.jpg fails, as locally
     assert marker.is_file()  # an actor did die
+    summary = capsys.readouterr().err
+    assert "Ray: 4 images in" in summary and "images/s in all;" in summary
+    # 3 images x (png, overlay, json, thumbnail) + index.html + failures.json + the manifest
+    assert _assert_same_files(out, local_run) == 15
+    failures = json.loads((out / "failures.json").read_text())["failed"]
+    assert list(failures) == [str(folder / "broken.jpg")]
+    assert "cannot identify image file" in failures[str(folder / "broken.jpg")]
+
+    # A run killed and restarted resumes: an image whose JSON is gone is done again, alone.
+    (out / "more" / f"{ODD}.json").unlink()
+    assert main([*common, *RAY, "--resume"]) == 1
+    assert "segmented 1 of 4 images" in capsys.readouterr().out
     _assert_same_files(out, local_run)
 
 
