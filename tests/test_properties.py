@@ -261,7 +261,7 @@ def small_images(draw: st.DrawFn) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(stripes, (height, width, 3)))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     small_images(),
     st.one_of(

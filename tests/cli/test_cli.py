@@ -14,13 +14,20 @@ from freesegdiff.cli import main
 
 
 @pytest.fixture(scope="module")
-def photo_folder(tmp_path_factory, photos):
+def small(photos):
+    """The photos at a third of their size: what is checked here does not depend on size,
+    and the explain figures of full-size photos cost seconds each."""
+    return {name: np.asarray(Image.fromarray(pixels).reduce(3)) for name, pixels in photos.items()}
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory, small):
     folder = tmp_path_factory.mktemp("photos")
-    Image.fromarray(photos["chelsea"]).save(folder / "chelsea.png")
-    Image.fromarray(photos["astronaut"]).save(folder / "astronaut.jpg", quality=90)
+    Image.fromarray(small["chelsea"]).save(folder / "chelsea.png")
+    Image.fromarray(small["astronaut"]).save(folder / "astronaut.jpg", quality=90)
     sub = folder / "more"
     sub.mkdir()
-    Image.fromarray(photos["coffee"]).convert("L").save(sub / "coffee_gray.png")
+    Image.fromarray(small["coffee"]).convert("L").save(sub / "coffee_gray.png")
     (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
     return folder
 
@@ -45,7 +52,7 @@ def check_image_outputs(out, stem, photo_shape):
     return summary
 
 
-def test_segment_a_folder_with_a_broken_image(photo_folder, photos, tmp_path, capsys):
+def test_segment_a_folder_with_a_broken_image(photo_folder, small, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="--explain needs the [viz] extra")
     pytest.importorskip("pycocotools", reason="--format coco-rle needs the [eval] extra")
     out = tmp_path / "out"
@@ -68,9 +75,9 @@ def test_segment_a_folder_with_a_broken_image(photo_folder, photos, tmp_path, ca
     assert "broken.jpg" in captured.out + captured.err
     assert "segmented 3 of 4 images" in captured.out
     # ... and the three others were all written
-    check_image_outputs(out, "chelsea", photos["chelsea"].shape)
-    check_image_outputs(out, "astronaut", photos["astronaut"].shape)
-    gray = check_image_outputs(out, "more/coffee_gray", photos["coffee"].shape)  # mirrored
+    check_image_outputs(out, "chelsea", small["chelsea"].shape)
+    check_image_outputs(out, "astronaut", small["astronaut"].shape)
+    gray = check_image_outputs(out, "more/coffee_gray", small["coffee"].shape)  # mirrored
     assert gray["image"].endswith("coffee_gray.png")
     assert not (out / "broken.png").exists()
     for stem in ("chelsea", "astronaut", "more/coffee_gray"):
