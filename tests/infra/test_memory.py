@@ -39,15 +39,23 @@ print(*fresh, *heap)
 
 @glibc
 def test_large_buffers_from_the_heap_are_not_faulted_in_again():
+    """Up to three fresh interpreters: on a loaded machine (CI's other test worker beside it)
+    one run in a few saw every heap round fault in again, which a broken heap mode would do in
+    every run; the counts of every attempt are shown if none passes."""
     pages = 64 * 1024 * 1024 // 4096
-    done = subprocess.run(
-        [sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    counts = [int(number) for number in done.stdout.split()]
-    fresh, heap = counts[:3], counts[3:]
-    assert all(count > pages // 2 for count in fresh), fresh
-    assert all(count < pages // 10 for count in heap[-4:]), heap
+    attempts = []
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        counts = [int(number) for number in done.stdout.split()]
+        fresh, heap = counts[:3], counts[3:]
+        assert all(count > pages // 2 for count in fresh), fresh  # a fresh mmap faults: always
+        attempts.append(heap)
+        if all(count < pages // 10 for count in heap[-4:]):
+            return
+    pytest.fail(f"the heap's large buffers were faulted in again in every attempt: {attempts}")
 
 
 @glibc
