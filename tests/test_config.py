@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -131,3 +132,13 @@ def test_crf_params_is_refine_config_now():
     with pytest.warns(DeprecationWarning, match="CRFParams is RefineConfig now"):
         from freesegdiff.config import CRFParams
     assert CRFParams is config_module.RefineConfig
+
+
+def test_a_tuple_read_back_from_json_as_a_list_is_no_difference():
+    from freesegdiff.config import settings_differences
+
+    now = PipelineConfig().to_dict()
+    then = json.loads(json.dumps(now))  # tuples come back as lists
+    assert settings_differences(then, now) == []
+    then["features"]["layers"] = then["features"]["layers"][:2]
+    assert settings_differences(then, now)[0].startswith("features.layers: ['down_blocks.2")

@@ -570,7 +570,15 @@ def settings_differences(old: Any, new: Any, where: str = "") -> list[str]:
             path = f"{where}.{key}" if where else key
             found += settings_differences(old.get(key), new.get(key), path)
         return found
+    old, new = _as_json(old), _as_json(new)  # a tuple read back from JSON is a list
     return [] if old == new else [f"{where}: {old!r} then, {new!r} now"]
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` with every tuple a list, as it reads back from JSON."""
+    if isinstance(value, (list, tuple)):
+        return [_as_json(item) for item in value]
+    return value
 
 
 def __getattr__(name: str) -> Any:
