@@ -310,6 +310,10 @@ class ClassifyConfig(_Section):
     # a label's largest score tied between clusters: "all" tied clusters keep it (released),
     # or only the "first"
     ties: Literal["all", "first"] = "all"
+    # who names the regions (stages/naming/: the registry of namers): "masked-crops" (the
+    # method: CLIP on each masked image, the settings above) or "dense" (CLIP's patch tokens
+    # with NACLIP's last block, the settings of the ``dense`` section)
+    namer: str = "masked-crops"
 
     SECTION: ClassVar[str] = "classify"
 
@@ -320,6 +324,76 @@ class ClassifyConfig(_Section):
         _require(
             "{}" in self.label_template,
             f"classify.label_template {self.label_template!r} must contain '{{}}'",
+        )
+
+
+@dataclass(frozen=True)
+class DenseConfig(_Section):
+    """The dense CLIP namer (``classify.namer = "dense"``; docs/method.md, "dense naming"):
+    per-pixel class probabilities from CLIP's patch tokens, as NACLIP's released code computes
+    them. Defaults are NACLIP's (its paper's main results, PAMR on); units: sizes in pixels.
+    """
+
+    # "pixels": no regions, every pixel takes its best text (NACLIP itself: no diffusion model,
+    # no clustering); "clusters": the clusters of steps 3-8 are named from the probabilities
+    regions: Literal["clusters", "pixels"] = "clusters"
+    # how a cluster is named: "mean" (its pixels' mean probabilities, best text) or "vote"
+    # (the majority of its pixels' labels, background votes included)
+    region_rule: Literal["mean", "vote"] = "mean"
+    # the last block's attention: "naclip" (key-key similarity plus a Gaussian neighbourhood),
+    # "nonly" (the neighbourhood alone), "kk" (key-key), "csa" (SCLIP's correlative
+    # self-attention), "vanilla" (CLIP's own)
+    attention: Literal["naclip", "nonly", "kk", "csa", "vanilla"] = "naclip"
+    # the last block: "reduced" (the attention's output alone: no residual, no MLP) or "vanilla"
+    block: Literal["reduced", "vanilla"] = "reduced"
+    gaussian_std: float = 5.0  # the neighbourhood's standard deviation, in patches
+    # each text's embedding: the normalised mean over CLIP's 80 ImageNet prompt templates
+    # ("imagenet80"), or the bare text ("none")
+    templates: Literal["imagenet80", "none"] = "imagenet80"
+    logit_scale: float = 40.0  # softmax temperature over the texts' cosines
+    prob_thd: float = 0.0  # a pixel (region) whose best probability is below it is background
+    slide_crop: int = 224  # sliding-window crop side; 0: the whole image in one forward
+    slide_stride: int = 112
+    # the input is resized, ratio kept, so that its short side is at most ``short_side`` and its
+    # long side at most ``long_side`` (the larger of the two scales that fit both)
+    short_side: int = 336
+    long_side: int = 2048
+    # "cv2": OpenCV's bilinear resize of the uint8 image, as released (the [naclip] extra);
+    # "torch": bilinear with antialiasing in torch, on the pipeline's device
+    resize: Literal["cv2", "torch"] = "cv2"
+    pamr_iterations: int = 10  # PAMR on the logits (0: off), guided by the image
+    pamr_dilations: tuple[int, ...] = (8, 16)
+    batch_size: int = 16  # sliding-window crops per CLIP forward
+
+    SECTION: ClassVar[str] = "dense"
+
+    def check(self) -> None:
+        _require(
+            self.gaussian_std > 0 or self.attention not in ("naclip", "nonly"),
+            f"dense.gaussian_std must be positive for attention {self.attention!r}, "
+            f"got {self.gaussian_std}",
+        )
+        _require(
+            self.logit_scale > 0, f"dense.logit_scale must be positive, got {self.logit_scale}"
+        )
+        _require(
+            0.0 <= self.prob_thd <= 1.0, f"dense.prob_thd must be in [0, 1], got {self.prob_thd}"
+        )
+        _require(self.slide_crop >= 0, f"dense.slide_crop must be >= 0, got {self.slide_crop}")
+        _require(
+            self.slide_crop == 0 or self.slide_stride >= 1,
+            f"dense.slide_stride must be at least 1, got {self.slide_stride}",
+        )
+        for name in ("short_side", "long_side", "batch_size"):
+            value = getattr(self, name)
+            _require(value >= 1, f"dense.{name} must be at least 1, got {value}")
+        _require(
+            self.pamr_iterations >= 0,
+            f"dense.pamr_iterations must be >= 0, got {self.pamr_iterations}",
+        )
+        _require(
+            len(self.pamr_dilations) > 0 and all(int(d) >= 1 for d in self.pamr_dilations),
+            f"dense.pamr_dilations must be positive integers, got {self.pamr_dilations}",
         )
 
 
@@ -401,6 +475,7 @@ class PipelineConfig(_Section):
     clustering: ClusterConfig = field(default_factory=ClusterConfig)
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     device: str = "cpu"

@@ -10,7 +10,7 @@ step  stage                  where
 2, 9  entities, label texts  ``entities.py``, ``vocabulary.py`` (:class:`LabelVocabulary`)
 3-7   features               ``features/`` (:class:`FeatureExtractor`)
 8     clusters               ``clustering/`` (:class:`Clusterer`)
-10-11 naming                 ``naming/`` (:class:`MaskNamer`)
+10-11 naming                 ``naming/`` (``classify.namer``: MaskNamer, DenseNamer)
 12    refinement             ``refine/`` (:class:`Refiner`)
 13    composition            ``compose.py`` (:func:`compose`)
 14    back to the image size ``compose.py`` (:func:`resize_composition`)
@@ -49,7 +49,7 @@ from freesegdiff.stages.clustering import METHODS, Clusterer
 from freesegdiff.stages.compose import Composition, compose, resize_composition
 from freesegdiff.stages.entities import EntityExtractor
 from freesegdiff.stages.features import EXTRACTORS, FeatureExtractor
-from freesegdiff.stages.naming import NAMER, NAMERS
+from freesegdiff.stages.naming import NAMERS
 from freesegdiff.stages.naming.masked_crops import MaskClassifier, Naming
 from freesegdiff.stages.refine import REFINERS, Refiner
 from freesegdiff.stages.vocabulary import (
@@ -144,7 +144,8 @@ def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
     The values themselves were checked when ``config`` was made (each section of
     :mod:`freesegdiff.config` checks its own); here: the device and dtype this machine has, the
     optional packages the settings need, and that every implementation named is registered
-    (``features.extractor``, ``clustering.method``, ``refine.method``). Called by
+    (``features.extractor``, ``clustering.method``, ``classify.namer``, ``refine.method``).
+    Called by
     :meth:`FreeSegDiff.from_config` before any model loads; what depends on a model (layer
     names, sizes the UNet takes, the scheduler's timestep range) is checked when it loads.
 
@@ -158,21 +159,30 @@ def check_settings(config: PipelineConfig) -> tuple[torch.device, torch.dtype]:
     require_for_config(config)  # an optional package the settings need (pydensecrf, ...)
     EXTRACTORS.check(config.features.extractor)
     METHODS.check(config.clustering.method)
+    NAMERS.check(config.classify.namer)
     REFINERS.check(config.refine.method)
     return device, dtype
+
+
+def names_pixels(config: PipelineConfig) -> bool:
+    """True when ``config`` names every pixel (the dense namer without regions): no feature
+    extractor and no clustering run, and their models never load."""
+    return config.classify.namer == "dense" and config.dense.regions == "pixels"
 
 
 def unused_models(config: PipelineConfig, pruning: bool = False) -> tuple[str, ...]:
     """The fields of ``config.models`` a pipeline of ``config`` never loads (not checked).
 
-    ``pruning``: the caller passes class lists (closed vocabulary); a ViT pipeline then loads
-    Stable Diffusion's text encoder to prune them with the caption, so the diffusion model is
-    needed. Otherwise a ViT pipeline needs no diffusion model, and a Stable Diffusion one no
-    backbone.
+    ``pruning``: the caller passes class lists (closed vocabulary); a ViT pipeline, or one that
+    names pixels, then loads Stable Diffusion's text encoder to prune them with the caption, so
+    the diffusion model is needed. Otherwise a ViT pipeline needs no diffusion model, a Stable
+    Diffusion one no backbone, and one that names pixels neither.
     """
+    prunes = pruning and config.vocabulary.prune_with_caption and config.models.captioner
+    if names_pixels(config):
+        return ("backbone",) if prunes else ("backbone", "diffusion")
     if config.features.extractor != "vit":
         return ("backbone",)
-    prunes = pruning and config.vocabulary.prune_with_caption and config.models.captioner
     return () if prunes else ("diffusion",)
 
 
@@ -188,7 +198,7 @@ class FreeSegDiff:
         self,
         config: PipelineConfig,
         *,
-        features: FeatureExtractor,
+        features: FeatureExtractor | None,
         classifier: MaskClassifier,
         captioner: Any | None = None,
         text_embedder: Callable[[], TextEmbedder] | None = None,
@@ -198,8 +208,9 @@ class FreeSegDiff:
         self.config = config
         # closed-vocabulary text embeddings: the features' text encoder, unless given (ViT)
         self._text_source = text_embedder
-        self.device = features.device
-        self.dtype = features.dtype
+        # (no feature stage when the namer names pixels: the CLIP model's device and dtype)
+        self.device = features.device if features is not None else classifier.device
+        self.dtype = features.dtype if features is not None else classifier.dtype
         # The stages, each built from its config section (settings are read here, once).
         self.captioner = captioner
         self.vocabulary = LabelVocabulary(
@@ -210,7 +221,7 @@ class FreeSegDiff:
         self.features = features
         self.clusterer = Clusterer(config.clustering, config.seed)
         self.classifier = classifier
-        self.namer = NAMERS.get(NAMER)(classifier, config.classify.ties)
+        self.namer = NAMERS.get(config.classify.namer).from_classifier(classifier, config)
         self.refiner = Refiner(config.refine, self.device, runtime)
 
     # ----------------------------------------------------------------------------- building
@@ -237,6 +248,7 @@ class FreeSegDiff:
         """
         device, dtype = check_settings(config)  # before any model loads
         vit = config.features.extractor == "vit"
+        pixels = names_pixels(config)
         if source is None or source is PRETRAINED:  # every missing model in one message
             check_models_available(config.models, skip=unused_models(config))
         source = source or PRETRAINED
@@ -244,11 +256,13 @@ class FreeSegDiff:
             tune_process(runtime)  # before loading: weights get their own mappings
         models = config.models
         load = LoadOptions.of(models)
-        feature_model = models.backbone if vit else models.diffusion
-        features = source.features(feature_model, config.features, device, dtype, load, runtime)
-        features.release_unused()  # the VAE decoder and the UNet's tail are never run
-        if runtime is not None:
-            after_loading(runtime)  # give the freed modules' memory back before the next model
+        features = None
+        if not pixels:  # a namer of pixels needs no features
+            feature_model = models.backbone if vit else models.diffusion
+            features = source.features(feature_model, config.features, device, dtype, load, runtime)
+            features.release_unused()  # the VAE decoder and the UNet's tail are never run
+            if runtime is not None:
+                after_loading(runtime)  # give the freed modules' memory back
         clip, processor = source.clip(models.clip, device, dtype, load)
         classify = config.classify
         classifier = MaskClassifier(
@@ -268,7 +282,7 @@ class FreeSegDiff:
         if runtime is not None:
             after_loading(runtime)  # copies left behind by dtype and layout conversions
         text = None
-        if vit:  # a ViT has no text encoder: prune with Stable Diffusion's, loaded on first use
+        if vit or pixels:  # no SD text encoder loaded: prune with it, loaded on first use
             text = partial(source.text, models.diffusion, device, dtype, load)
         return cls(
             config,
@@ -449,13 +463,15 @@ class FreeSegDiff:
         Open vocabulary needs it only for the empty prompt, which is embedded first. Afterwards
         a call with ``classes`` (and caption pruning on) raises :class:`ConfigError`.
         """
-        self.features.release_text_encoder()
+        if self.features is not None:
+            self.features.release_text_encoder()
 
     def _text_embedder(self) -> TextEmbedder:
         """The embedder that matches entities to classes: the feature stage's text encoder, or
         (features from a ViT backbone) Stable Diffusion's, loaded when first needed."""
         if self._text_source is not None:
             return self._text_source()
+        assert self.features is not None  # set: no text source means features are there
         embedder: TextEmbedder = self.features.text_embedder()
         return embedder
 
@@ -484,18 +500,21 @@ class FreeSegDiff:
         # 2, 9. entities and label texts
         with timer(timing.ENTITIES):
             vocabularies = [self.vocabulary(caption, classes) for caption in captions]
-        # 3-7. diffusion features: (B, C, F, F)
-        features = self.features(images, seed=self.config.seed, timer=timer)
         # Steps 8-13 work at most at the working size (limits.working_size); steps 1-7
         # resize the images themselves, from the full-size pixels.
         work = [fit_longest_side(image, self.config.limits.working_size) for image in images]
-        # 8. class-agnostic masks: one (h, w) cluster map per image, at the working size
-        with timer(timing.CLUSTERING):
-            cluster_maps = [
-                self.clusterer(features[index], len(vocabulary.candidates), image.shape[:2])
-                for index, (image, vocabulary) in enumerate(zip(work, vocabularies, strict=True))
-            ]
-        # 10, 11. CLIP scores of every cluster, and the assignment of label texts
+        cluster_maps: list[torch.Tensor | None] = [None] * len(images)
+        if not self.namer.names_pixels:
+            # 3-7. diffusion features: (B, C, F, F)
+            assert self.features is not None
+            features = self.features(images, seed=self.config.seed, timer=timer)
+            # 8. class-agnostic masks: one (h, w) cluster map per image, at the working size
+            with timer(timing.CLUSTERING):
+                cluster_maps = [
+                    self.clusterer(features[i], len(vocabulary.candidates), image.shape[:2])
+                    for i, (image, vocabulary) in enumerate(zip(work, vocabularies, strict=True))
+                ]
+        # 10, 11. CLIP names every cluster (or every pixel: its own regions)
         with timer(timing.CLIP):
             namings = self.namer(work, cluster_maps, vocabularies)
         shared = timer.split(len(images))
@@ -526,7 +545,7 @@ class FreeSegDiff:
                     sources[index],
                     captions[index],
                     vocabularies[index],
-                    cluster_maps[index],
+                    _cluster_map(naming, cluster_maps[index]),
                     naming,
                     composition,
                     coarse,
@@ -535,6 +554,13 @@ class FreeSegDiff:
                 )
             )
         return results
+
+
+def _cluster_map(naming: Naming, clustered: torch.Tensor | None) -> torch.Tensor:
+    """The image's regions: the namer's own (it named pixels) or the clusters of step 8."""
+    regions = naming.cluster_map if naming.cluster_map is not None else clustered
+    assert regions is not None
+    return regions
 
 
 def _result(

@@ -1,4 +1,10 @@
-"""Presets are data: ``presets/<name>.json`` files of settings merged over the defaults."""
+"""Presets are data: ``presets/<name>.json`` files of settings merged over the defaults.
+
+A preset file holds ``description``, ``settings`` (a partial :class:`PipelineConfig`) and,
+optionally, ``datasets``: per benchmark (a key of
+:data:`freesegdiff.evaluation.datasets.DATASETS`), settings merged over ``settings`` when that
+benchmark is evaluated, for a method whose released configs differ per dataset (``naclip``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import json
 from importlib import resources
 from typing import Any
 
-from freesegdiff.config import PipelineConfig
+from freesegdiff.config import PipelineConfig, merge_config
 from freesegdiff.errors import ConfigError
 
 
@@ -20,16 +26,34 @@ def available_presets() -> dict[str, str]:
     return found
 
 
-def preset_settings(name: str) -> dict[str, Any]:
-    """Return the raw nested settings of preset ``name`` (a partial :class:`PipelineConfig`)."""
+def _preset_file(name: str) -> dict[str, Any]:
     names = available_presets()
     if name not in names:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(names)}")
     text = (resources.files("freesegdiff") / "presets" / f"{name}.json").read_text()
-    settings: dict[str, Any] = json.loads(text)["settings"]
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def preset_settings(name: str) -> dict[str, Any]:
+    """Return the raw nested settings of preset ``name`` (a partial :class:`PipelineConfig`)."""
+    settings: dict[str, Any] = _preset_file(name)["settings"]
     return settings
 
 
-def load_preset(name: str) -> PipelineConfig:
-    """Return the :class:`PipelineConfig` of preset ``name`` (defaults merged with its file)."""
-    return PipelineConfig.from_dict(preset_settings(name))
+def dataset_settings(name: str, dataset: str) -> dict[str, Any]:
+    """The raw nested settings preset ``name`` adds for benchmark ``dataset`` (often none)."""
+    datasets: dict[str, Any] = _preset_file(name).get("datasets", {})
+    settings: dict[str, Any] = datasets.get(dataset, {})
+    return settings
+
+
+def load_preset(name: str, dataset: str | None = None) -> PipelineConfig:
+    """Return the :class:`PipelineConfig` of preset ``name`` (defaults merged with its file);
+    with ``dataset``, the preset's settings for that benchmark merged over it."""
+    config = PipelineConfig.from_dict(preset_settings(name))
+    if dataset is not None:
+        extra = dataset_settings(name, dataset)
+        if extra:
+            config = merge_config(config, extra, "")
+    return config

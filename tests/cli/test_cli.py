@@ -116,6 +116,41 @@ def test_fixed_classes_name_the_segments(photos, tmp_path):
     assert all(classes[index - 1] == name for name, index in named.items())
 
 
+def test_naclip_names_every_pixel_and_loads_only_clip(photos, tmp_path):
+    pytest.importorskip("cv2")
+    photo = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(photo)
+    out = tmp_path / "out"
+    classes = ["cat", "sofa", "wall"]
+    tiny = ["--clip-model", "tiny:clip", "--set", "dense.short_side=64", "--no-progress"]
+    code = main(
+        [
+            "segment",
+            str(photo),
+            "-o",
+            str(out),
+            "--preset",
+            "naclip",
+            "--classes",
+            ", ".join(classes),
+            *tiny,
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "cat.json").read_text())
+    assert summary["vocabulary"] == classes and summary["caption"] is None
+    assert "clip" in summary["timings"] and "unet" not in summary["timings"]  # no features
+    manifest = json.loads((out / "freesegdiff-run.json").read_text())
+    assert manifest["preset"] == "naclip"
+    assert manifest["settings"]["classify"]["namer"] == "dense"
+    with Image.open(out / "cat.png") as png:
+        labels = np.asarray(png)
+    assert labels.shape == photos["chelsea"].shape[:2]
+    assert set(np.unique(labels).tolist()) <= {1, 2, 3}  # every pixel named (prob_thd 0)
+    for label in summary["labels"]:
+        assert label["area"] == int((labels == label["id"]).sum())
+
+
 def test_user_errors_give_messages_not_tracebacks(photos, tmp_path, capsys, monkeypatch):
     """Usage and set-up errors exit with 2 and one message; a failed image with 1."""
     photo = tmp_path / "cat.png"
@@ -230,6 +265,9 @@ def test_config_file_merges_over_the_preset_section_by_section(tmp_path):
         (["--set", "clustering.n_init=0"], "clustering.n_init must be at least 1"),
         (["--set", "clustering.max_iter=0"], "clustering.max_iter must be at least 1"),
         (["--set", "clustering.tol=-1"], "clustering.tol must be 0 or more"),
+        (["--namer", "patches"], "classify.namer must be one of 'masked-crops', 'dense'"),
+        (["--namer", "dense", "--dense-regions", "all"], "dense.regions must be one of"),
+        (["--set", "dense.prob_thd=2"], "dense.prob_thd must be in [0, 1], got 2"),
     ],
 )
 def test_invalid_settings_exit_2_before_any_model_loads(photos, tmp_path, capsys, options, message):

@@ -358,3 +358,21 @@ def test_an_unexpected_failure_is_logged_with_its_traceback_and_told_briefly(
     with caplog.at_level(logging.WARNING), pytest.raises(gr.Error, match="RuntimeError"):
         event.fn(np.zeros((8, 8, 3), dtype=np.uint8), "")
     assert [record.exc_info is not None for record in caplog.records] == [True]
+
+
+def test_the_naclip_preset_serves_the_demo_with_a_class_box(tmp_path: Path) -> None:
+    """NACLIP's preset (a tiny CLIP, a small short side): a class box names every pixel; an
+    empty one says what to do, as it needs a captioner the preset does not load."""
+    pytest.importorskip("cv2")
+    from freesegdiff import FreeSegDiff
+
+    pipe = FreeSegDiff.from_preset(
+        "naclip", overrides={"models.clip": "tiny:clip", "dense.short_side": 48}
+    )
+    photo = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    output = run_segmentation(pipe, photo, "cat, sofa, wall", workdir=tmp_path)
+    assert output.result.vocabulary == ["cat", "sofa", "wall"]
+    assert set(np.unique(output.result.label_map)) <= {1, 2, 3}  # prob_thd 0: no background
+    assert output.result.cluster_map.shape == (40, 56) and output.caption == ""
+    with pytest.raises(ConfigError, match="open vocabulary needs a captioner"):
+        run_segmentation(pipe, photo, "", workdir=tmp_path)

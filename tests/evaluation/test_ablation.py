@@ -146,8 +146,14 @@ def test_the_shipped_grid_has_the_paper_axes_and_every_run_is_a_valid_config():
     assert len(baseline) == 1 and len(baseline[0].appears) == len(grid.studies)
     assert "facebook/dinov2-base" in json.dumps([r.settings for r in runs])
     assert "facebook/vit-mae-base" in json.dumps([r.settings for r in runs])
-    assert [study.name for study in grid.studies][-1] == "unet-features"
-    assert len(runs) == 23
+    assert [study.name for study in grid.studies][-2:] == ["unet-features", "naming"]
+    naming = grid.studies[-1]
+    assert [axis.name for axis in naming.axes] == ["namer", "pruning"]
+    namers = [option.settings.get("classify.namer") for option in naming.axes[0].options]
+    regions = [option.settings.get("dense.regions") for option in naming.axes[0].options]
+    assert namers == [None, "dense", "dense"] and regions == [None, None, "pixels"]
+    # 23 runs before the naming study; it adds its 3 x 2 runs but the baseline
+    assert len(runs) == 28
 
 
 @pytest.mark.heavy  # whole grids of tiny-model runs: the main environment's

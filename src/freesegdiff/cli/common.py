@@ -37,6 +37,16 @@ SHORTCUTS: dict[str, tuple[str, Any, str]] = {
     "--k": ("clustering.k", int, "number of k-means clusters (4)"),
     "--cluster-method": ("clustering.method", str, "kmeans or agglomerative"),
     "--entity-rule": ("entities.rule", str, "paper (released) or extended"),
+    "--namer": (
+        "classify.namer",
+        str,
+        "masked-crops (the method: CLIP on each masked image) or dense (CLIP patch tokens, NACLIP)",
+    ),
+    "--dense-regions": (
+        "dense.regions",
+        str,
+        "with --namer dense: clusters (name the diffusion regions) or pixels (NACLIP itself)",
+    ),
     "--refine": ("refine.method", str, "crf (default), pamr or none"),
     "--crf-backend": ("refine.backend", str, "pydensecrf (released) or torch (any device)"),
     "--crf-iterations": ("refine.iterations", int, "mean-field iterations (10)"),
@@ -113,12 +123,13 @@ def _json_value(text: str) -> Any:
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    """The :class:`PipelineConfig` the options describe: preset, then file, then flags and
+    """The :class:`PipelineConfig` the options describe: preset (with its settings for
+    ``--dataset`` when the command has one: ``eval``, ``ablate``), then file, then flags and
     ``--set`` (later ones win), the flags merged at once so that each section is checked once
     with all its new values."""
     from freesegdiff.presets import load_preset
 
-    config = load_preset(args.preset)
+    config = load_preset(args.preset, getattr(args, "dataset", None))
     if args.config:
         try:
             with open(args.config) as handle:

