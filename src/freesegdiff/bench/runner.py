@@ -202,7 +202,9 @@ def with_layout_folders(config: PipelineConfig, root: Path | None = None) -> Pip
     """``config`` with every Hub model replaced by its random-weight folder in the Hub layout
     (:mod:`freesegdiff.bench.hub_layouts`), written first, in a child process, if missing."""
     from freesegdiff.bench.hub_layouts import ensure_layouts_in_subprocess
+    from freesegdiff.bench.tokenizers import check_vocabularies
 
+    check_vocabularies()  # the real tokenizers' files: one clear message, not the child's
     names = _hub_names(config)
     folders = ensure_layouts_in_subprocess(sorted(set(names.values())), root)
     return with_settings(config, {f"models.{key}": str(folders[n]) for key, n in names.items()})
@@ -342,10 +344,26 @@ def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[
         forwards["caption"] = partial(pipe.captioner.generate, pipe.captioner.inputs(batch))
     if isinstance(features, DiffusionFeatures):
         forwards.update(_diffusion_forwards(features, batch, config))
-    else:  # another extractor (a ViT backbone): its whole call, resize and scaling included
+    elif features is not None:  # a ViT backbone: its whole call, resize and scaling included
         forwards["backbone"] = partial(features, batch, seed=config.seed)
-    forwards["clip"] = _clip_forward(classifier, batch, config.clustering.k, device)
+    if config.classify.namer == "dense":
+        forwards["clip"] = _dense_forward(pipe.namer.dense, batch)
+    else:
+        forwards["clip"] = _clip_forward(classifier, batch, config.clustering.k, device)
     return forwards
+
+
+def _dense_forward(dense: Any, batch: list[np.ndarray]) -> Callable[[], object]:
+    """The dense namer's work on each image against three label texts (their embeddings made
+    beforehand): resize, every sliding window's forward, upsampling and PAMR as set."""
+    texts = ["cat", "sofa", "remote control"]
+    dense.text_embeddings(texts)
+
+    def clip() -> None:
+        for image in batch:
+            dense.logits(image, texts)
+
+    return clip
 
 
 def _diffusion_forwards(
