@@ -275,7 +275,24 @@ class _Measured:
     totals: list[float]
 
 
-def _run_images(pipe: FreeSegDiff, paths: Sequence[Path], out: Path, batch_size: int) -> _Measured:
+def bench_classes(pipe: FreeSegDiff) -> list[str] | None:
+    """The class texts the bench gives a pipeline without a captioner (``naclip``): VOC21's
+    synonym lists, 56 texts, as ``eval --dataset voc21`` gives them; None (open vocabulary,
+    from the caption) otherwise."""
+    if pipe.captioner is not None:
+        return None
+    from freesegdiff.evaluation.classnames import flatten_synonyms, load_class_names
+
+    return list(flatten_synonyms(load_class_names("voc21"), 0).texts)
+
+
+def _run_images(
+    pipe: FreeSegDiff,
+    paths: Sequence[Path],
+    out: Path,
+    batch_size: int,
+    classes: list[str] | None = None,
+) -> _Measured:
     """Read, segment and write ``paths`` batch by batch; per-image stage seconds and totals."""
     from freesegdiff.io.images import load_image
 
@@ -286,7 +303,7 @@ def _run_images(pipe: FreeSegDiff, paths: Sequence[Path], out: Path, batch_size:
         timer = StageTimer(pipe.device)
         with timer("io"):
             arrays = [load_image(path) for path in batch]
-        results = pipe.segment_arrays(arrays, [str(path) for path in batch], None, timer)
+        results = pipe.segment_arrays(arrays, [str(path) for path in batch], classes, timer)
         writing = StageTimer()
         with writing("io"):
             for path, result in zip(batch, results, strict=True):
@@ -347,16 +364,19 @@ def _forwards(pipe: FreeSegDiff, batch: list[np.ndarray]) -> dict[str, Callable[
     elif features is not None:  # a ViT backbone: its whole call, resize and scaling included
         forwards["backbone"] = partial(features, batch, seed=config.seed)
     if config.classify.namer == "dense":
-        forwards["clip"] = _dense_forward(pipe.namer.dense, batch)
+        forwards["clip"] = _dense_forward(pipe.namer.dense, batch, bench_classes(pipe))
     else:
         forwards["clip"] = _clip_forward(classifier, batch, config.clustering.k, device)
     return forwards
 
 
-def _dense_forward(dense: Any, batch: list[np.ndarray]) -> Callable[[], object]:
-    """The dense namer's work on each image against three label texts (their embeddings made
-    beforehand): resize, every sliding window's forward, upsampling and PAMR as set."""
-    texts = ["cat", "sofa", "remote control"]
+def _dense_forward(
+    dense: Any, batch: list[np.ndarray], classes: list[str] | None
+) -> Callable[[], object]:
+    """The dense namer's work on each image against the bench's class texts, or three label
+    texts (their embeddings made beforehand): resize, every sliding window's forward,
+    upsampling and PAMR as set."""
+    texts = classes or ["cat", "sofa", "remote control"]
     dense.text_embeddings(texts)
 
     def clip() -> None:
@@ -454,9 +474,10 @@ def run_bench(settings: BenchSettings) -> BenchReport:
             path = root / f"image-{index:03d}.jpg"
             Image.fromarray(image).save(path, quality=90)
             paths.append(path)
-        _run_images(pipe, paths[:batch_size], root / "out", batch_size)  # warm-up
+        classes = bench_classes(pipe)
+        _run_images(pipe, paths[:batch_size], root / "out", batch_size, classes)  # warm-up
         began = time.perf_counter()
-        measured = _run_images(pipe, paths[batch_size:], root / "out", batch_size)
+        measured = _run_images(pipe, paths[batch_size:], root / "out", batch_size, classes)
         wall = time.perf_counter() - began
     floor = model_floor(pipe, images[batch_size:], batch_size)
     stages = {stage: statistics.median(per[stage] for per in measured.stages) for stage in STAGES}
@@ -479,7 +500,8 @@ def run_bench(settings: BenchSettings) -> BenchReport:
         ),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "caption_tokens": _caption_tokens(config),
+        "caption_tokens": _caption_tokens(config) if pipe.captioner is not None else None,
+        "class_texts": None if classes is None else len(classes),  # given, no captioner
         "models": {
             key: {"hub_id": name, "folder": getattr(config.models, key)}
             for key, name in hub_names.items()
