@@ -216,7 +216,7 @@ class FreeSegDiff:
         self.vocabulary = LabelVocabulary(
             config.vocabulary,
             entities if entities is not None else EntityExtractor(config.entities),
-            self._text_embedder,
+            self.text_embedder,
         )
         self.features = features
         self.clusterer = Clusterer(config.clustering, config.seed)
@@ -466,7 +466,7 @@ class FreeSegDiff:
         if self.features is not None:
             self.features.release_text_encoder()
 
-    def _text_embedder(self) -> TextEmbedder:
+    def text_embedder(self) -> TextEmbedder:
         """The embedder that matches entities to classes: the feature stage's text encoder, or
         (features from a ViT backbone) Stable Diffusion's, loaded when first needed."""
         if self._text_source is not None:

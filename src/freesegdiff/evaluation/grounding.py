@@ -139,12 +139,11 @@ class Grounder:
 
 
 def diffusion_embedder(pipe: Any) -> TextEmbedder:
-    """The pipeline's Stable Diffusion text encoder, mean over tokens (the paper's matching)."""
-    from freesegdiff.stages.vocabulary import text_embedder
-
-    return text_embedder(
-        pipe.features.tokenizer, pipe.features.text_encoder, pipe.device, pipe.dtype
-    )
+    """The pipeline's Stable Diffusion text encoder, mean over tokens (the paper's matching):
+    its feature stage's, or, with features from a ViT or none (a namer of pixels), the text
+    encoder alone, loaded on first use."""
+    embedder: TextEmbedder = pipe.text_embedder()
+    return embedder
 
 
 def minilm_embedder(device: str = "cpu", batch_size: int = 64) -> TextEmbedder:

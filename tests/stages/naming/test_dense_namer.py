@@ -19,6 +19,8 @@ from freesegdiff.stages.naming.dense import (
     window_origins,
 )
 
+CPU = torch.device("cpu")
+
 
 @dataclass
 class Vocabulary:
@@ -161,3 +163,45 @@ def test_dense_settings_are_checked_when_made():
     with_settings(PipelineConfig(), {"dense.gaussian_std": 0, "dense.attention": "kk"})
     with pytest.raises(ConfigError, match=r"dense.pamr_dilations must be positive"):
         with_settings(PipelineConfig(), {"dense.pamr_dilations": [0]})
+
+
+def test_template_embeddings_of_a_long_name_are_cut_at_77_tokens_with_clips_real_bpe(tmp_path):
+    """CLIP's real 49,408-token BPE: each of the 80 prompts of a name too long for CLIP is cut
+    to its first 76 tokens and the end token, and a short name padded beside it embeds as it
+    does alone; the class embedding is the normalised mean of the normalised prompts'."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from freesegdiff.bench.tokenizers import write_clip_tokenizer_files
+    from freesegdiff.stages.naming.dense import DenseClip
+    from freesegdiff.stages.naming.masked_crops import _pooled
+
+    write_clip_tokenizer_files(tmp_path)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
+    assert len(tokenizer) == 49408
+    torch.manual_seed(0)
+    text = {"vocab_size": 49408, "hidden_size": 16, "intermediate_size": 32}
+    text |= {"num_hidden_layers": 1, "num_attention_heads": 2, "eos_token_id": 2}
+    vision = {"image_size": 32, "patch_size": 16, "hidden_size": 16, "intermediate_size": 32}
+    vision |= {"num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    model = CLIPModel(config).eval()
+    dense = DenseClip(model, SimpleNamespace(tokenizer=tokenizer), DenseConfig(), CPU)
+    long_name = " ".join(["very"] * 90) + " cat"
+    embeddings = dense.text_embeddings([long_name, "cat"])
+
+    def by_hand(name: str) -> torch.Tensor:
+        rows = []
+        for template in imagenet_templates():
+            ids = tokenizer(template.format(name))["input_ids"]  # not truncated
+            if len(ids) > 77:
+                ids = [*ids[:76], tokenizer.eos_token_id]
+            with torch.no_grad():
+                rows.append(_pooled(model.get_text_features(input_ids=torch.tensor([ids]))))
+        return F.normalize(F.normalize(torch.cat(rows), dim=-1).mean(0), dim=-1)
+
+    assert len(tokenizer(imagenet_templates()[0].format(long_name))["input_ids"]) > 90
+    assert torch.allclose(embeddings[0], by_hand(long_name), atol=1e-6)
+    assert torch.allclose(embeddings[1], by_hand("cat"), atol=1e-6)

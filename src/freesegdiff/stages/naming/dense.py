@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from freesegdiff.config import DenseConfig, PipelineConfig
+from freesegdiff.infra.arrays import image_tensor
 from freesegdiff.infra.devices import to_device
 from freesegdiff.stages.naming.masked_crops import MaskClassifier, Naming, _pooled
 from freesegdiff.stages.refine.pamr import pamr
@@ -164,10 +165,9 @@ class DenseClip:
             resized = cv2.resize(
                 np.ascontiguousarray(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR
             )
-            pixels = to_device(torch.from_numpy(resized), self.device).permute(2, 0, 1).float()
+            pixels = to_device(image_tensor(resized), self.device).float()
         else:
-            pixels = to_device(torch.from_numpy(np.ascontiguousarray(image)), self.device)
-            pixels = pixels.permute(2, 0, 1).float()[None]
+            pixels = to_device(image_tensor(image), self.device).float()[None]
             if tuple(size) != (height, width):
                 pixels = F.interpolate(
                     pixels, size=size, mode="bilinear", align_corners=False, antialias=True
