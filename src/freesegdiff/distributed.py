@@ -340,6 +340,7 @@ class _PredictWorker:
 
         from freesegdiff.evaluation.datasets import Sample
 
+        share_actor_cpus()
         predict = self.make_predictor()
 
         def work(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -368,6 +369,19 @@ class _PredictWorker:
         return work
 
 
+def share_actor_cpus() -> int | None:
+    """Size this Ray actor's worker pools (the released CRF's processes) from the CPUs Ray gave
+    it, not from the whole node's (:func:`freesegdiff.infra.tuning.share_cpus`); returns them,
+    or None outside a Ray actor or for an actor given no CPU (a GPU actor: the node's share)."""
+    import ray
+
+    from freesegdiff.infra.tuning import share_cpus
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    share_cpus(int(cpus) if cpus else None)
+    return int(cpus) if cpus else None
+
+
 @dataclass(frozen=True)
 class SegmentWorker:
     """Builds one Ray actor's worker for ``segment --ray``: the run's pipeline, loaded once,
@@ -381,6 +395,7 @@ class SegmentWorker:
         from freesegdiff.cli.common import load_pipeline
         from freesegdiff.cli.folder import Job, segment_and_write
 
+        share_actor_cpus()
         pipe = load_pipeline(self.args, self.settings.classes)
 
         def work(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -366,3 +366,38 @@ def test_resnet_features_are_untouched_by_the_inplace_resnets(tiny_sd_path, imag
     tuned = make(runtime=RuntimeOptions.fast())
     assert any("forward" in vars(block) for block in tuned.unet.modules())
     assert torch.equal(tuned(images, seed=0), make()(images, seed=0))
+
+
+def test_the_crf_pool_is_sized_from_the_cpus_this_process_may_use(monkeypatch):
+    """One worker per CPU of the process's share (a Ray actor's num_cpus), else of its CPU
+    affinity, at most 8; none for a single CPU (the masks then run in the process)."""
+    from types import SimpleNamespace
+
+    from freesegdiff import distributed
+    from freesegdiff.infra import tuning
+
+    try:
+        tuning.share_cpus(3)
+        assert tuning.usable_cpus() == 3 and RuntimeOptions().crf_pool().processes == 3
+        tuning.share_cpus(1)
+        assert RuntimeOptions().crf_pool() is None
+        tuning.share_cpus(64)
+        assert RuntimeOptions().crf_pool().processes == 8
+        assert RuntimeOptions(crf_processes=2).crf_pool().processes == 2  # asked for: as asked
+        # in a Ray actor: what Ray assigned to it, not the node's CPUs
+        assigned = {"CPU": 2.0}
+        context = SimpleNamespace(get_assigned_resources=lambda: assigned)
+        fake_ray = SimpleNamespace(get_runtime_context=lambda: context)
+        monkeypatch.setitem(sys.modules, "ray", fake_ray)
+        assert distributed.share_actor_cpus() == 2 and tuning.usable_cpus() == 2
+        assigned = {"GPU": 1.0}  # a GPU actor: no CPU share, the process's affinity again
+        assert distributed.share_actor_cpus() is None
+    finally:
+        tuning.share_cpus(None)
+    child = (
+        "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+        "from freesegdiff.infra.tuning import usable_cpus; print(usable_cpus())"
+    )
+    if hasattr(os, "sched_setaffinity"):
+        done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+        assert done.stdout.strip() == "1", done.stderr

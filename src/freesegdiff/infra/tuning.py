@@ -31,7 +31,8 @@ The tricks (fields of :class:`RuntimeOptions`):
 - ``crf_processes``: the pydensecrf refinement (the released CRF, one per kept mask, in C++ that
   holds Python's lock) runs its masks side by side in that many worker processes
   (:class:`WorkerProcesses`, started on first use; each imports numpy and pydensecrf only,
-  about 60 MB). The same calls, so the same masks. None: one per core, at most 8.
+  about 60 MB). The same calls, so the same masks. None: one per CPU this process may use
+  (:func:`usable_cpus`: its CPU affinity, or the CPUs a Ray actor was given), at most 8.
 
 Use::
 
@@ -114,10 +115,11 @@ class RuntimeOptions:
 
     def crf_pool(self) -> WorkerProcesses | None:
         """The worker processes a refiner with the released CRF runs its masks in
-        (``crf_processes``; None: one per core, at most 8), or None for fewer than two."""
+        (``crf_processes``; None: one per CPU this process may use, :func:`usable_cpus`, at
+        most 8), or None for fewer than two."""
         processes = self.crf_processes
         if processes is None:
-            processes = min(os.cpu_count() or 1, 8)
+            processes = min(usable_cpus(), 8)
         return WorkerProcesses(processes) if processes > 1 else None
 
     # The hook DiffusionFeatures calls (freesegdiff.stages.features.diffusion.FeatureRuntime).
@@ -134,6 +136,27 @@ class RuntimeOptions:
     ) -> contextlib.AbstractContextManager[None]:
         """:func:`vae_buffers` with these options."""
         return vae_buffers(features, pixels, self)
+
+
+_CPU_SHARE: list[int] = []  # set by a Ray actor: the CPUs Ray gave it
+
+
+def share_cpus(cpus: int | None) -> None:
+    """Tell this process it has ``cpus`` CPUs of its machine to itself (a Ray actor given
+    ``num_cpus``; freesegdiff.distributed calls it); None: forget it."""
+    _CPU_SHARE.clear()
+    if cpus is not None:
+        _CPU_SHARE.append(max(1, int(cpus)))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its share (:func:`share_cpus`), else its CPU affinity
+    (``taskset``, a container's cpuset), else every CPU of the machine."""
+    if _CPU_SHARE:
+        return _CPU_SHARE[0]
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def channels_last_pays(device: torch.device, dtype: torch.dtype) -> bool:
