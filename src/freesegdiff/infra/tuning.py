@@ -289,7 +289,7 @@ def use_inplace_resnets(model: torch.nn.Module) -> int:
             and isinstance(module.nonlinearity, torch.nn.SiLU)
             and isinstance(module.dropout, torch.nn.Dropout)
         ):
-            module.forward = _inplace_resnet_forward(module)  # type: ignore[method-assign]
+            module.forward = _inplace_resnet_forward(module)
             changed += 1
     return changed
 

@@ -152,7 +152,7 @@ def opt_tokenizer() -> Any:
     vocab, merges = _byte_level_bpe(WORDS)
     tokenizer = GPT2Tokenizer(
         vocab=vocab,
-        merges=merges,  # type: ignore[arg-type]  # annotated list[str]; tokenizers wants pairs
+        merges=merges,  # annotated list[str]; tokenizers wants pairs
         bos_token="</s>",
         eos_token="</s>",
         unk_token="</s>",

@@ -87,4 +87,4 @@ def build_stable_diffusion(folder: Path, seed: int = 0) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(folder)  # type: ignore[attr-defined]
+    pipeline.save_pretrained(folder)

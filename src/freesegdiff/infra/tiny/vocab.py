@@ -175,7 +175,7 @@ def write_clip_tokenizer(folder: Path, max_length: int = 77) -> int:
     vocab, merges = clip_bpe()
     tokenizer = CLIPTokenizer(
         vocab=vocab,
-        merges=merges,  # type: ignore[arg-type]  # the tokenizers backend takes pairs
+        merges=merges,  # the tokenizers backend takes pairs
         model_max_length=max_length,
     )
     tokenizer.save_pretrained(folder)
