@@ -64,9 +64,27 @@ def tiny_blip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 FIXTURE_NEEDS: dict[str, str] = {"photos": "skimage"}  # fixture -> module it needs
 
 
+# The files that take longest (measured in CI's durations), run first: pytest-xdist hands whole
+# files to its workers in collection order (--dist loadfile), so a long file collected last
+# would run alone at the end while the other worker idles.
+LONGEST_FIRST = (
+    "test_distributed.py",
+    "test_huge_images.py",
+    "test_segment_robustness.py",
+    "test_demo_load.py",
+    "test_demo_command.py",
+    "test_weights.py",
+    "test_bench_dtype.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the tests whose fixtures need a package that is not installed."""
+    """Run the longest files first; skip the tests whose fixtures need a package that is not
+    installed."""
     import importlib.util
+
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
 
     missing = {
         fixture: module

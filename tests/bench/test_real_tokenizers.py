@@ -30,30 +30,11 @@ from freesegdiff.bench import tokenizers
 from freesegdiff.bench.models import _blip_image_processor, load_architecture
 from freesegdiff.config import CaptionConfig
 from freesegdiff.errors import ModelUnavailableError
+from freesegdiff.evaluation.classnames import load_class_names
 from freesegdiff.stages.captioner import Captioner
 
-VOC = (
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
+# The 20 VOC class names as the dataset writes them ("diningtable", "tvmonitor", ...)
+VOC = tuple(entry.name for entry in load_class_names("voc20"))
 TEXTS = (
     *VOC,
     "dining table",
