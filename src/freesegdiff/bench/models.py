@@ -12,10 +12,14 @@ filled from a pool of standard-normal values:
 - embeddings and free parameters (class tokens, position tables, query tokens): ``N(0, 0.02^2)``;
 - CLIP's ``logit_scale``: the config's initial value.
 
-Tokenizers are the tiny models' (:mod:`freesegdiff.infra.tiny.vocab`: a few hundred real English
-words) while the embedding tables keep the real vocabulary sizes, so every matrix has its real
-shape. The captioners' output layers are biased towards whole words of that vocabulary, as the
-tiny builders do, so that captions decode into words that parse into entities.
+The networks are built here around the tiny models' tokenizers
+(:mod:`freesegdiff.infra.tiny.vocab`: a few hundred real English words) while the embedding
+tables keep the real vocabulary sizes, so every matrix has its real shape. The captioners' output
+layers are biased towards whole words of that vocabulary, as the tiny builders do, so that
+captions decode into words that parse into entities. The folders the bench loads from
+(:mod:`freesegdiff.bench.hub_layouts`) hold the real tokenizers instead (CLIP's BPE, BERT's
+WordPiece: :mod:`freesegdiff.bench.tokenizers`), with the Hub's special-token ids and BLIP's bias
+moved to those words' real ids.
 """
 
 from __future__ import annotations
