@@ -65,6 +65,15 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_pamr(section: str, iterations: int, dilations: tuple[int, ...]) -> None:
+    """PAMR's settings, wherever a section has them (``refine``, ``dense``)."""
+    _require(iterations >= 0, f"{section}.pamr_iterations must be >= 0, got {iterations}")
+    _require(
+        len(dilations) > 0 and all(int(d) >= 1 for d in dilations),
+        f"{section}.pamr_dilations must be positive integers, got {dilations}",
+    )
+
+
 class _Section:
     """A config section that checks itself when it is built: every ``Literal`` field against
     its choices, then :meth:`check` (ranges and relations between the section's fields)."""
@@ -387,14 +396,7 @@ class DenseConfig(_Section):
         for name in ("short_side", "long_side", "batch_size"):
             value = getattr(self, name)
             _require(value >= 1, f"dense.{name} must be at least 1, got {value}")
-        _require(
-            self.pamr_iterations >= 0,
-            f"dense.pamr_iterations must be >= 0, got {self.pamr_iterations}",
-        )
-        _require(
-            len(self.pamr_dilations) > 0 and all(int(d) >= 1 for d in self.pamr_dilations),
-            f"dense.pamr_dilations must be positive integers, got {self.pamr_dilations}",
-        )
+        _check_pamr("dense", self.pamr_iterations, self.pamr_dilations)
 
 
 @dataclass(frozen=True)
@@ -426,14 +428,7 @@ class RefineConfig(_Section):
             value = getattr(self, name)
             _require(value > 0, f"refine.{name} must be positive, got {value}")
         _require(self.iterations >= 0, f"refine.iterations must be >= 0, got {self.iterations}")
-        _require(
-            self.pamr_iterations >= 0,
-            f"refine.pamr_iterations must be >= 0, got {self.pamr_iterations}",
-        )
-        _require(
-            len(self.pamr_dilations) > 0 and all(int(d) >= 1 for d in self.pamr_dilations),
-            f"refine.pamr_dilations must be positive integers, got {self.pamr_dilations}",
-        )
+        _check_pamr("refine", self.pamr_iterations, self.pamr_dilations)
 
 
 @dataclass(frozen=True)

@@ -41,19 +41,10 @@ def preset_settings(name: str) -> dict[str, Any]:
     return settings
 
 
-def dataset_settings(name: str, dataset: str) -> dict[str, Any]:
-    """The raw nested settings preset ``name`` adds for benchmark ``dataset`` (often none)."""
-    datasets: dict[str, Any] = _preset_file(name).get("datasets", {})
-    settings: dict[str, Any] = datasets.get(dataset, {})
-    return settings
-
-
 def load_preset(name: str, dataset: str | None = None) -> PipelineConfig:
     """Return the :class:`PipelineConfig` of preset ``name`` (defaults merged with its file);
     with ``dataset``, the preset's settings for that benchmark merged over it."""
-    config = PipelineConfig.from_dict(preset_settings(name))
-    if dataset is not None:
-        extra = dataset_settings(name, dataset)
-        if extra:
-            config = merge_config(config, extra, "")
-    return config
+    data = _preset_file(name)
+    config = PipelineConfig.from_dict(data["settings"])
+    extra = data.get("datasets", {}).get(dataset, {}) if dataset is not None else {}
+    return merge_config(config, extra, "") if extra else config

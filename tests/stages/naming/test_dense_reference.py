@@ -10,7 +10,6 @@ the sliding window, PAMR on and off, on real photos of odd sizes.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import dense_reference as reference
 import numpy as np
@@ -24,50 +23,24 @@ PAMR_ON = {("naclip", "reduced", 224), ("csa", "vanilla", 224)}
 PHOTOS = ("chelsea", "coffee", "astronaut")
 
 
-def build_tiny_clip(folder: Path, seed: int = 0) -> None:
-    """A tiny random CLIP with ViT-B/16's geometry (224 input, 16-pixel patches), narrow."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    from freesegdiff.infra.tiny.vocab import write_clip_tokenizer
-
-    vocab_size = write_clip_tokenizer(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "image_size": 224,
-            "patch_size": 16,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 2,
-        },
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+# A tiny random CLIP with ViT-B/16's geometry (224 input, 16-pixel patches), narrow.
+B16_GEOMETRY = {
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+}
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory):
     from transformers import CLIPModel, CLIPProcessor
 
+    from freesegdiff.infra.tiny.clip import build_clip
+
     folder = tmp_path_factory.mktemp("tiny-clip-b16")
-    build_tiny_clip(folder)
+    build_clip(folder, seed=0, vision=B16_GEOMETRY)
     return CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
 
 

@@ -8,12 +8,27 @@ import torch
 
 from freesegdiff.infra.tiny.vocab import write_clip_tokenizer
 
+# The vision tower's geometry: 32x32 inputs in 8-pixel patches, 16 wide, 2 blocks.
+VISION = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
 
-def build_clip(folder: Path, seed: int = 0) -> None:
-    """Save a tiny random ``CLIPModel`` and ``CLIPProcessor`` (32x32 input) under ``folder``."""
+
+def build_clip(folder: Path, seed: int = 0, vision: dict[str, int] | None = None) -> None:
+    """Save a tiny random ``CLIPModel`` and ``CLIPProcessor`` under ``folder``.
+
+    ``vision``: settings of the vision tower over :data:`VISION` (e.g. ViT-B/16's 224-pixel
+    inputs in 16-pixel patches); the processor resizes and crops to its ``image_size``.
+    """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     folder = Path(folder)
+    geometry = {**VISION, **(vision or {})}
     vocab_size = write_clip_tokenizer(folder)
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     torch.manual_seed(seed)
@@ -29,18 +44,12 @@ def build_clip(folder: Path, seed: int = 0) -> None:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
-            "image_size": 32,
-            "patch_size": 8,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        },
+        vision_config=geometry,
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(folder)
+    side = geometry["image_size"]
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)

@@ -34,7 +34,12 @@ import torch.nn.functional as F
 from freesegdiff.config import DenseConfig, PipelineConfig
 from freesegdiff.infra.arrays import image_tensor
 from freesegdiff.infra.devices import to_device
-from freesegdiff.stages.naming.masked_crops import MaskClassifier, Naming, _pooled
+from freesegdiff.stages.naming.masked_crops import (
+    MaskClassifier,
+    Naming,
+    _pooled,
+    cluster_masks,
+)
 from freesegdiff.stages.refine.pamr import pamr
 
 __all__ = ["DenseClip", "DenseNamer", "imagenet_templates", "resized_size"]
@@ -401,8 +406,8 @@ class DenseNamer:
         else:
             cluster_map = cluster_map.to(device)
             cluster_labels = []
-        count = int(cluster_map.max()) + 1
-        masks = torch.stack([cluster_map == k for k in range(count)])  # (K, H, W)
+        masks = cluster_masks(cluster_map)  # (K, H, W)
+        count = len(masks)
         flat = masks.reshape(count, -1).float()
         area = flat.sum(dim=1)  # (K,)
         pixels = probs.reshape(len(texts), flat.shape[1])

@@ -261,6 +261,12 @@ def assign_labels(
     return [int(c) if claimed[c, k] > 0 else -1 for k, c in enumerate(choice)]
 
 
+def cluster_masks(cluster_map: torch.Tensor) -> torch.Tensor:
+    """``(H, W)`` cluster indices ``0..K-1`` -> ``(K, H, W)`` bool, one mask per index (an
+    index no pixel has gives an empty mask)."""
+    return torch.stack([cluster_map == k for k in range(int(cluster_map.max()) + 1)])
+
+
 @dataclass(frozen=True)
 class Naming:
     """Steps 10 and 11 for one image."""
@@ -309,7 +315,7 @@ class MaskNamer:
             vocabularies: per image, anything with ``texts`` and ``candidates`` (an
                 :class:`~freesegdiff.stages.vocabulary.ImageVocabulary`).
         """
-        masks = [torch.stack([m == k for k in range(int(m.max()) + 1)]) for m in cluster_maps]
+        masks = [cluster_masks(cluster_map) for cluster_map in cluster_maps]
         items = [
             (image, mask, vocabulary.texts)
             for image, mask, vocabulary in zip(images, masks, vocabularies, strict=True)
