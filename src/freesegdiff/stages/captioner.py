@@ -81,7 +81,8 @@ class Captioner:
         """Wrap an already loaded ``Blip(2)ForConditionalGeneration`` and its processor.
 
         ``runtime``: the speed tuning (:class:`~freesegdiff.infra.tuning.RuntimeOptions`):
-        extra ``generate`` keywords per call that change no token (``beam_cross_cache``);
+        extra ``generate`` keywords per call that change no token (``fast_captioner``:
+        BLIP's decoder and vision attention at their floor; ``beam_cross_cache``);
         None: transformers' ``generate`` as released.
 
         Raises:
