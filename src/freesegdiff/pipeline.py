@@ -22,8 +22,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, overload
@@ -39,7 +41,7 @@ from freesegdiff.errors import (
 )
 from freesegdiff.infra import timing
 from freesegdiff.infra.arrays import fit_longest_side
-from freesegdiff.infra.devices import resolve_device, resolve_dtype
+from freesegdiff.infra.devices import resolve_device, resolve_dtype, to_host
 from freesegdiff.infra.hub import LoadOptions, check_models_available
 from freesegdiff.infra.timing import StageTimer
 from freesegdiff.infra.tuning import RuntimeOptions, after_loading, tune_process
@@ -223,6 +225,10 @@ class FreeSegDiff:
         self.classifier = classifier
         self.namer = NAMERS.get(config.classify.namer).from_classifier(classifier, config)
         self.refiner = Refiner(config.refine, self.device, runtime)
+        self.runtime = runtime
+        self._model_lock = threading.Lock()
+        self._refine_threads: Any = None
+        self.last_stream: Any = None  # the last streamed run's executor (its stats)
 
     # ----------------------------------------------------------------------------- building
     @classmethod
@@ -382,8 +388,16 @@ class FreeSegDiff:
         prefetch: int = 2,
     ) -> Iterator[tuple[str, SegmentationResult | FreeSegDiffError, np.ndarray | None]]:
         """As :meth:`iter_segment`, with each image's ``(H, W, 3)`` uint8 pixels as read (None
-        when it could not be read), so that writing outputs need not decode it again."""
+        when it could not be read), so that writing outputs need not decode it again.
+
+        With ``runtime.stream`` (:class:`~freesegdiff.infra.tuning.RuntimeOptions`, what the
+        CLI uses) the batches are streamed (:meth:`_iter_streamed`): the same batches, the
+        same results, the stage groups of different batches overlapped.
+        """
         names = normalise_classes(classes)
+        if self.runtime is not None and self.runtime.stream:
+            yield from self._iter_streamed(inputs, names, prefetch)
+            return
         step = max(1, self.config.batch_size)
         loaded: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch) * step)
         done = object()
@@ -423,6 +437,126 @@ class FreeSegDiff:
                 yield from self._segment_guarded(pending, names)
                 pending = []
         thread.join()
+
+    def _iter_streamed(
+        self, inputs: Iterable[ImageInput], classes: list[str] | None, prefetch: int = 2
+    ) -> Iterator[tuple[str, SegmentationResult | FreeSegDiffError, np.ndarray | None]]:
+        """:meth:`iter_segment_with_images` through the streaming executor
+        (:mod:`freesegdiff.infra.stream`; docs/method.md, runtime settings).
+
+        The groups: reading (the source thread), caption (steps 1, 2, 9), features (3-7),
+        clustering and naming (8, 10, 11), refinement (12: each image's masks a task of
+        :attr:`refine_threads`, so images refine side by side in the CRF worker processes) and
+        composition (13, 14); the caller writes. Batches are the serial path's (the next
+        ``batch_size`` readable images), so every result is the serial one. A batch that fails
+        in any group is segmented again image by image, serially, as the serial path does; an
+        image that cannot be read fails alone. Outcomes are yielded in input order.
+        """
+        from freesegdiff.infra.stream import Group, Item, Stream
+
+        step = max(1, self.config.batch_size)
+        runtime = self.runtime
+        assert runtime is not None
+        # The model groups take turns on the CPU (each already uses every core); on CUDA they
+        # may launch their work side by side.
+        models = self._model_lock if self.device.type != "cuda" else nullcontext()
+        refine_threads = self.refine_threads()
+
+        def read() -> Iterator[Any]:
+            pending: list[tuple[int, str, np.ndarray, float]] = []
+            for index, item in enumerate(inputs):
+                name = _source_name(item) or f"image-{index}"
+                outcome = self._read(name, item)
+                if isinstance(outcome, FreeSegDiffError):
+                    yield Item(_Unread(index, name), error=outcome)
+                    continue
+                pending.append((index, name, *outcome))
+                if len(pending) == step:
+                    yield self._loaded_batch(pending, classes)
+                    pending = []
+            if pending:
+                yield self._loaded_batch(pending, classes)
+
+        groups = [
+            Group("caption", self._describe, models),
+            Group("features", self._extract, models),
+            Group("naming", self._name, models),
+            Group("refinement", partial(self._refine, threads=refine_threads)),
+            Group("composition", lambda batch: (batch, self._compose(batch))),
+        ]
+        stream = Stream(groups, depth=max(1, prefetch))
+        self.last_stream = stream
+        done: dict[int, tuple[str, SegmentationResult | FreeSegDiffError, np.ndarray | None]] = {}
+        following = 0
+        for item in stream.run(read()):
+            payload = item.payload
+            if isinstance(payload, _Unread):
+                assert isinstance(item.error, FreeSegDiffError)
+                done[payload.index] = (payload.name, item.error, None)
+            else:
+                batch = payload if item.error is not None else payload[0]
+                if item.error is None:
+                    for (index, name, _), image, result in zip(
+                        batch.entries, batch.images, payload[1], strict=True
+                    ):
+                        done[index] = (name, result, image)
+                elif len(batch.entries) == 1:  # as the serial path: this image fails
+                    (index, name, _), image = batch.entries[0], batch.images[0]
+                    logger.error("segmenting %s failed", name, exc_info=item.error)
+                    message = f"segmenting {name} failed: {item.error}"
+                    done[index] = (name, FreeSegDiffError(message), image)
+                else:  # as the serial path: again, image by image, here
+                    for (index, name, seconds), image in zip(
+                        batch.entries, batch.images, strict=True
+                    ):
+                        with models:
+                            (done[index],) = self._segment_guarded(
+                                [(name, image, seconds)], classes
+                            )
+            while following in done:
+                yield done.pop(following)
+                following += 1
+
+    def refine_threads(self) -> Any:
+        """The threads a streamed run refines its images in (one per CRF worker process, else
+        one), started on first use and kept for the pipeline's life."""
+        if self._refine_threads is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = self.refiner.pool
+            count = max(1, pool.processes if pool is not None else 1)
+            self._refine_threads = ThreadPoolExecutor(
+                count, thread_name_prefix="freesegdiff-refine"
+            )
+        return self._refine_threads
+
+    def _read(self, name: str, item: ImageInput) -> tuple[np.ndarray, float] | FreeSegDiffError:
+        """One input's pixels and reading seconds, or the error that says why it cannot be read
+        (never raised: a reader that died would end the run)."""
+        timer = StageTimer()
+        try:
+            with timer(timing.IO):
+                array = self._load(item)
+        except FreeSegDiffError as error:
+            return error
+        except Exception as error:
+            return ImageReadError(f"cannot read {name}: {type(error).__name__}: {error}")
+        return array, timer.seconds[timing.IO]
+
+    def _loaded_batch(
+        self, entries: list[tuple[int, str, np.ndarray, float]], classes: list[str] | None
+    ) -> _Batch:
+        """A :class:`_Batch` of read images with their reading seconds on its timer."""
+        timer = StageTimer(self.device)
+        timer.seconds[timing.IO] = sum(seconds for _, _, _, seconds in entries)
+        batch = _Batch(
+            [array for _, _, array, _ in entries],
+            [name for _, name, _, _ in entries],
+            classes,
+            timer,
+            entries=[(index, name, seconds) for index, name, _, seconds in entries],
+        )
+        return self._check_batch(batch)
 
     def _segment_guarded(
         self, batch: list[tuple[str, np.ndarray, float]], classes: list[str] | None
@@ -484,68 +618,122 @@ class FreeSegDiff:
     ) -> list[SegmentationResult]:
         """Segment a batch of RGB uint8 ``(H, W, 3)`` arrays (every model runs once per batch).
 
-        The steps of docs/method.md, each a call of its stage (see the module docstring).
+        The steps of docs/method.md, each a call of its stage (see the module docstring), in
+        the four groups a streamed run overlaps across batches (:meth:`iter_segment`).
         """
-        if classes is None and self.captioner is None:
+        batch = self._check_batch(_Batch(list(images), list(sources), classes, timer))
+        self._describe(batch)  # 1, 2, 9
+        self._extract(batch)  # 3-7
+        self._name(batch)  # 8, 10, 11
+        self._refine(batch)  # 12
+        return self._compose(batch)  # 13, 14
+
+    def _check_batch(self, batch: _Batch) -> _Batch:
+        if batch.classes is None and self.captioner is None:
             raise ConfigError(
                 "open vocabulary needs a captioner to name things: set models.captioner "
                 "(--captioner-model) or give class names (classes=[...], --classes)"
             )
-        timer = timer or StageTimer(self.device)
+        if batch.timer is None:
+            batch.timer = StageTimer(self.device)
+        return batch
+
+    def _describe(self, batch: _Batch) -> _Batch:
+        """Steps 1, 2 and 9: captions, their entities and each image's label texts."""
+        timer = batch.timer
+        assert timer is not None
         # 1. caption (None each without a captioner)
-        captions: list[str | None] = [None] * len(images)
+        batch.captions = [None] * len(batch.images)
         if self.captioner is not None:
             with timer(timing.CAPTION):
-                captions = list(self.captioner.caption(images))
+                batch.captions = list(self.captioner.caption(batch.images))
         # 2, 9. entities and label texts
         with timer(timing.ENTITIES):
-            vocabularies = [self.vocabulary(caption, classes) for caption in captions]
+            batch.vocabularies = [
+                self.vocabulary(caption, batch.classes) for caption in batch.captions
+            ]
+        return batch
+
+    def _extract(self, batch: _Batch) -> _Batch:
+        """Steps 3-7: the diffusion (or ViT) features ``(B, C, F, F)``, unless the namer names
+        pixels."""
+        if not self.namer.names_pixels:
+            assert self.features is not None and batch.timer is not None
+            batch.features = self.features(batch.images, seed=self.config.seed, timer=batch.timer)
+        return batch
+
+    def _name(self, batch: _Batch) -> _Batch:
+        """Steps 8, 10 and 11: class-agnostic masks, and CLIP's name for each (or for every
+        pixel); the masks come to the host as ``(K, h, w)`` bool arrays."""
+        timer = batch.timer
+        assert timer is not None
         # Steps 8-13 work at most at the working size (limits.working_size); steps 1-7
         # resize the images themselves, from the full-size pixels.
-        work = [fit_longest_side(image, self.config.limits.working_size) for image in images]
-        cluster_maps: list[torch.Tensor | None] = [None] * len(images)
-        if not self.namer.names_pixels:
-            # 3-7. diffusion features: (B, C, F, F)
-            assert self.features is not None
-            features = self.features(images, seed=self.config.seed, timer=timer)
+        batch.work = [
+            fit_longest_side(image, self.config.limits.working_size) for image in batch.images
+        ]
+        batch.cluster_maps = [None] * len(batch.images)
+        if batch.features is not None:
             # 8. class-agnostic masks: one (h, w) cluster map per image, at the working size
             with timer(timing.CLUSTERING):
-                cluster_maps = [
-                    self.clusterer(features[i], len(vocabulary.candidates), image.shape[:2])
-                    for i, (image, vocabulary) in enumerate(zip(work, vocabularies, strict=True))
+                batch.cluster_maps = [
+                    self.clusterer(batch.features[i], len(vocabulary.candidates), image.shape[:2])
+                    for i, (image, vocabulary) in enumerate(
+                        zip(batch.work, batch.vocabularies, strict=True)
+                    )
                 ]
+            batch.features = None  # (B, C, F, F) no longer needed
         # 10, 11. CLIP names every cluster (or every pixel: its own regions)
         with timer(timing.CLIP):
-            namings = self.namer(work, cluster_maps, vocabularies)
-        shared = timer.split(len(images))
+            batch.namings = self.namer(batch.work, batch.cluster_maps, batch.vocabularies)
+            batch.coarse = [to_host(naming.masks).numpy() for naming in batch.namings]
+        return batch
+
+    def _refine(self, batch: _Batch, threads: Any = None) -> _Batch:
+        """Step 12: each image's kept masks refined, here or (streamed) as tasks of the
+        ``threads`` executor that :meth:`_compose` waits for."""
+        for image, naming, coarse in zip(batch.work, batch.namings, batch.coarse, strict=True):
+            kept = coarse[naming.kept]
+            if threads is None:
+                batch.refined.append(_timed_refinement(self.refiner, image, kept))
+            else:
+                batch.refined.append(threads.submit(_timed_refinement, self.refiner, image, kept))
+        return batch
+
+    def _compose(self, batch: _Batch) -> list[SegmentationResult]:
+        """Steps 13 and 14: each image's label map at its own size, and its result."""
+        assert batch.timer is not None
+        shared = batch.timer.split(len(batch.images))
         results = []
-        for index, (image, naming) in enumerate(zip(work, namings, strict=True)):
+        for index, (image, naming) in enumerate(zip(batch.work, batch.namings, strict=True)):
             image_timer = StageTimer(self.device)
-            coarse = naming.masks.cpu().numpy()  # (K, h, w) bool
-            # 12. refinement of the kept clusters' masks
-            with image_timer(timing.REFINEMENT):
-                refined_kept = self.refiner(image, coarse[naming.kept])
+            coarse = batch.coarse[index]
+            refinement = batch.refined[index]
+            refined_kept, seconds = (
+                refinement if isinstance(refinement, tuple) else refinement.result()
+            )
+            image_timer.seconds[timing.REFINEMENT] = seconds
             # 13. composition; 14. the label map at the image's size
             with image_timer(timing.COMPOSITION):
                 composition = compose(
                     refined_kept,
                     naming.kept,
                     naming.cluster_labels,
-                    vocabularies[index].texts,
+                    batch.vocabularies[index].texts,
                     naming.scores,
                     image.shape[:2],
                 )
-                composition = resize_composition(composition, images[index].shape[:2])
+                composition = resize_composition(composition, batch.images[index].shape[:2])
             refined = np.zeros_like(coarse)
             refined[naming.kept] = refined_kept
             timings = {**shared, **image_timer.seconds}
             results.append(
                 _result(
-                    images[index],
-                    sources[index],
-                    captions[index],
-                    vocabularies[index],
-                    _cluster_map(naming, cluster_maps[index]),
+                    batch.images[index],
+                    batch.sources[index],
+                    batch.captions[index],
+                    batch.vocabularies[index],
+                    _cluster_map(naming, batch.cluster_maps[index]),
                     naming,
                     composition,
                     coarse,
@@ -554,6 +742,44 @@ class FreeSegDiff:
                 )
             )
         return results
+
+
+@dataclass
+class _Batch:
+    """One batch of images on its way through the steps (see :meth:`FreeSegDiff.segment_arrays`):
+    each group of steps fills its fields."""
+
+    images: list[np.ndarray]
+    sources: list[str | None]
+    classes: list[str] | None
+    timer: StageTimer | None = None
+    captions: list[str | None] = field(default_factory=list)
+    vocabularies: list[ImageVocabulary] = field(default_factory=list)
+    features: torch.Tensor | None = None
+    work: list[np.ndarray] = field(default_factory=list)
+    cluster_maps: list[torch.Tensor | None] = field(default_factory=list)
+    namings: list[Naming] = field(default_factory=list)
+    coarse: list[np.ndarray] = field(default_factory=list)
+    refined: list[Any] = field(default_factory=list)  # (masks, seconds) or a future of them
+    # streamed runs: each image's input index, name and reading seconds
+    entries: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Unread:
+    """An input that could not be read, at its place in the input order."""
+
+    index: int
+    name: str
+
+
+def _timed_refinement(
+    refiner: Refiner, image: np.ndarray, masks: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Step 12 for one image: its refined ``(N, h, w)`` bool masks and the seconds taken."""
+    began = time.perf_counter()
+    refined = refiner(image, masks)
+    return refined, time.perf_counter() - began
 
 
 def _cluster_map(naming: Naming, clustered: torch.Tensor | None) -> torch.Tensor:

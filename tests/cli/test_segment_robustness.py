@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,10 +44,12 @@ def photo_dir(tmp_path_factory, photos) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(photo_dir, tmp_path_factory) -> Path:
-    """An uninterrupted run over ``photo_dir`` (PNG + COCO): what every other run must equal."""
+    """An uninterrupted run over ``photo_dir`` (PNG + COCO), batch after batch (``--no-stream``):
+    what every other run, streamed as the CLI runs by default, killed and resumed, must equal."""
     pytest.importorskip("pycocotools", reason="COCO output needs pycocotools (the [eval] extra)")
     out = tmp_path_factory.mktemp("reference") / "out"
-    assert main(["segment", str(photo_dir), "-o", str(out), *TINY, "--format", "png,coco-rle"]) == 0
+    command = ["segment", str(photo_dir), "-o", str(out), *TINY, "--format", "png,coco-rle"]
+    assert main([*command, "--no-stream"]) == 0
     return out
 
 
@@ -290,6 +293,38 @@ def test_two_runs_write_the_same_bytes(photo_dir, tmp_path):
             assert (tmp_path / "first" / name).read_bytes() == (
                 tmp_path / "second" / name
             ).read_bytes()
+
+
+def test_a_streamed_run_equals_the_serial_one_with_a_failing_image(
+    photo_dir, tmp_path, monkeypatch
+):
+    """Batches of two with an unreadable file among the photos and an image whose features
+    fail: the streamed run retries that batch image by image as the serial run does, and
+    both write the same files (failures.json included) byte for byte, timings aside."""
+    from freesegdiff.pipeline import FreeSegDiff
+
+    folder = tmp_path / "in"
+    shutil.copytree(photo_dir, folder)
+    (folder / "broken.png").write_bytes(b"not a png")
+    extract = FreeSegDiff._extract
+
+    def failing(self, batch):
+        if any(str(source).endswith("coffee.png") for source in batch.sources):
+            raise RuntimeError("features failed on purpose")
+        return extract(self, batch)
+
+    monkeypatch.setattr(FreeSegDiff, "_extract", failing)
+    runs = {}
+    for name, flags in (("serial", ["--no-stream"]), ("streamed", [])):
+        runs[name] = tmp_path / name
+        command = ["segment", str(folder), "-o", str(runs[name]), *TINY, "--batch-size", "2"]
+        assert main([*command, *flags]) == 1  # two failures
+    assert_same_outputs(runs["serial"], runs["streamed"])
+    failures = json.loads((runs["streamed"] / "failures.json").read_text(encoding="utf-8"))
+    assert failures["count"] == 2
+    assert sorted(Path(name).name for name in failures["failed"]) == ["broken.png", "coffee.png"]
+    assert "features failed on purpose" in str(failures["failed"])
+    assert len(final_files(runs["streamed"])) > 6  # the other three photos were written
 
 
 # -- Ctrl-C -----------------------------------------------------------------------------------

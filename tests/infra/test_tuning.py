@@ -297,7 +297,10 @@ def test_beam_search_without_reordering_the_image_keys_gives_the_same_tokens(
         plain_reorders = len(reorders)
         # the same model, built with the tuning
         fast = Captioner(
-            captioner.model, captioner.processor, config=config, runtime=RuntimeOptions.fast()
+            captioner.model,
+            captioner.processor,
+            config=config,
+            runtime=RuntimeOptions(fast_captioner=False),  # this trick alone
         )
         reorders.clear()
         tuned = fast.generate(inputs)
@@ -370,7 +373,8 @@ def test_resnet_features_are_untouched_by_the_inplace_resnets(tiny_sd_path, imag
 
 def test_the_crf_pool_is_sized_from_the_cpus_this_process_may_use(monkeypatch):
     """One worker per CPU of the process's share (a Ray actor's num_cpus), else of its CPU
-    affinity, at most 8; none for a single CPU (the masks then run in the process)."""
+    affinity, less the CPUs kept for the model groups (one on CUDA by default); none for a
+    single CPU (the masks then run in the process)."""
     from types import SimpleNamespace
 
     from freesegdiff import distributed
@@ -381,8 +385,10 @@ def test_the_crf_pool_is_sized_from_the_cpus_this_process_may_use(monkeypatch):
         assert tuning.usable_cpus() == 3 and RuntimeOptions().crf_pool().processes == 3
         tuning.share_cpus(1)
         assert RuntimeOptions().crf_pool() is None
-        tuning.share_cpus(64)
-        assert RuntimeOptions().crf_pool().processes == 8
+        tuning.share_cpus(16)
+        assert RuntimeOptions().crf_pool().processes == 16  # the models have the CPU too
+        assert RuntimeOptions().crf_pool("cuda").processes == 15  # one launches GPU work
+        assert RuntimeOptions(model_cpus=4).crf_pool("cuda").processes == 12
         assert RuntimeOptions(crf_processes=2).crf_pool().processes == 2  # asked for: as asked
         # in a Ray actor: what Ray assigned to it, not the node's CPUs
         assigned = {"CPU": 2.0}
@@ -401,3 +407,26 @@ def test_the_crf_pool_is_sized_from_the_cpus_this_process_may_use(monkeypatch):
     if hasattr(os, "sched_setaffinity"):
         done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
         assert done.stdout.strip() == "1", done.stderr
+
+
+def test_worker_processes_serve_several_threads_at_once():
+    """Three threads map at once over two workers (a streamed run refining three images): each
+    gets its own results in order, and the workers were shared, not broken."""
+    import threading
+
+    pool = runtime.WorkerProcesses(2)
+    results: dict[int, list[int]] = {}
+
+    def run(key: int) -> None:
+        results[key] = pool.map(int, [str(key * 100 + n) for n in range(25)])
+
+    try:
+        threads = [threading.Thread(target=run, args=(key,)) for key in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert results == {key: [key * 100 + n for n in range(25)] for key in range(3)}
+        assert not pool._broken and len(pool._workers) == 2
+    finally:
+        pool.close()

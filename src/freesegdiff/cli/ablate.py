@@ -6,7 +6,12 @@ import argparse
 from collections import Counter
 from typing import Any
 
-from freesegdiff.cli.common import add_pipeline_arguments, config_from_args, runtime_from_args
+from freesegdiff.cli.common import (
+    add_pipeline_arguments,
+    add_stream_argument,
+    config_from_args,
+    runtime_from_args,
+)
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DATASETS
 from freesegdiff.infra.interrupts import Terminated, exit_code
@@ -52,6 +57,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--no-runtime-tuning", action="store_true", help="run untuned (freesegdiff.infra.tuning)"
     )
+    add_stream_argument(parser)
     add_pipeline_arguments(parser)
     parser.set_defaults(run=run, preset=None)  # None: the grid's preset, else paper
 

@@ -180,7 +180,22 @@ def runtime_from_args(args: argparse.Namespace) -> Any:
     every trick (:meth:`RuntimeOptions.fast`), or None with ``--no-runtime-tuning``."""
     from freesegdiff.infra.tuning import RuntimeOptions
 
-    return None if getattr(args, "no_runtime_tuning", False) else RuntimeOptions.fast()
+    if getattr(args, "no_runtime_tuning", False):
+        return None
+    if getattr(args, "no_stream", False):
+        return RuntimeOptions(stream=False)
+    return RuntimeOptions.fast()
+
+
+def add_stream_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-stream``: the runtime tuning without the streaming executor."""
+    parser.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="segment batch after batch instead of streaming them through the stage groups "
+        "(freesegdiff.infra.stream): the same output files, byte for byte; slower where "
+        "the refinement or reading could overlap the models",
+    )
 
 
 def pipeline_from_args(args: argparse.Namespace, runtime: Any = None) -> Any:

@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from freesegdiff.cli.common import add_pipeline_arguments, config_from_args
+from freesegdiff.cli.common import add_pipeline_arguments, add_stream_argument, config_from_args
 from freesegdiff.distributed import add_ray_arguments, check_ray_arguments, ray_options
 from freesegdiff.errors import ConfigError
 from freesegdiff.evaluation.datasets import DATASETS
@@ -87,6 +87,7 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="run untuned (freesegdiff.infra.tuning, on by default as in segment): slower",
     )
+    add_stream_argument(parser)
     add_pipeline_arguments(parser)
     add_ray_arguments(parser)
     parser.set_defaults(run=run)

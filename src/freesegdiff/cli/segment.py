@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from freesegdiff.cli import common
-from freesegdiff.cli.common import add_pipeline_arguments, config_from_args, parse_classes
+from freesegdiff.cli.common import (
+    add_pipeline_arguments,
+    add_stream_argument,
+    config_from_args,
+    parse_classes,
+)
 from freesegdiff.cli.folder import (
     CocoEntries,
     Job,
@@ -114,6 +119,7 @@ def add_parser(subparsers: Any) -> None:
         "channels-last, heap buffers, beam-search cache, CRF worker processes): slower; in "
         "bfloat16 on the CPU the features round slightly differently without channels-last",
     )
+    add_stream_argument(parser)
     add_pipeline_arguments(parser)
     add_ray_arguments(parser)
     parser.set_defaults(run=run)

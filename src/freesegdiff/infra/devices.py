@@ -85,6 +85,21 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the host, for the CPU stages after a model group: from CUDA through a
+    pinned (page-locked) buffer filled by a non-blocking copy on the current stream, which is
+    then waited for (that stream only, not the whole device); a host tensor as it is. Values are
+    unchanged."""
+    if tensor.device.type == "cpu":
+        return tensor
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
+
+
 def image_generators(seed: int | None, count: int, device: torch.device) -> list[torch.Generator]:
     """One generator per image, each seeded with ``seed`` (None: a random seed per image).
 

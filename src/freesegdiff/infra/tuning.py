@@ -27,12 +27,24 @@ The tricks (fields of :class:`RuntimeOptions`):
   whole cache by the chosen beams; but beams only ever come from the beams of the same image,
   whose cross-attention keys and values (of that image's embeddings, repeated per beam) are
   identical, so that reorder copies 2 x 12 tensors of 577 tokens per step to change nothing.
-  The same tokens bit for bit (tests/test_runtime.py).
+  The same tokens bit for bit (tests/test_runtime.py). Only used with ``fast_captioner`` off.
+- ``fast_captioner``: BLIP's text decoder runs a forward of our own during ``generate``
+  (:mod:`freesegdiff.infra.fast_captioner`): weights packed once for oneDNN's few-row kernel on the
+  CPU, the image's cross-attention keys and values once per image instead of per beam, a static
+  self-attention cache. transformers' beam search is unchanged; the logits agree to float32
+  rounding and the tokens are the same (tests/infra/test_fast_captioner.py). Costs a packed copy of
+  the decoder's weights on the CPU (about 0.5 GB in float32 for BLIP base).
 - ``crf_processes``: the pydensecrf refinement (the released CRF, one per kept mask, in C++ that
   holds Python's lock) runs its masks side by side in that many worker processes
   (:class:`WorkerProcesses`, started on first use; each imports numpy and pydensecrf only,
   about 60 MB). The same calls, so the same masks. None: one per CPU this process may use
-  (:func:`usable_cpus`: its CPU affinity, or the CPUs a Ray actor was given), at most 8.
+  (:func:`usable_cpus`: its CPU affinity, or the CPUs a Ray actor was given), less
+  ``model_cpus`` (None: one on CUDA, none on the CPU). Calls from several threads share the
+  workers (a streamed run refines several images at once).
+- ``stream``: ``segment`` on folders, ``eval``, ``ablate`` and the Ray actors stream their
+  batches through the stage groups (:mod:`freesegdiff.infra.stream`,
+  :meth:`~freesegdiff.pipeline.FreeSegDiff.iter_segment`): the serial path's batches and
+  results, byte for byte, with the groups of different batches overlapped.
 
 Use::
 
@@ -50,8 +62,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import queue
 import subprocess
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -83,7 +97,10 @@ class RuntimeOptions:
     channels_last: bool | None = None  # None: where it pays (bfloat16 on the CPU)
     heap_buffers: bool = True  # VAE activations from the heap on the CPU
     beam_cross_cache: bool = True  # BLIP beam search without reordering the image's keys
-    crf_processes: int | None = None  # pydensecrf worker processes; None: one per core (<= 8)
+    fast_captioner: bool = True  # BLIP's decoder steps at their memory floor (fast_captioner.py)
+    crf_processes: int | None = None  # pydensecrf worker processes; None: see crf_pool
+    stream: bool = True  # folder, eval and ablate runs streamed (freesegdiff.infra.stream)
+    model_cpus: int | None = None  # CPUs kept for the model groups; None: 1 on CUDA, 0 on CPU
 
     @classmethod
     def fast(cls) -> RuntimeOptions:
@@ -99,7 +116,9 @@ class RuntimeOptions:
             channels_last=False,
             heap_buffers=False,
             beam_cross_cache=False,
+            fast_captioner=False,
             crf_processes=0,
+            stream=False,
         )
 
     def uses_channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -110,16 +129,28 @@ class RuntimeOptions:
 
     def generate_options(self) -> Callable[[Any, int], dict[str, Any]] | None:
         """What a captioner built with these options adds to each ``generate`` call
-        (``beam_cross_cache``: :func:`beam_search_cache`), or None."""
+        (``fast_captioner``: :func:`~freesegdiff.infra.fast_captioner.decoder_cache`, else
+        ``beam_cross_cache``: :func:`beam_search_cache`), or None."""
+        if self.fast_captioner:
+            from freesegdiff.infra.fast_captioner import decoder_cache
+
+            return decoder_cache
         return beam_search_cache if self.beam_cross_cache else None
 
-    def crf_pool(self) -> WorkerProcesses | None:
-        """The worker processes a refiner with the released CRF runs its masks in
-        (``crf_processes``; None: one per CPU this process may use, :func:`usable_cpus`, at
-        most 8), or None for fewer than two."""
+    def crf_pool(self, device: torch.device | str = "cpu") -> WorkerProcesses | None:
+        """The worker processes a refiner with the released CRF runs its masks in, or None for
+        fewer than two.
+
+        ``crf_processes``; None: the CPUs this process may use (:func:`usable_cpus`: its
+        affinity, or a Ray actor's share) minus those kept for the model groups
+        (``model_cpus``; None: one on CUDA, whose thread launches the GPU's work, none on the
+        CPU, where the refinement overlaps the models only in streamed runs)."""
         processes = self.crf_processes
         if processes is None:
-            processes = min(usable_cpus(), 8)
+            kept = self.model_cpus
+            if kept is None:
+                kept = 1 if torch.device(device).type == "cuda" else 0
+            processes = usable_cpus() - kept
         return WorkerProcesses(processes) if processes > 1 else None
 
     # The hook DiffusionFeatures calls (freesegdiff.stages.features.diffusion.FeatureRuntime).
@@ -328,14 +359,18 @@ class WorkerProcesses:
     started on the first :meth:`map` with this interpreter and this package on its path; it
     imports only what the calls need (numpy and pydensecrf: about 60 MB each) and never the
     parent's ``__main__``. Calls go to idle workers one at a time, so a large reply never waits on a
-    large request. Should a worker die or a call fail there, that call and every later one run
-    in this process (a genuine error is raised from here): slower, never lost. POSIX only;
-    elsewhere every call runs in this process.
+    large request. Several threads may call :meth:`map` at once: they share the workers, each
+    call taking a worker as one comes free (a streamed run refines several images so). Should a
+    worker die or a call fail there, that call and every later one run in the calling process (a
+    genuine error is raised from there): slower, never lost. POSIX only; elsewhere every call
+    runs in the calling process.
     """
 
     def __init__(self, processes: int) -> None:
         self.processes = processes
         self._workers: list[subprocess.Popen[bytes]] = []
+        self._idle: queue.Queue[subprocess.Popen[bytes]] = queue.Queue()
+        self._lock = threading.Lock()
         self._broken = os.name != "posix"
         weakref.finalize(self, _stop_workers, self._workers)
 
@@ -347,7 +382,7 @@ class WorkerProcesses:
         if not self._broken and len(calls) > 1:
             try:
                 return self._run(function, calls)
-            except (OSError, EOFError, pickle.PickleError, _WorkerFailed):
+            except (OSError, EOFError, ValueError, pickle.PickleError, _WorkerFailed):
                 self._broken = True
                 self.close()
         return [function(*arguments) for arguments in calls]
@@ -357,52 +392,81 @@ class WorkerProcesses:
 
         self._start()
         results: list[Any] = [None] * len(calls)
-        waiting = iter(enumerate(calls))
+        sent = 0
         busy: dict[int, tuple[subprocess.Popen[bytes], int]] = {}
-
-        def send(worker: subprocess.Popen[bytes]) -> None:
-            item = next(waiting, None)
-            if item is not None:
-                assert worker.stdin is not None and worker.stdout is not None
-                pickle.dump((function, item[1]), worker.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                worker.stdin.flush()
-                busy[worker.stdout.fileno()] = (worker, item[0])
-
-        for worker in self._workers:
-            send(worker)
-        while busy:
-            ready, _, _ = select.select(list(busy), [], [])
-            for descriptor in ready:
-                worker, index = busy.pop(descriptor)
-                assert worker.stdout is not None
-                status, value = pickle.load(worker.stdout)
-                if status != "ok":
-                    raise _WorkerFailed(value)
-                results[index] = value
-                send(worker)
+        try:
+            while sent < len(calls) or busy:
+                # take idle workers for the calls not yet sent; wait for one only when none of
+                # this call's is busy (another thread holds them all)
+                while sent < len(calls):
+                    try:
+                        worker = self._idle.get(block=not busy, timeout=None if busy else 1.0)
+                    except queue.Empty:
+                        if busy or self._broken:
+                            break
+                        continue
+                    assert worker.stdin is not None and worker.stdout is not None
+                    pickle.dump(
+                        (function, calls[sent]), worker.stdin, protocol=pickle.HIGHEST_PROTOCOL
+                    )
+                    worker.stdin.flush()
+                    busy[worker.stdout.fileno()] = (worker, sent)
+                    sent += 1
+                if self._broken and not busy:
+                    raise _WorkerFailed("the workers were stopped")
+                if not busy:
+                    continue
+                # wake now and then to take workers other threads give back
+                timeout = 0.05 if sent < len(calls) else None
+                ready, _, _ = select.select(list(busy), [], [], timeout)
+                for descriptor in ready:
+                    worker, index = busy.pop(descriptor)
+                    assert worker.stdout is not None
+                    status, value = pickle.load(worker.stdout)
+                    self._idle.put(worker)
+                    if status != "ok":
+                        raise _WorkerFailed(value)
+                    results[index] = value
+        except BaseException:
+            for worker, _ in busy.values():  # mid-call: its reply would confuse the next caller
+                worker.kill()
+            raise
         return results
 
     def _start(self) -> None:
         import freesegdiff
 
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(freesegdiff.__file__)))
-        environment = dict(os.environ)
-        path = environment.get("PYTHONPATH")
-        environment["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
-        self._workers[:] = [worker for worker in self._workers if worker.poll() is None]
-        while len(self._workers) < self.processes:
-            self._workers.append(
-                subprocess.Popen(
+        with self._lock:
+            dead = [worker for worker in self._workers if worker.poll() is not None]
+            if dead:  # killed from outside: replaced, and no longer handed out
+                self._workers[:] = [worker for worker in self._workers if worker not in dead]
+                idle = []
+                while not self._idle.empty():
+                    idle.append(self._idle.get_nowait())
+                for worker in idle:
+                    if worker not in dead:
+                        self._idle.put(worker)
+            if len(self._workers) >= self.processes:
+                return
+            package_root = os.path.dirname(os.path.dirname(os.path.abspath(freesegdiff.__file__)))
+            environment = dict(os.environ)
+            path = environment.get("PYTHONPATH")
+            environment["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
+            while len(self._workers) < self.processes:
+                worker = subprocess.Popen(
                     [sys.executable, "-m", "freesegdiff.infra.workers"],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     env=environment,
                 )
-            )
+                self._workers.append(worker)
+                self._idle.put(worker)
 
     def close(self) -> None:
         """Stop the workers (they are started again on the next :meth:`map`)."""
-        _stop_workers(self._workers)
+        with self._lock:
+            _stop_workers(self._workers)
+            self._idle = queue.Queue()
 
 
 class _WorkerFailed(Exception):

@@ -173,7 +173,7 @@ class Refiner:
         self.config = config
         self.device = device
         released_crf = config.method == "crf" and config.backend == "pydensecrf"
-        self.pool: Any = runtime.crf_pool() if runtime is not None and released_crf else None
+        self.pool: Any = runtime.crf_pool(device) if runtime is not None and released_crf else None
 
     def __call__(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` uint8 image, ``(N, H, W)`` bool masks -> ``(N, H, W)`` bool refined."""
