@@ -256,8 +256,10 @@ def test_a_killed_grid_resumes_to_the_same_table(grid_run, tmp_path, monkeypatch
     monkeypatch.setattr(Clusterer, "__call__", original)
     assert _ablate(tmp_path, out) == 0
     resumed = json.loads((out / "shared_work.json").read_text())
-    # kept: the first timestep's features and the second's of the image the kill stopped at
-    assert resumed["computed"].get("features", 0) == IMAGES - 1
+    # kept: the first timestep's features and the second's of the image the kill stopped at;
+    # streamed (the CLI's default), the features group may have gone on to the next image
+    # before the kill, and what it stored is reused too
+    assert 0 <= resumed["computed"].get("features", 0) <= IMAGES - 1
     assert resumed["computed"].get("caption", 0) == 0
     expected = (folder / "out" / "ablation.md").read_text()
     assert _columns((out / "ablation.md").read_text()) == _columns(expected)

@@ -106,3 +106,21 @@ def test_an_error_while_reading_the_source_is_raised_to_the_consumer():
     run = Stream([Group("a", lambda n: n)]).run(source())
     with pytest.raises(OSError, match="went away"):
         list(run)
+
+
+def test_ctrl_c_raised_inside_a_group_ends_the_run_in_the_consumer():
+    """A KeyboardInterrupt in a stage (not an item's failure) reaches the consumer, and no
+    thread is left waiting: the run never hangs."""
+
+    def work(n):
+        if n == 2:
+            raise KeyboardInterrupt
+        return n
+
+    before = {thread.name for thread in threading.enumerate()}
+    run = Stream([Group("a", work), Group("b", lambda n: n)], depth=1).run(range(10))
+    with pytest.raises(KeyboardInterrupt):
+        list(run)
+    time.sleep(0.5)
+    left = {thread.name for thread in threading.enumerate()} - before
+    assert not {name for name in left if name.startswith("freesegdiff-")}, left

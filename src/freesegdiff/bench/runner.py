@@ -57,6 +57,10 @@ class BenchSettings:
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted settings, e.g. refine.method
     # speed and memory tuning (freesegdiff.infra.tuning); None: the models run untuned
     runtime: RuntimeOptions | None = field(default_factory=RuntimeOptions.fast)
+    stream: bool = False  # also run the images streamed (needs images >= STREAM_IMAGES)
+
+
+STREAM_IMAGES = 12  # the fewest images a streamed run is measured on (a few fill the stream)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class BenchReport:
             unused modules freed), in seconds.
         load_peak_rss_gb: peak resident memory once the models are loaded, in GB.
         settings: what ran where: preset, dtype, batch size, image size, device, versions.
+        stream: with ``--stream``: the same images streamed (:class:`StreamFigures` as a dict).
     """
 
     stages: dict[str, float]
@@ -90,6 +95,7 @@ class BenchReport:
     load_peak_rss_gb: float
     settings: dict[str, Any]
     per_image: list[dict[str, float]] = field(default_factory=list)
+    stream: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The report as JSON-ready values."""
@@ -122,7 +128,50 @@ class BenchReport:
             f"load average        {self.settings.get('load_average_before')} before the run "
             "(1, 5, 15 min; other processes on these cores slow it down)",
         ]
+        if self.stream is not None:
+            lines += ["", *StreamFigures(**self.stream).lines(self.images_per_second)]
         return "\n".join(lines)
+
+
+@dataclass
+class StreamFigures:
+    """The images of a bench run streamed as ``segment`` streams a folder.
+
+    Attributes:
+        images: images streamed.
+        images_per_second: all of them over the run's wall-clock seconds.
+        steady_images_per_second: the images after the first over the seconds from its
+            result to the last one (the stream full).
+        busy: stage group -> share of the run's wall-clock time it worked. The refinement
+            group only hands each image to its threads; ``refinement_workers`` is what they
+            did: the images' summed refinement seconds over the wall-clock time (the mean
+            number of images refining at once).
+        refinement_workers: see ``busy``.
+        queue_depths: stage group -> mean depth of its input queue when an item was put.
+        wall_seconds: the run's wall-clock seconds.
+    """
+
+    images: int
+    images_per_second: float
+    steady_images_per_second: float
+    busy: dict[str, float]
+    refinement_workers: float
+    queue_depths: dict[str, float]
+    wall_seconds: float
+
+    def lines(self, serial_images_per_second: float) -> list[str]:
+        """The figures as table lines, beside the serial run's images per second."""
+        ratio = self.steady_images_per_second / max(serial_images_per_second, 1e-9)
+        return [
+            f"streamed ({self.images} images)",
+            f"images per second   {self.images_per_second:.3f} "
+            f"(steady {self.steady_images_per_second:.3f}: {ratio:.2f}x the serial run)",
+            "busy                "
+            + ", ".join(f"{name} {share:.0%}" for name, share in self.busy.items())
+            + f"; refining at once {self.refinement_workers:.2f} images",
+            "queue depth         "
+            + ", ".join(f"{name} {depth:.2f}" for name, depth in self.queue_depths.items()),
+        ]
 
 
 # ------------------------------------------------------------------------------- inputs
@@ -446,6 +495,11 @@ def run_bench(settings: BenchSettings) -> BenchReport:
         raise ConfigError(f"--batch-size must be at least 1, got {settings.batch_size}")
     if min(settings.size) < 16:
         raise ConfigError(f"--size must be at least 16x16, got {settings.size}")
+    if settings.stream and settings.images < STREAM_IMAGES:
+        raise ConfigError(
+            f"--stream needs --images of at least {STREAM_IMAGES} (the stream fills with the "
+            f"first few), got {settings.images}"
+        )
     config = bench_config(settings)
     hub_names = _hub_names(config)
     if not _is_tiny(config):  # written once, in a child process: not part of the load
@@ -479,6 +533,11 @@ def run_bench(settings: BenchSettings) -> BenchReport:
         began = time.perf_counter()
         measured = _run_images(pipe, paths[batch_size:], root / "out", batch_size, classes)
         wall = time.perf_counter() - began
+        streamed = (
+            _stream_images(pipe, paths[batch_size:], root / "streamed", classes)
+            if settings.stream
+            else None
+        )
     floor = model_floor(pipe, images[batch_size:], batch_size)
     stages = {stage: statistics.median(per[stage] for per in measured.stages) for stage in STAGES}
     named = sum(sum(per.values()) for per in measured.stages)
@@ -526,6 +585,43 @@ def run_bench(settings: BenchSettings) -> BenchReport:
             {**per, "total": total}
             for per, total in zip(measured.stages, measured.totals, strict=True)
         ],
+        stream=None if streamed is None else asdict(streamed),
+    )
+
+
+def _stream_images(
+    pipe: FreeSegDiff, paths: Sequence[Path], out: Path, classes: list[str] | None
+) -> StreamFigures:
+    """``paths`` through the streaming executor as ``segment`` runs a folder (its batches,
+    groups and queues), each label map written as it comes out; the stream's figures."""
+    from dataclasses import replace
+
+    out.mkdir(parents=True, exist_ok=True)
+    saved = pipe.runtime
+    pipe.runtime = replace(saved or RuntimeOptions.off(), stream=True)
+    done: list[float] = []
+    refining = 0.0
+    began = time.perf_counter()
+    try:
+        for name, outcome, _ in pipe.iter_segment_with_images([str(p) for p in paths], classes):
+            if isinstance(outcome, Exception):
+                raise outcome
+            _write_label_map(outcome.label_map, outcome.labels, out / f"{Path(name).stem}.png")
+            refining += float(outcome.timings.get("refinement", 0.0))
+            done.append(time.perf_counter())
+    finally:
+        pipe.runtime = saved
+    wall = done[-1] - began
+    stats = pipe.last_stream.stats
+    steady = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 else 0.0
+    return StreamFigures(
+        images=len(done),
+        images_per_second=len(done) / wall,
+        steady_images_per_second=steady,
+        busy={name: round(share, 4) for name, share in stats.busy_fraction().items()},
+        refinement_workers=round(refining / wall, 3),
+        queue_depths={name: round(depth, 3) for name, depth in stats.mean_depths().items()},
+        wall_seconds=round(wall, 3),
     )
 
 

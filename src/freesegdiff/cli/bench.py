@@ -68,6 +68,13 @@ def add_parser(subparsers: Any) -> None:
         "channels-last, heap buffers are all on by default)",
     )
     parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="also run the images streamed (freesegdiff.infra.stream, as segment runs a folder) "
+        "and print its steady-state images per second, each stage group's busy fraction and "
+        "queue depths beside the serial figures; needs --images of at least 12",
+    )
+    parser.add_argument(
         "--json",
         metavar="FILE",
         help="also write the figures as JSON: stages, seconds_per_image, images_per_second, "
@@ -118,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         overrides=_overrides(args.settings),
         runtime=runtime_from_args(args),
+        stream=args.stream,
     )
     report = run_bench(settings)
     print(report.table())

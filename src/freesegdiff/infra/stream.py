@@ -15,7 +15,9 @@ and the items (batches of images). What it guarantees:
 - **Shared devices.** Groups given the same lock never run at the same time (the model groups
   on the CPU, whose matrix kernels already use every core).
 - **Stopping.** Closing the output iterator (a ``break``, Ctrl-C or SIGTERM in the consumer)
-  stops every thread at its next queue operation; none is left waiting.
+  stops every thread at its next queue operation; none is left waiting. A ``KeyboardInterrupt``
+  or ``SystemExit`` raised inside a group stops the run too and is raised to the consumer, as
+  the serial path would raise it.
 - **Measurement.** Each group's busy seconds and active intervals, and each queue's depth as
   seen by every item put into it (:class:`StreamStats`), for ``freesegdiff bench --stream`` and
   the overlap test.
@@ -120,6 +122,7 @@ class Stream:
             started=time.perf_counter(),
         )
         source_failure: list[BaseException] = []
+        fatal: list[BaseException] = []
 
         def put(index: int, value: Any) -> bool:
             while not stop.is_set():
@@ -164,6 +167,10 @@ class Stream:
                             item.payload = group.work(item.payload)
                         except Exception as error:  # the item's, not the stream's
                             item.error, item.group = error, group.name
+                        except BaseException as error:  # Ctrl-C raised in a stage, SystemExit
+                            fatal.append(error)  # ends the run, raised to the consumer
+                            stop.set()
+                            return
                         ended = time.perf_counter()
                     stats.busy[group.name] += ended - began
                     stats.intervals[group.name].append((began, ended))
@@ -185,6 +192,8 @@ class Stream:
                 if item is _END:
                     break
                 yield item
+            if fatal:
+                raise fatal[0]
             if source_failure:
                 raise source_failure[0]
         finally:
