@@ -49,9 +49,11 @@ def main() -> None:
 
     from freesegdiff.infra.tuning import RuntimeOptions
     from freesegdiff.pipeline import FreeSegDiff
+    from freesegdiff.presets import load_preset
 
-    runtime = RuntimeOptions(stream=True, crf_processes=0, allocator=False)
-    pipe = FreeSegDiff.from_preset("tiny", runtime=runtime)
+    # overlap: the GPU machine's stream, whose model groups leave the cores to the refinement
+    runtime = RuntimeOptions(stream=True, overlap=True, crf_processes=0, allocator=False)
+    pipe = FreeSegDiff.from_config(load_preset("tiny"), runtime=runtime)
     pipe.refiner = SleepRefiner(args.refine_seconds)  # type: ignore[assignment]
     photos = [getattr(data, name)() for name in ("chelsea", "astronaut", "coffee", "rocket")]
     images = [np.ascontiguousarray(photos[i % 4][::4, ::4]) for i in range(args.images)]

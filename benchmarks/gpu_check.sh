@@ -3,11 +3,15 @@
 #   1. an environment: the machine's own CUDA torch (system site packages) when it has one,
 #      else torch from the package index; freesegdiff and its test runner on top;
 #   2. the CUDA-marked tests (pytest -m cuda);
-#   3. `freesegdiff bench` on CUDA in float16 at batch sizes 1, 8 and 32 (real-architecture
+#   3. `freesegdiff bench` on CUDA in float16 at batch sizes 1 and 8 (real-architecture
 #      random weights in Hub-layout folders, written once first: true shapes, FLOPs, memory
-#      and loading), each writing its JSON figures.
+#      and loading), each writing its JSON figures;
+#   4. issue 22's throughput targets: `paper` and `extended` streamed (`bench --stream`, 32
+#      images in batches of 8, the CRF pool one process per core but one), printing the
+#      steady-state images per second of each (targets: paper >= 12, extended >= 30).
 # Everything lands in $OUT (default benchmarks/results/gpu): nvidia-smi.txt, cuda-tests.txt,
-# bench-cuda-float16-b{1,8,32}.json and .txt. Usage: bash benchmarks/gpu_check.sh
+# bench-cuda-float16-b{1,8}.json, stream-{paper,extended}.json and their .txt.
+# Usage: bash benchmarks/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -33,12 +37,21 @@ timeout 180 "$py" -m pytest -q -m cuda tests 2>&1 | tee "$OUT/cuda-tests.txt" ||
 
 # the bench's random-weight models in their Hub layouts, written once (about a minute, 4.8 GB)
 timeout 240 "$py" -m freesegdiff.bench.hub_layouts CompVis/stable-diffusion-v1-4 \
-  openai/clip-vit-base-patch32 Salesforce/blip-image-captioning-base
+  openai/clip-vit-base-patch32 openai/clip-vit-base-patch16 Salesforce/blip-image-captioning-base
 
-for batch in 1 8 32; do
-  images=$(( batch < 8 ? 8 : batch * 2 ))  # two full batches at 8 and 32, eight images at 1
+for batch in 1 8; do
   timeout 150 "$venv/bin/freesegdiff" bench --device cuda --dtype float16 \
-    --batch-size "$batch" --images "$images" --json "$OUT/bench-cuda-float16-b$batch.json" \
+    --batch-size "$batch" --images 16 --json "$OUT/bench-cuda-float16-b$batch.json" \
     2>&1 | tee "$OUT/bench-cuda-float16-b$batch.txt" || true
+done
+
+for preset in paper extended; do
+  timeout 200 "$venv/bin/freesegdiff" bench --preset "$preset" --device cuda --dtype float16 \
+    --batch-size 8 --images 32 --stream --json "$OUT/stream-$preset.json" \
+    2>&1 | tee "$OUT/stream-$preset.txt" || true
+done
+for preset in paper extended; do
+  "$py" -c "import json, sys; r = json.load(open(sys.argv[1])); s = r['stream']; print(f'{sys.argv[2]}: streamed {s[\"steady_images_per_second\"]:.1f} images/s (serial {r[\"images_per_second\"]:.1f}); busy {s[\"busy\"]}')" \
+    "$OUT/stream-$preset.json" "$preset" 2>/dev/null || echo "$preset: no stream figures"
 done
 echo "gpu_check: $(( $(date +%s) - start )) s; figures in $OUT"

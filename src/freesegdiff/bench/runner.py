@@ -140,8 +140,8 @@ class StreamFigures:
     Attributes:
         images: images streamed.
         images_per_second: all of them over the run's wall-clock seconds.
-        steady_images_per_second: the images after the first over the seconds from its
-            result to the last one (the stream full).
+        steady_images_per_second: the images after the first batch over the seconds from
+            its results to the last one (the stream full).
         busy: stage group -> share of the run's wall-clock time it worked. The refinement
             group only hands each image to its threads; ``refinement_workers`` is what they
             did: the images' summed refinement seconds over the wall-clock time (the mean
@@ -613,7 +613,10 @@ def _stream_images(
         pipe.runtime = saved
     wall = done[-1] - began
     stats = pipe.last_stream.stats
-    steady = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 else 0.0
+    # the first batch fills the stream: the steady rate counts the images after it
+    first = min(max(1, pipe.config.batch_size), len(done)) - 1
+    span = done[-1] - done[first]
+    steady = (len(done) - 1 - first) / span if span > 0 else 0.0
     return StreamFigures(
         images=len(done),
         images_per_second=len(done) / wall,

@@ -15,7 +15,8 @@ and the items (batches of images). What it guarantees:
 - **Shared devices.** Groups given the same lock never run at the same time (the model groups
   on the CPU, whose matrix kernels already use every core).
 - **Stopping.** Closing the output iterator (a ``break``, Ctrl-C or SIGTERM in the consumer)
-  stops every thread at its next queue operation; none is left waiting. A ``KeyboardInterrupt``
+  stops every thread at its next queue operation, after the work in hand, which is waited for;
+  none is left waiting, none is left running. A ``KeyboardInterrupt``
   or ``SystemExit`` raised inside a group stops the run too and is raised to the consumer, as
   the serial path would raise it.
 - **Measurement.** Each group's busy seconds and active intervals, and each queue's depth as
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _POLL_SECONDS = 0.05  # how often a waiting thread looks at the stop flag
+_CONSUMER_SLEEP = 0.002  # the consumer's poll of the output queue
+_JOIN_SECONDS = 600.0  # the longest a stopped run waits for a group's work in hand
 _END = object()
 
 
@@ -186,9 +189,22 @@ class Stream:
         ]
         for thread in threads:
             thread.start()
+
+        def take() -> Any:
+            # The consumer is the main thread, where Ctrl-C and SIGTERM raise: it never waits
+            # inside a Condition (an exception raised there by a signal handler can leave the
+            # queue's lock held, and the threads putting into it stuck); it sleeps instead.
+            output = queues[len(self.groups)]
+            while not stop.is_set():
+                try:
+                    return output.get_nowait()
+                except queue.Empty:
+                    time.sleep(_CONSUMER_SLEEP)
+            return _END
+
         try:
             while True:
-                item = get(len(self.groups))
+                item = take()
                 if item is _END:
                     break
                 yield item
@@ -199,5 +215,16 @@ class Stream:
         finally:
             stats.finished = time.perf_counter()
             stop.set()
+            # Each thread ends at its next queue operation, after the work in hand: waited
+            # for, so that no thread is inside a model's kernels when the interpreter exits
+            # (its native threads would abort the process).
+            deadline = time.monotonic() + _JOIN_SECONDS
+            interrupted: BaseException | None = None
             for thread in threads:
-                thread.join(timeout=_POLL_SECONDS * 4)
+                while thread.is_alive() and time.monotonic() < deadline:
+                    try:
+                        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+                    except BaseException as error:  # a second Ctrl-C: stopping goes on
+                        interrupted = interrupted or error
+            if interrupted is not None:
+                raise interrupted

@@ -45,6 +45,11 @@ The tricks (fields of :class:`RuntimeOptions`):
   batches through the stage groups (:mod:`freesegdiff.infra.stream`,
   :meth:`~freesegdiff.pipeline.FreeSegDiff.iter_segment`): the serial path's batches and
   results, byte for byte, with the groups of different batches overlapped.
+- ``overlap``: in a streamed run, the compute groups (caption, features, naming, refinement)
+  each in a thread of their own, and images refined side by side in the CRF pool. None: on
+  CUDA only; on the CPU the models' kernels already use every core, and the CRF processes beside
+  them made a 2-core run 20 % slower, so there steps 1-12 run in one thread and only reading,
+  composition and writing overlap them.
 
 Use::
 
@@ -100,6 +105,7 @@ class RuntimeOptions:
     fast_captioner: bool = True  # BLIP's decoder steps at their memory floor (fast_captioner.py)
     crf_processes: int | None = None  # pydensecrf worker processes; None: see crf_pool
     stream: bool = True  # folder, eval and ablate runs streamed (freesegdiff.infra.stream)
+    overlap: bool | None = None  # streamed compute groups side by side; None: on CUDA only
     model_cpus: int | None = None  # CPUs kept for the model groups; None: 1 on CUDA, 0 on CPU
 
     @classmethod
@@ -136,6 +142,13 @@ class RuntimeOptions:
 
             return decoder_cache
         return beam_search_cache if self.beam_cross_cache else None
+
+    def overlaps(self, device: torch.device | str) -> bool:
+        """Whether a streamed run on ``device`` runs its compute groups side by side
+        (``overlap``; None: on CUDA, where the models leave the CPU's cores to the CRF)."""
+        if self.overlap is None:
+            return torch.device(device).type == "cuda"
+        return self.overlap
 
     def crf_pool(self, device: torch.device | str = "cpu") -> WorkerProcesses | None:
         """The worker processes a refiner with the released CRF runs its masks in, or None for
