@@ -43,6 +43,7 @@ from freesegdiff.infra import timing
 from freesegdiff.infra.arrays import fit_longest_side
 from freesegdiff.infra.devices import resolve_device, resolve_dtype, to_host
 from freesegdiff.infra.hub import LoadOptions, check_models_available
+from freesegdiff.infra.memory import single_arena
 from freesegdiff.infra.timing import StageTimer
 from freesegdiff.infra.tuning import RuntimeOptions, after_loading, tune_process
 from freesegdiff.io.images import EncodedImage, ImageInput, load_image
@@ -464,6 +465,9 @@ class FreeSegDiff:
         # The model groups take turns on the CPU (each already uses every core); on CUDA they
         # may launch their work side by side.
         overlap = runtime.overlaps(self.device)
+        # the groups' threads allocate from the main heap, as the serial path does (a thread's
+        # own heap made the diffusion features twice as slow: infra/memory.py)
+        single_arena()
         models: Any = nullcontext() if overlap else self._model_lock
 
         def read() -> Iterator[Any]:

@@ -44,7 +44,9 @@ The tricks (fields of :class:`RuntimeOptions`):
 - ``stream``: ``segment`` on folders, ``eval``, ``ablate`` and the Ray actors stream their
   batches through the stage groups (:mod:`freesegdiff.infra.stream`,
   :meth:`~freesegdiff.pipeline.FreeSegDiff.iter_segment`): the serial path's batches and
-  results, byte for byte, with the groups of different batches overlapped.
+  results, byte for byte, with the groups of different batches overlapped. Every thread then
+  allocates from the main heap (:func:`~freesegdiff.infra.memory.single_arena`, process-wide):
+  in a thread's own glibc arena the diffusion features took twice as long.
 - ``overlap``: in a streamed run, the compute groups (caption, features, naming, refinement)
   each in a thread of their own, and images refined side by side in the CRF pool. None: on
   CUDA only; on the CPU the models' kernels already use every core, and the CRF processes beside
