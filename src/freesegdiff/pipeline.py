@@ -396,7 +396,7 @@ class FreeSegDiff:
         same results, the stage groups of different batches overlapped.
         """
         names = normalise_classes(classes)
-        if self.runtime is not None and self.runtime.stream:
+        if self.runtime is not None and self.runtime.streams(self.device):
             yield from self._iter_streamed(inputs, names, prefetch)
             return
         step = max(1, self.config.batch_size)
