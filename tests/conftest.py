@@ -81,17 +81,6 @@ LONGEST_FIRST = (
 )
 
 
-@pytest.hookimpl(optionalhook=True)  # (pytest-xdist's hook; the plain install has no xdist)
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto``: one worker per CPU this process may use, and one more. Many tests spend
-    their time waiting (for the CLI in a subprocess, Ray's actors, the demo's server and its
-    timed load), and a worker more keeps the cores busy meanwhile; ``--maxprocesses`` caps it."""
-    import os
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (cpus or 1) + 1
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the longest files first; skip the tests whose fixtures need a package that is not
     installed."""
