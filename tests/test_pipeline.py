@@ -7,6 +7,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from freesegdiff.config import VOC19_NAMES, PipelineConfig, set_by_path
@@ -367,3 +368,32 @@ def test_a_streamed_run_gives_the_serial_results_in_input_order(
             assert np.array_equal(getattr(first, field), getattr(second, field)), (name, field)
     failed = [name for name, outcome, _ in streamed if isinstance(outcome, Exception)]
     assert failed == [str(tmp_path / "broken.png"), "image-3"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_default_stream_gives_the_serial_results(
+    tiny_sd_path, tiny_clip_path, tiny_blip_path, photos
+):
+    """On CUDA the default runtime streams with every compute group in its own thread and the
+    released CRF in worker processes beside them: the serial path's results, array for array,
+    and captions as the CPU's (float32)."""
+    pytest.importorskip("pydensecrf")
+    from freesegdiff.infra.tuning import RuntimeOptions
+
+    refine = {"method": "crf", "backend": "pydensecrf"}
+    config = make_config(tiny_sd_path, tiny_clip_path, tiny_blip_path, refine=refine)
+    config = dataclasses.replace(config, batch_size=2, device="cuda")
+    small = [np.ascontiguousarray(photo[::2, ::2]) for photo in photos.values()]
+    assert RuntimeOptions().streams("cuda") and RuntimeOptions().overlaps("cuda")
+    serial_pipe = FreeSegDiff.from_config(config, runtime=RuntimeOptions.off())
+    serial = list(serial_pipe.iter_segment_with_images(small))
+    pipe = FreeSegDiff.from_config(config, runtime=RuntimeOptions())
+    streamed = list(pipe.iter_segment_with_images(small))
+    assert set(pipe.last_stream.stats.busy) >= {"caption", "features", "naming", "refinement"}
+    on_cpu = FreeSegDiff.from_config(dataclasses.replace(config, device="cpu"))
+    for (name, first, _), (_, second, _) in zip(serial, streamed, strict=True):
+        assert first.caption == second.caption and first.vocabulary == second.vocabulary
+        for field in ("label_map", "cluster_map", "coarse_masks", "refined_masks", "scores"):
+            assert np.array_equal(getattr(first, field), getattr(second, field)), (name, field)
+    assert [r.caption for _, r, _ in serial] == [on_cpu(image).caption for image in small]

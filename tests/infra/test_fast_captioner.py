@@ -171,3 +171,19 @@ def test_real_architecture_blip_gives_the_same_tokens(photos):
     expected = released.generate(inputs)
     assert expected.shape[1] == 16  # the random decoder runs to the limit
     assert torch.equal(fast.generate(inputs), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_tokens_are_transformers_generate_ones(tiny_blip_path, photos):
+    """On CUDA (float32) the decoder's projections take the plain ``F.linear`` path: the same
+    tokens as transformers' ``generate`` there, and as on the CPU."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    model = BlipForConditionalGeneration.from_pretrained(tiny_blip_path).to("cuda")
+    released, fast = _pair(model, BlipProcessor.from_pretrained(tiny_blip_path), CaptionConfig())
+    batch = [photos[name] for name in ("chelsea", "astronaut", "coffee", "rocket")]
+    inputs = released.inputs(batch)
+    expected = released.generate(inputs)
+    got = fast.generate(inputs)
+    assert got.device.type == "cuda" and torch.equal(got, expected)
