@@ -43,7 +43,7 @@ from freesegdiff.infra import timing
 from freesegdiff.infra.arrays import fit_longest_side
 from freesegdiff.infra.devices import resolve_device, resolve_dtype, to_host
 from freesegdiff.infra.hub import LoadOptions, check_models_available
-from freesegdiff.infra.memory import single_arena
+from freesegdiff.infra.stream import poll
 from freesegdiff.infra.timing import StageTimer
 from freesegdiff.infra.tuning import RuntimeOptions, after_loading, tune_process
 from freesegdiff.io.images import EncodedImage, ImageInput, load_image
@@ -407,16 +407,11 @@ class FreeSegDiff:
             try:
                 for index, item in enumerate(inputs):
                     name = _source_name(item) or f"image-{index}"
-                    timer = StageTimer()
-                    try:
-                        with timer(timing.IO):
-                            array = self._load(item)
-                        loaded.put((name, array, timer.seconds[timing.IO]))
-                    except FreeSegDiffError as error:
-                        loaded.put((name, error, 0.0))
-                    except Exception as error:  # never let the reader die: it would hang the run
-                        message = f"cannot read {name}: {type(error).__name__}: {error}"
-                        loaded.put((name, ImageReadError(message), 0.0))
+                    outcome = self._read(name, item)  # never raises: a dead reader would hang
+                    if isinstance(outcome, FreeSegDiffError):
+                        loaded.put((name, outcome, 0.0))
+                    else:
+                        loaded.put((name, *outcome))
             finally:
                 loaded.put(done)
 
@@ -425,7 +420,7 @@ class FreeSegDiff:
         pending: list[tuple[str, np.ndarray, float]] = []
         finished = False
         while not finished:
-            entry = _wait_for(loaded)
+            entry = poll(loaded)
             if entry is done:
                 finished = True
             else:
@@ -462,12 +457,9 @@ class FreeSegDiff:
         step = max(1, self.config.batch_size)
         runtime = self.runtime
         assert runtime is not None
-        # The model groups take turns on the CPU (each already uses every core); on CUDA they
-        # may launch their work side by side.
+        # Without overlap (the CPU's default) one thread computes, taking turns with the
+        # serial retries below; on CUDA the groups launch their work side by side.
         overlap = runtime.overlaps(self.device)
-        # the groups' threads allocate from the main heap, as the serial path does (a thread's
-        # own heap made the diffusion features twice as slow: infra/memory.py)
-        single_arena()
         models: Any = nullcontext() if overlap else self._model_lock
 
         def read() -> Iterator[Any]:
@@ -563,13 +555,11 @@ class FreeSegDiff:
         self, entries: list[tuple[int, str, np.ndarray, float]], classes: list[str] | None
     ) -> _Batch:
         """A :class:`_Batch` of read images with their reading seconds on its timer."""
-        timer = StageTimer(self.device)
-        timer.seconds[timing.IO] = sum(seconds for _, _, _, seconds in entries)
         batch = _Batch(
             [array for _, _, array, _ in entries],
             [name for _, name, _, _ in entries],
             classes,
-            timer,
+            self._reading_timer(seconds for _, _, _, seconds in entries),
             entries=[(index, name, seconds) for index, name, _, seconds in entries],
         )
         return self._check_batch(batch)
@@ -595,11 +585,16 @@ class FreeSegDiff:
     def _segment_loaded(
         self, batch: list[tuple[str, np.ndarray, float]], classes: list[str] | None
     ) -> list[SegmentationResult]:
-        timer = StageTimer(self.device)
-        timer.seconds[timing.IO] = sum(seconds for _, _, seconds in batch)
+        timer = self._reading_timer(seconds for _, _, seconds in batch)
         return self.segment_arrays(
             [array for _, array, _ in batch], [name for name, _, _ in batch], classes, timer
         )
+
+    def _reading_timer(self, seconds: Iterable[float]) -> StageTimer:
+        """A fresh timer of a batch, its images' reading seconds already on it."""
+        timer = StageTimer(self.device)
+        timer.seconds[timing.IO] = sum(seconds)
+        return timer
 
     def _load(self, item: ImageInput) -> np.ndarray:
         """One image as ``(H, W, 3)`` uint8, within ``limits.max_pixels`` (docs/method.md)."""
@@ -779,17 +774,6 @@ class _Batch:
     refined: list[Any] = field(default_factory=list)  # (masks, seconds) or a future of them
     # streamed runs: each image's input index, name and reading seconds
     entries: list[tuple[int, str, float]] = field(default_factory=list)
-
-
-def _wait_for(waiting: queue.Queue[Any]) -> Any:
-    """The next entry of ``waiting``, polled rather than waited for inside the queue's
-    Condition: this runs in the main thread, where a signal's exception (Ctrl-C, SIGTERM) raised
-    inside ``Condition.wait`` can leave the queue's lock held (infra/stream.py does the same)."""
-    while True:
-        try:
-            return waiting.get_nowait()
-        except queue.Empty:
-            time.sleep(0.002)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
 import pytest
 
+from freesegdiff.infra import stream
 from freesegdiff.infra.stream import Group, Item, Stream, overlaps
 
 
@@ -124,3 +126,26 @@ def test_ctrl_c_raised_inside_a_group_ends_the_run_in_the_consumer():
     time.sleep(0.5)
     left = {thread.name for thread in threading.enumerate()} - before
     assert not {name for name in left if name.startswith("freesegdiff-")}, left
+
+
+def test_the_consumer_polls_1_ms_then_doubling_up_to_20_ms(monkeypatch):
+    """``poll`` sleeps instead of waiting in the queue's Condition, backing off while nothing
+    comes (a computing thread then loses Python's lock 50 times a second, not 500); it returns
+    the entry once there is one, and the end marker once ``stop`` is set."""
+    waiting: queue.Queue[int] = queue.Queue()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 7:
+            waiting.put(42)
+
+    monkeypatch.setattr(stream.time, "sleep", sleep)
+    assert stream.poll(waiting) == 42
+    assert slept == [0.001, 0.002, 0.004, 0.008, 0.016, 0.02, 0.02]
+    slept.clear()
+    waiting.put(7)
+    assert stream.poll(waiting) == 7 and slept == []  # an entry there: no sleep at all
+    stop = threading.Event()
+    stop.set()
+    assert stream.poll(waiting, stop) is stream._END

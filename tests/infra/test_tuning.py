@@ -183,7 +183,7 @@ def test_the_allocator_is_changed_only_when_asked(monkeypatch):
     assert libc.calls == []
     runtime.tune_process(RuntimeOptions.fast())
     runtime.after_loading(RuntimeOptions.fast())
-    assert libc.calls == ["mallopt", "malloc_trim"]
+    assert libc.calls == ["mallopt", "mallopt", "malloc_trim"]  # trim threshold, arenas; trim
 
 
 # Run in a fresh interpreter: glibc stood in for by a recorder before anything is imported.
@@ -233,7 +233,8 @@ def test_building_and_running_a_pipeline_leaves_the_process_allocator_alone():
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["pipeline"] == []
-    assert [call[0] for call in seen["runtime"]] == ["mallopt", "malloc_trim"]
+    assert [call[0] for call in seen["runtime"]] == ["mallopt", "mallopt", "malloc_trim"]
+    assert seen["runtime"][1] == ["mallopt", -8, 1]  # M_ARENA_MAX = 1: one heap for all threads
 
 
 def test_the_bench_tunes_by_default_and_can_run_untuned():

@@ -72,7 +72,8 @@ def fix_trim_threshold() -> None:
 
 def single_arena() -> None:
     """Make every thread allocate from the main heap (glibc's ``M_ARENA_MAX`` = 1), for
-    threads started from now on.
+    threads started from now on: call it before other threads allocate, since glibc gives a new
+    thread the arena of a thread that has ended before it looks at the limit.
 
     glibc gives other threads heaps of their own, of at most 64 MB each: the VAE's activations,
     hundreds of MB, then come from fresh ``mmap`` pages (or, inside

@@ -35,9 +35,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _POLL_SECONDS = 0.05  # how often a waiting thread looks at the stop flag
-_CONSUMER_SLEEP = 0.002  # the consumer's poll of the output queue
+# The consumer's sleeps while the output queue is empty: 1 ms, doubled up to 20 ms.
+_FIRST_SLEEP, _LONGEST_SLEEP = 0.001, 0.02
 _JOIN_SECONDS = 600.0  # the longest a stopped run waits for a group's work in hand
 _END = object()
+
+
+def poll(waiting: queue.Queue[Any], stop: threading.Event | None = None) -> Any:
+    """The next entry of ``waiting``, for the main thread: waited for by sleeping, never inside
+    the queue's Condition, where Ctrl-C and SIGTERM raise (an exception raised there by a
+    signal handler can leave the queue's lock held, and the threads putting into it stuck).
+
+    The sleeps start at 1 ms and double up to 20 ms while the queue stays empty, so a consumer
+    that waits through a whole model batch wakes 50 times a second rather than 500: each wake
+    takes Python's lock from the thread that is computing (at 2 ms polls a streamed run on the
+    2-core CPU measured 4 % slower than the serial one). Returns a private end marker once
+    ``stop`` is set.
+    """
+    sleep = _FIRST_SLEEP
+    while stop is None or not stop.is_set():
+        try:
+            return waiting.get_nowait()
+        except queue.Empty:
+            time.sleep(sleep)
+            sleep = min(2 * sleep, _LONGEST_SLEEP)
+    return _END
 
 
 @dataclass
@@ -190,21 +212,9 @@ class Stream:
         for thread in threads:
             thread.start()
 
-        def take() -> Any:
-            # The consumer is the main thread, where Ctrl-C and SIGTERM raise: it never waits
-            # inside a Condition (an exception raised there by a signal handler can leave the
-            # queue's lock held, and the threads putting into it stuck); it sleeps instead.
-            output = queues[len(self.groups)]
-            while not stop.is_set():
-                try:
-                    return output.get_nowait()
-                except queue.Empty:
-                    time.sleep(_CONSUMER_SLEEP)
-            return _END
-
         try:
             while True:
-                item = take()
+                item = poll(queues[len(self.groups)], stop)
                 if item is _END:
                     break
                 yield item

@@ -44,9 +44,10 @@ The tricks (fields of :class:`RuntimeOptions`):
 - ``stream``: ``segment`` on folders, ``eval``, ``ablate`` and the Ray actors stream their
   batches through the stage groups (:mod:`freesegdiff.infra.stream`,
   :meth:`~freesegdiff.pipeline.FreeSegDiff.iter_segment`): the serial path's batches and
-  results, byte for byte, with the groups of different batches overlapped. Every thread then
-  allocates from the main heap (:func:`~freesegdiff.infra.memory.single_arena`, process-wide):
-  in a thread's own glibc arena the diffusion features took twice as long.
+  results, byte for byte, with the groups of different batches overlapped. None: where the
+  compute groups overlap (``overlap``). With ``allocator``, every thread allocates from the main
+  heap (:func:`~freesegdiff.infra.memory.single_arena`, set by :func:`tune_process`): in a
+  thread's own glibc arena the diffusion features took twice as long.
 - ``overlap``: in a streamed run, the compute groups (caption, features, naming, refinement)
   each in a thread of their own, and images refined side by side in the CRF pool. None: on
   CUDA only; on the CPU the models' kernels already use every core, and the CRF processes beside
@@ -223,11 +224,15 @@ def tune_process(options: RuntimeOptions) -> None:
     """Before loading any model: keep freed memory at the top of the heap (``allocator``).
 
     Also fixes glibc's threshold for serving a block by ``mmap`` (it otherwise grows with the
-    largest block freed), so weights loaded afterwards get their own mappings. Process-wide;
-    a no-op off glibc.
+    largest block freed), so weights loaded afterwards get their own mappings, and makes every
+    thread started from now on allocate from the main heap (:func:`memory.single_arena`: the
+    reader, a stream's groups). That must come before those threads exist: glibc hands a new
+    thread the arena of one that ended before any other, whatever the limit says then.
+    Process-wide; a no-op off glibc.
     """
     if options.allocator:
         memory.fix_trim_threshold()
+        memory.single_arena()
 
 
 def after_loading(options: RuntimeOptions) -> bool:
