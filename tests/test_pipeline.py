@@ -316,49 +316,58 @@ def test_an_image_above_the_working_size_is_worked_on_smaller_and_mapped_back(
     )
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "one-compute-thread"])
-def test_a_streamed_run_gives_the_serial_results_in_input_order(
-    tiny_sd_path, tiny_clip_path, tiny_blip_path, photos, tmp_path, overlap
-):
-    """The streaming executor (both ways: every compute group its own thread and images refined
-    side by side in two CRF worker processes, as on a GPU machine; or one compute thread, as on
-    the CPU) against the serial path: batches of two, an unreadable file among the inputs and an
-    image whose naming fails. The same outcomes, equal array for array, in input order."""
+def _failing_at(pipe: FreeSegDiff, shape: tuple[int, ...]) -> FreeSegDiff:
+    """``pipe`` with its naming step failing for every batch that holds an image of ``shape``."""
+    naming = pipe._name
+
+    def failing(batch):
+        if any(image.shape == shape for image in batch.images):
+            raise RuntimeError("naming failed on purpose")
+        return naming(batch)
+
+    pipe._name = failing
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def stream_case(tiny_sd_path, tiny_clip_path, tiny_blip_path, photos, tmp_path_factory):
+    """Batches of two with the released CRF, an unreadable file among the inputs and an image
+    whose naming fails: the config, the inputs, the failing shape and the serial outcomes."""
     pytest.importorskip("pydensecrf")
     from freesegdiff.infra.tuning import RuntimeOptions
 
     refine = {"method": "crf", "backend": "pydensecrf"}
     config = make_config(tiny_sd_path, tiny_clip_path, tiny_blip_path, refine=refine)
     config = dataclasses.replace(config, batch_size=2)
-    (tmp_path / "broken.png").write_bytes(b"not a png")
+    broken = tmp_path_factory.mktemp("stream") / "broken.png"
+    broken.write_bytes(b"not a png")
     small = {name: np.ascontiguousarray(photo[::2, ::2]) for name, photo in photos.items()}
-    inputs: list = [small["chelsea"], small["coffee"], str(tmp_path / "broken.png")]
+    inputs: list = [small["chelsea"], small["coffee"], str(broken)]
     inputs += [small["rocket"], small["astronaut"][::2, ::2], small["coffee"][::2, ::3]]
-    runs = {}
-    for name, runtime in (
-        ("serial", RuntimeOptions.off()),
-        ("streamed", RuntimeOptions(stream=True, overlap=overlap, crf_processes=2)),
-    ):
-        pipe = FreeSegDiff.from_config(config, runtime=runtime)
-        naming = pipe._name
+    fails = small["rocket"].shape
+    serial_pipe = _failing_at(FreeSegDiff.from_config(config, runtime=RuntimeOptions.off()), fails)
+    return config, inputs, fails, list(serial_pipe.iter_segment_with_images(inputs))
 
-        def failing(batch, naming=naming):
-            if any(image.shape == small["rocket"].shape for image in batch.images):
-                raise RuntimeError("naming failed on purpose")
-            return naming(batch)
 
-        pipe._name = failing
-        runs[name] = list(pipe.iter_segment_with_images(inputs))
-        if name == "streamed":
-            stats = pipe.last_stream.stats
-            assert set(stats.busy) == (
-                {"caption", "features", "naming", "refinement", "composition"}
-                if overlap
-                else {"compute", "composition"}
-            )
-    serial, streamed = runs["serial"], runs["streamed"]
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "one-compute-thread"])
+def test_a_streamed_run_gives_the_serial_results_in_input_order(stream_case, overlap):
+    """The streaming executor (both ways: every compute group its own thread and images refined
+    side by side in two CRF worker processes, as on a GPU machine; or one compute thread, as on
+    the CPU) against the serial path: batches of two, an unreadable file among the inputs and an
+    image whose naming fails. The same outcomes, equal array for array, in input order."""
+    from freesegdiff.infra.tuning import RuntimeOptions
+
+    config, inputs, fails, serial = stream_case
+    runtime = RuntimeOptions(stream=True, overlap=overlap, crf_processes=2)
+    pipe = _failing_at(FreeSegDiff.from_config(config, runtime=runtime), fails)
+    streamed = list(pipe.iter_segment_with_images(inputs))
+    assert set(pipe.last_stream.stats.busy) == (
+        {"caption", "features", "naming", "refinement", "composition"}
+        if overlap
+        else {"compute", "composition"}
+    )
     assert [name for name, _, _ in streamed] == [name for name, _, _ in serial]
-    assert [name for name, _, _ in streamed][2] == str(tmp_path / "broken.png")
+    assert [name for name, _, _ in streamed][2] == inputs[2]
     for (name, first, _), (_, second, _) in zip(serial, streamed, strict=True):
         if isinstance(first, Exception):
             assert type(second) is type(first) and str(second) == str(first), name
@@ -367,7 +376,7 @@ def test_a_streamed_run_gives_the_serial_results_in_input_order(
         for field in ("label_map", "cluster_map", "coarse_masks", "refined_masks", "scores"):
             assert np.array_equal(getattr(first, field), getattr(second, field)), (name, field)
     failed = [name for name, outcome, _ in streamed if isinstance(outcome, Exception)]
-    assert failed == [str(tmp_path / "broken.png"), "image-3"]
+    assert failed == [inputs[2], "image-3"]
 
 
 @pytest.mark.cuda
