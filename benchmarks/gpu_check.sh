@@ -13,11 +13,13 @@
 #   4. issue 22's throughput targets: `paper` and `extended` streamed (`bench --stream`, 32
 #      images in batches of 8, float16), each printing the serial and the steady streamed images
 #      per second (targets: paper >= 12, extended >= 30), busy fractions and the model floor;
-#   5. if time is left, `bench` at batch size 1 (latency).
+#   5. if time is left, `bench` at batch size 1 (latency), of the first preset.
 # Every step has its own time limit, cut to what is left of the deadline.
 # Everything lands in $OUT (default benchmarks/results/gpu): nvidia-smi.txt, setup.txt,
 # cuda-tests.txt, stream-{paper,extended}.{json,txt}, bench-cuda-float16-b1.{json,txt}.
 # Usage: bash benchmarks/gpu_check.sh            (DEADLINE=seconds to change the 480)
+# A dry run of the plumbing on a CPU machine (any Python whose packages mimic the GPU machine's):
+#   GPU_CHECK_DEVICE=cpu PRESETS=tiny DTYPE=float32 PYTHON=... bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -30,11 +32,16 @@ deadline=$(( start + ${DEADLINE:-480} ))
 limit() { local left=$(( deadline - $(date +%s) )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 step() { echo "== $* ($(( $(date +%s) - start )) s)"; }
 
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || { echo "no nvidia-smi: is this a GPU machine?"; exit 2; }
+device=${GPU_CHECK_DEVICE:-cuda} presets=${PRESETS:-paper extended} dtype=${DTYPE:-float16}
+if [ "$device" = cuda ]; then
+  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || { echo "no nvidia-smi: is this a GPU machine?"; exit 2; }
+else
+  echo "dry run on $device: no GPU figures" > "$OUT/nvidia-smi.txt"
+fi
 
 step environment
 py=${PYTHON:-python3}
-if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if [ "$device" = cuda ] && ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   [ -x .venv-gpu/bin/python ] || python3 -m venv .venv-gpu
   py=.venv-gpu/bin/python
   "$py" -m pip install -q "torch>=2.1,<3" || { echo "no CUDA torch here and none installable"; exit 2; }
@@ -61,7 +68,8 @@ crf_log="$OUT/setup.txt"
 crf_build=$!
 "$py" - <<'EOF' | tee -a "$OUT/nvidia-smi.txt"
 import importlib, torch
-print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(0))
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+print("torch", torch.__version__, "CUDA", torch.version.cuda, gpu)
 for name in ("transformers", "diffusers", "spacy", "huggingface_hub", "numpy", "sklearn"):
     try:
         print(name, importlib.import_module(name).__version__)
@@ -84,26 +92,26 @@ step "CUDA tests"
 timeout "$(limit 150)" "$py" -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 \
   | tee "$OUT/cuda-tests.txt" | tail -25
 
-for preset in paper extended; do
+for preset in $presets; do
   step "stream $preset"
   extra=()
   [ "$preset" = paper ] && extra=("${paper_extra[@]}")
-  timeout "$(limit 120)" "$py" -m freesegdiff bench --preset "$preset" --device cuda \
-    --dtype float16 --batch-size 8 --images 32 --stream --json "$OUT/stream-$preset.json" \
+  timeout "$(limit 120)" "$py" -m freesegdiff bench --preset "$preset" --device "$device" \
+    --dtype "$dtype" --batch-size 8 --images 32 --stream --json "$OUT/stream-$preset.json" \
     "${extra[@]}" > "$OUT/stream-$preset.txt" 2>&1
   echo "exit $?"; tail -40 "$OUT/stream-$preset.txt"
 done
 
 if (( deadline - $(date +%s) > 60 )); then
   step "bench batch 1"
-  timeout "$(limit 100)" "$py" -m freesegdiff bench --device cuda --dtype float16 \
+  timeout "$(limit 100)" "$py" -m freesegdiff bench --preset "${presets%% *}" --device "$device" --dtype "$dtype" \
     --batch-size 1 --images 16 --json "$OUT/bench-cuda-float16-b1.json" "${paper_extra[@]}" \
     > "$OUT/bench-cuda-float16-b1.txt" 2>&1
   echo "exit $?"; tail -25 "$OUT/bench-cuda-float16-b1.txt"
 fi
 
 step summary
-for preset in paper extended; do
+for preset in $presets; do
   "$py" -c "import json, sys; r = json.load(open(sys.argv[1])); s = r['stream']; print(f'{sys.argv[2]}: streamed {s[\"steady_images_per_second\"]:.1f} images/s (serial {r[\"images_per_second\"]:.1f}); busy {s[\"busy\"]}')" \
     "$OUT/stream-$preset.json" "$preset" 2>/dev/null || echo "$preset: no stream figures"
 done

@@ -98,6 +98,7 @@ def test_the_logits_are_the_released_forwards_to_float32_rounding(tiny_blip, pho
     image = image.repeat_interleave(beams, dim=0)
     rows = image.shape[0]
     fast_captioner.install(model.text_decoder)
+    keyword = fast_captioner._cache_keyword(model.text_decoder)
     caches = {
         "released": EncoderDecoderCache(DynamicCache(), DynamicCache()),
         "fast": fast_captioner.DecoderCache(beams=beams, capacity=4),
@@ -117,7 +118,7 @@ def test_the_logits_are_the_released_forwards_to_float32_rounding(tiny_blip, pho
                     input_ids=ids,
                     position_ids=torch.arange(done, done + ids.shape[1])[None].expand(rows, -1),
                     encoder_hidden_states=image,
-                    cache=cache,
+                    **{keyword: cache},  # "cache", or "past_key_values" before 5.2x
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -187,3 +188,19 @@ def test_on_cuda_the_tokens_are_transformers_generate_ones(tiny_blip_path, photo
     expected = released.generate(inputs)
     got = fast.generate(inputs)
     assert got.device.type == "cuda" and torch.equal(got, expected)
+
+
+def test_the_cache_goes_under_the_name_the_installed_transformers_uses():
+    """transformers 5.2x calls BLIP's decoder cache ``cache``, earlier releases (5.17 on the GPU
+    machines here) ``past_key_values``; generate() rejects a keyword the forward lacks."""
+
+    class Before:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            return None
+
+    class Now:
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
+            return None
+
+    assert fast_captioner._cache_keyword(Before()) == "past_key_values"
+    assert fast_captioner._cache_keyword(Now()) == "cache"

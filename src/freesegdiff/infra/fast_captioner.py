@@ -34,6 +34,7 @@ and the real-architecture BLIP, with beams ending at every step).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -215,9 +216,15 @@ def decoder_cache(captioner: Captioner, batch: int) -> dict[str, Any]:
     longest = config.max_length or 0
     if config.max_new_tokens is not None:
         longest = prompt + config.max_new_tokens
-    return {
-        "cache": DecoderCache(beams=max(1, config.num_beams), capacity=max(longest, prompt + 1))
-    }
+    cache = DecoderCache(beams=max(1, config.num_beams), capacity=max(longest, prompt + 1))
+    return {_cache_keyword(captioner.model.text_decoder): cache}
+
+
+def _cache_keyword(text_decoder: Any) -> str:
+    """The name the installed transformers gives the decoder's key/value cache: ``cache``
+    (5.2x) or ``past_key_values`` (earlier), as its forward's signature says."""
+    parameters = inspect.signature(text_decoder.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def install(text_decoder: Any) -> None:
@@ -230,7 +237,7 @@ def install(text_decoder: Any) -> None:
 
     @functools.wraps(original)  # generate() reads the forward's signature
     def forward(*args: Any, **kwargs: Any) -> Any:
-        cache = kwargs.get("cache")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if not isinstance(cache, DecoderCache) or args or not _plain_call(kwargs):
             return original(*args, **kwargs)
         if not packed:
@@ -278,6 +285,7 @@ _READ = {
     "encoder_attention_mask",
     "attention_mask",
     "cache",
+    "past_key_values",
     "logits_to_keep",
     "use_cache",
     "is_decoder",
@@ -367,4 +375,7 @@ def _decode(decoder: _Decoder, cache: DecoderCache, kwargs: dict[str, Any]) -> A
     last = hidden[:, -1:]
     last = decoder.transform_norm(decoder.transform_activation(decoder.transform(last)))
     logits = decoder.vocabulary(last)
-    return CausalLMOutputWithCrossAttentions(logits=logits, cache=cache)
+    # the output's cache field is named as the installed transformers names it
+    fields = CausalLMOutputWithCrossAttentions.__dataclass_fields__
+    name = "cache" if "cache" in fields else "past_key_values"
+    return CausalLMOutputWithCrossAttentions(logits=logits, **{name: cache})
