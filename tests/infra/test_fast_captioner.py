@@ -98,7 +98,7 @@ def test_the_logits_are_the_released_forwards_to_float32_rounding(tiny_blip, pho
     image = image.repeat_interleave(beams, dim=0)
     rows = image.shape[0]
     fast_captioner.install(model.text_decoder)
-    keyword = fast_captioner._cache_keyword(model.text_decoder)
+    keyword = fast_captioner.cache_keyword(model.text_decoder)
     caches = {
         "released": EncoderDecoderCache(DynamicCache(), DynamicCache()),
         "fast": fast_captioner.DecoderCache(beams=beams, capacity=4),
@@ -202,5 +202,5 @@ def test_the_cache_goes_under_the_name_the_installed_transformers_uses():
         def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
             return None
 
-    assert fast_captioner._cache_keyword(Before()) == "past_key_values"
-    assert fast_captioner._cache_keyword(Now()) == "cache"
+    assert fast_captioner.cache_keyword(Before()) == "past_key_values"
+    assert fast_captioner.cache_keyword(Now()) == "cache"

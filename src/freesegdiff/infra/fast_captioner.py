@@ -217,12 +217,13 @@ def decoder_cache(captioner: Captioner, batch: int) -> dict[str, Any]:
     if config.max_new_tokens is not None:
         longest = prompt + config.max_new_tokens
     cache = DecoderCache(beams=max(1, config.num_beams), capacity=max(longest, prompt + 1))
-    return {_cache_keyword(captioner.model.text_decoder): cache}
+    return {cache_keyword(captioner.model.text_decoder): cache}
 
 
-def _cache_keyword(text_decoder: Any) -> str:
-    """The name the installed transformers gives the decoder's key/value cache: ``cache``
-    (5.2x) or ``past_key_values`` (earlier), as its forward's signature says."""
+def cache_keyword(text_decoder: Any) -> str:
+    """The ``generate`` keyword of BLIP's decoder cache in the installed transformers:
+    ``cache`` (5.2x) or ``past_key_values`` (earlier), as the decoder's forward says; generate()
+    refuses a keyword the forward does not take."""
     parameters = inspect.signature(text_decoder.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 

@@ -371,12 +371,11 @@ def beam_search_cache(captioner: Captioner, batch: int) -> dict[str, Any]:
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
             self.self_attention_cache.reorder_cache(beam_idx)
 
+    from freesegdiff.infra.fast_captioner import cache_keyword
+
     config = captioner.model.config.text_config
-    return {
-        "cache": _SharedCrossAttentionCache(
-            DynamicCache(config=config), DynamicCache(config=config)
-        )
-    }
+    cache = _SharedCrossAttentionCache(DynamicCache(config=config), DynamicCache(config=config))
+    return {cache_keyword(captioner.model.text_decoder): cache}
 
 
 # ----------------------------------------------------------------------- worker processes

@@ -171,7 +171,10 @@ class MaskClassifier:
         if self.image_processing == "processor":
             keep = masks.cpu().numpy().astype(np.uint8)[..., None]  # (K, H, W, 1)
             pictures = [np.ascontiguousarray(image) * mask for mask in keep]  # (H, W, 3) uint8
-            inputs = self.processor.image_processor(images=pictures, return_tensors="pt")
+            # channels last said, not guessed: a 1 x 1 or 3 x 3 image is ambiguous to it
+            inputs = self.processor.image_processor(
+                images=pictures, return_tensors="pt", input_data_format="channels_last"
+            )
             return inputs["pixel_values"].to(self.device, torch.float32)
         pixels = to_device(image_tensor(image), self.device).float()[None]  # (1, 3, H, W)
         masked = pixels * masks.to(self.device)[:, None].float()  # (K, 3, H, W)
