@@ -105,9 +105,9 @@ done
 if (( deadline - $(date +%s) > 60 )); then
   step "bench batch 1"
   timeout "$(limit 100)" "$py" -m freesegdiff bench --preset "${presets%% *}" --device "$device" --dtype "$dtype" \
-    --batch-size 1 --images 16 --json "$OUT/bench-cuda-float16-b1.json" "${paper_extra[@]}" \
-    > "$OUT/bench-cuda-float16-b1.txt" 2>&1
-  echo "exit $?"; tail -25 "$OUT/bench-cuda-float16-b1.txt"
+    --batch-size 1 --images 16 --json "$OUT/bench-$device-$dtype-b1.json" "${paper_extra[@]}" \
+    > "$OUT/bench-$device-$dtype-b1.txt" 2>&1
+  echo "exit $?"; tail -25 "$OUT/bench-$device-$dtype-b1.txt"
 fi
 
 step summary

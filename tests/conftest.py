@@ -18,7 +18,9 @@ os.environ.setdefault("FREESEGDIFF_CACHE", str(Path(tempfile.gettempdir()) / "fr
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Under pytest-xdist each worker takes its share of the CPUs for torch's threads and those of the
 # interpreters its tests start: two workers of two OpenMP threads each on two cores
-# oversubscribe them (the main run took 364 s so, 217 s with one thread per worker).
+# oversubscribe them (the main run took 364 s so, 217 s with one thread per worker). Set before
+# torch is imported (its OpenMP reads the variable on loading), so not through
+# freesegdiff.infra.tuning.usable_cpus, whose module imports torch.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

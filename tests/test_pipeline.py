@@ -329,16 +329,20 @@ def _failing_at(pipe: FreeSegDiff, shape: tuple[int, ...]) -> FreeSegDiff:
     return pipe
 
 
+def _released_crf_batches_of_two(sd, clip, blip) -> PipelineConfig:
+    """The tiny models with the released CRF (pydensecrf), two images per batch."""
+    pytest.importorskip("pydensecrf")
+    refine = {"method": "crf", "backend": "pydensecrf"}
+    return dataclasses.replace(make_config(sd, clip, blip, refine=refine), batch_size=2)
+
+
 @pytest.fixture(scope="module")
 def stream_case(tiny_sd_path, tiny_clip_path, tiny_blip_path, photos, tmp_path_factory):
     """Batches of two with the released CRF, an unreadable file among the inputs and an image
     whose naming fails: the config, the inputs, the failing shape and the serial outcomes."""
-    pytest.importorskip("pydensecrf")
     from freesegdiff.infra.tuning import RuntimeOptions
 
-    refine = {"method": "crf", "backend": "pydensecrf"}
-    config = make_config(tiny_sd_path, tiny_clip_path, tiny_blip_path, refine=refine)
-    config = dataclasses.replace(config, batch_size=2)
+    config = _released_crf_batches_of_two(tiny_sd_path, tiny_clip_path, tiny_blip_path)
     broken = tmp_path_factory.mktemp("stream") / "broken.png"
     broken.write_bytes(b"not a png")
     small = {name: np.ascontiguousarray(photo[::2, ::2]) for name, photo in photos.items()}
@@ -387,12 +391,10 @@ def test_on_cuda_the_default_stream_gives_the_serial_results(
     """On CUDA the default runtime streams with every compute group in its own thread and the
     released CRF in worker processes beside them: the serial path's results, array for array,
     and captions as the CPU's (float32)."""
-    pytest.importorskip("pydensecrf")
     from freesegdiff.infra.tuning import RuntimeOptions
 
-    refine = {"method": "crf", "backend": "pydensecrf"}
-    config = make_config(tiny_sd_path, tiny_clip_path, tiny_blip_path, refine=refine)
-    config = dataclasses.replace(config, batch_size=2, device="cuda")
+    config = _released_crf_batches_of_two(tiny_sd_path, tiny_clip_path, tiny_blip_path)
+    config = dataclasses.replace(config, device="cuda")
     small = [np.ascontiguousarray(photo[::2, ::2]) for photo in photos.values()]
     assert RuntimeOptions().streams("cuda") and RuntimeOptions().overlaps("cuda")
     serial_pipe = FreeSegDiff.from_config(config, runtime=RuntimeOptions.off())
